@@ -1,0 +1,307 @@
+"""Build SDXL-architecture pipelines locally: no hub, deterministic random weights, real CLIP tokenizers.
+
+Two sizes of each variant (base, refiner):
+
+* ``tiny`` / ``tiny-refiner``: the real diffusers/transformers classes at toy width, so the whole optimize + generate
+  flow takes seconds on a laptop CPU. Tests and the offline demo use them.
+* ``random-sdxl-base`` / ``random-sdxl-refiner``: the published SDXL 1.0 component configs with random weights, for
+  speed and memory benchmarks.
+
+The configs below are the public facts of stabilityai/stable-diffusion-xl-{base,refiner}-1.0 (their
+``*/config.json``); the tiny ones keep every structural switch (``text_time`` conditioning, linear projections,
+scheduler, padding tokens) and shrink only widths and depths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .tokenizers import save_sdxl_tokenizers
+
+logger = logging.getLogger(__name__)
+
+# stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json, less the keys Euler ignores
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderSize:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    hidden_act: str
+
+    def config(self) -> dict[str, Any]:
+        # bos/eos/pad ids as in the real SDXL text encoder configs: eos_token_id 2 selects the "argmax of input_ids"
+        # pooling, which finds <|endoftext|> (the largest id) whatever the pad token is.
+        return {
+            **dataclasses.asdict(self),
+            "projection_dim": self.hidden_size,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+            "layer_norm_eps": 1e-5,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Everything needed to instantiate one SDXL-family pipeline; ``unet`` and ``vae`` are diffusers configs."""
+
+    name: str
+    refiner: bool
+    text_encoder: TextEncoderSize | None
+    text_encoder_2: TextEncoderSize
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    description: str
+
+    @property
+    def cross_attention_dim(self) -> int:
+        first = self.text_encoder.hidden_size if self.text_encoder else 0
+        return first + self.text_encoder_2.hidden_size
+
+
+def _unet_config(
+    *,
+    blocks: list[str],
+    block_out_channels: list[int],
+    attention_head_dim: list[int],
+    transformer_layers_per_block: list[int] | int,
+    layers_per_block: int,
+    addition_time_embed_dim: int,
+    time_ids_width: int,
+    cross_attention_dim: int,
+    pooled_dim: int,
+    norm_num_groups: int,
+    sample_size: int,
+) -> dict[str, Any]:
+    down = ["CrossAttnDownBlock2D" if kind == "attn" else "DownBlock2D" for kind in blocks]
+    up = ["CrossAttnUpBlock2D" if kind == "attn" else "UpBlock2D" for kind in reversed(blocks)]
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": down,
+        "up_block_types": up,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": layers_per_block,
+        "attention_head_dim": attention_head_dim,
+        "transformer_layers_per_block": transformer_layers_per_block,
+        "cross_attention_dim": cross_attention_dim,
+        "norm_num_groups": norm_num_groups,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": addition_time_embed_dim,
+        # the added embedding sees the pooled text embedding and one sinusoidal embedding per time id
+        "projection_class_embeddings_input_dim": time_ids_width * addition_time_embed_dim + pooled_dim,
+    }
+
+
+def _vae_config(*, block_out_channels: list[int], layers_per_block: int, norm_num_groups: int, sample_size: int):
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * len(block_out_channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(block_out_channels),
+        "block_out_channels": block_out_channels,
+        "layers_per_block": layers_per_block,
+        "latent_channels": 4,
+        "norm_num_groups": norm_num_groups,
+        "sample_size": sample_size,
+        "scaling_factor": 0.13025,
+        "force_upcast": True,
+    }
+
+
+_TINY_TE = TextEncoderSize(32, 64, 4, 3, "quick_gelu")
+_TINY_TE2 = TextEncoderSize(32, 64, 4, 3, "gelu")
+_TINY_VAE = _vae_config(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=128)
+_REAL_TE = TextEncoderSize(768, 3072, 12, 12, "quick_gelu")
+_REAL_TE2 = TextEncoderSize(1280, 5120, 20, 32, "gelu")
+_REAL_VAE = _vae_config(
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32, sample_size=1024
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture(
+            name="tiny",
+            refiner=False,
+            text_encoder=_TINY_TE,
+            text_encoder_2=_TINY_TE2,
+            unet=_unet_config(
+                blocks=["plain", "attn"],
+                block_out_channels=[32, 64],
+                attention_head_dim=[2, 4],
+                transformer_layers_per_block=[1, 2],
+                layers_per_block=1,
+                addition_time_embed_dim=8,
+                time_ids_width=6,
+                cross_attention_dim=_TINY_TE.hidden_size + _TINY_TE2.hidden_size,
+                pooled_dim=_TINY_TE2.hidden_size,
+                norm_num_groups=16,
+                sample_size=16,
+            ),
+            vae=_TINY_VAE,
+            description="tiny SDXL base (toy width, random weights) for tests and the offline demo",
+        ),
+        Architecture(
+            name="tiny-refiner",
+            refiner=True,
+            text_encoder=None,
+            text_encoder_2=_TINY_TE2,
+            unet=_unet_config(
+                blocks=["plain", "attn", "plain"],
+                block_out_channels=[32, 64, 64],
+                attention_head_dim=[2, 4, 4],
+                transformer_layers_per_block=1,
+                layers_per_block=1,
+                addition_time_embed_dim=8,
+                time_ids_width=5,
+                cross_attention_dim=_TINY_TE2.hidden_size,
+                pooled_dim=_TINY_TE2.hidden_size,
+                norm_num_groups=16,
+                sample_size=16,
+            ),
+            vae=_TINY_VAE,
+            description="tiny SDXL refiner (toy width, random weights) for tests",
+        ),
+        Architecture(
+            name="random-sdxl-base",
+            refiner=False,
+            text_encoder=_REAL_TE,
+            text_encoder_2=_REAL_TE2,
+            unet=_unet_config(
+                blocks=["plain", "attn", "attn"],
+                block_out_channels=[320, 640, 1280],
+                attention_head_dim=[5, 10, 20],
+                transformer_layers_per_block=[1, 2, 10],
+                layers_per_block=2,
+                addition_time_embed_dim=256,
+                time_ids_width=6,
+                cross_attention_dim=2048,
+                pooled_dim=1280,
+                norm_num_groups=32,
+                sample_size=128,
+            ),
+            vae=_REAL_VAE,
+            description="full-size SDXL 1.0 base architecture with random weights, for benchmarks",
+        ),
+        Architecture(
+            name="random-sdxl-refiner",
+            refiner=True,
+            text_encoder=None,
+            text_encoder_2=_REAL_TE2,
+            unet=_unet_config(
+                blocks=["plain", "attn", "attn", "plain"],
+                block_out_channels=[384, 768, 1536, 1536],
+                attention_head_dim=[6, 12, 24, 24],
+                transformer_layers_per_block=4,
+                layers_per_block=2,
+                addition_time_embed_dim=256,
+                time_ids_width=5,
+                cross_attention_dim=1280,
+                pooled_dim=1280,
+                norm_num_groups=32,
+                sample_size=128,
+            ),
+            vae=_REAL_VAE,
+            description="full-size SDXL 1.0 refiner architecture with random weights, for benchmarks",
+        ),
+    )
+}
+
+
+def build_pipeline(arch: Architecture, *, seed: int = 0):
+    """Instantiate the diffusers SDXL pipeline of ``arch`` with deterministic random weights (fp32, CPU)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # one seed per component, so changing one component's size does not change the others' weights
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**arch.unet)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**arch.vae)
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_encoder_2.config()))
+    text_encoder = None
+    if arch.text_encoder is not None:
+        torch.manual_seed(seed + 3)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder.config()))
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    common = {"unet": unet, "vae": vae, "text_encoder_2": text_encoder_2, "scheduler": scheduler}
+    if arch.refiner:
+        return StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            **common,
+        )
+    return StableDiffusionXLPipeline(text_encoder=text_encoder, tokenizer=None, tokenizer_2=None, **common)
+
+
+def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path:
+    """Write ``arch`` as a diffusers folder at ``destination`` (atomically: built beside it, then renamed).
+
+    Same code + same seed give the same files, byte for byte. Full-size weights are stored in fp16 to halve the
+    download-free footprint; loaders upcast to fp32 before export.
+    """
+    import torch
+
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        logger.info("building the %s pipeline (%s)", arch.name, arch.description)
+        pipeline = build_pipeline(arch, seed=seed)
+        if not arch.name.startswith("tiny"):
+            pipeline.to(torch.float16)
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        save_sdxl_tokenizers(staging, names=("tokenizer_2",) if arch.refiner else ("tokenizer", "tokenizer_2"))
+        _register_tokenizers(staging, refiner=arch.refiner)
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def _register_tokenizers(folder: Path, *, refiner: bool) -> None:
+    """The pipeline was saved without tokenizers (they are written separately): list them in model_index.json."""
+    import json
+
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+    index["tokenizer"] = [None, None] if refiner else ["transformers", "CLIPTokenizer"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

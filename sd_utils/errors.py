@@ -1,0 +1,37 @@
+"""The exceptions sdxl-olive raises on purpose; ``main`` turns each into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class SdxlOliveError(Exception):
+    """Base class: an error we expect and can explain in one line."""
+
+    exit_code = 1
+
+
+class UserInputError(SdxlOliveError):
+    """An option or input file is wrong; the message names the value and the fix."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(UserInputError):
+    """The model id or folder does not resolve to a usable SDXL checkpoint."""
+
+
+class ProviderUnavailableError(SdxlOliveError):
+    """The requested ONNX Runtime execution provider is not installed or cannot run here."""
+
+    exit_code = 3
+
+
+class SetupError(SdxlOliveError):
+    """A required package or file of the installation is missing."""
+
+    exit_code = 3
+
+
+class OptimizationError(SdxlOliveError):
+    """An Olive workflow did not produce the models it should have."""
+
+    exit_code = 4

@@ -1,0 +1,280 @@
+"""Model facts read once from a diffusers SDXL folder, and the ONNX IO contract of every submodel.
+
+Nothing about SDXL's sizes is typed here: widths, text length, latent channels, VAE factors and the width of
+``time_ids`` (6 for the base, 5 for the refiner) come from the checkpoint's ``config.json`` files. Olive's
+``io_config`` and dummy inputs (through ``user_script.py``) and ONNX Runtime's free-dimension overrides are all
+generated from one :class:`SubmodelIO` per submodel, so the names cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelNotFoundError
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelNotFoundError(
+            f"{path.parent.parent} is missing {path.parent.name}/{path.name}; "
+            "point --model_id at a complete diffusers SDXL folder"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the pipeline needs to know about one SDXL checkpoint (base or refiner)."""
+
+    root: Path
+    pipeline_class: str
+    submodels: tuple[str, ...]
+    latent_channels: int
+    vae_scale_factor: int
+    unet_downscale: int
+    scaling_factor: float
+    text_length: int
+    text_hidden_sizes: dict[str, int]
+    text_num_layers: dict[str, int]
+    pooled_dim: int
+    cross_attention_dim: int
+    time_ids_width: int
+    requires_aesthetics_score: bool
+    default_image_size: int
+    has_safety_checker: bool
+
+    @property
+    def is_refiner(self) -> bool:
+        return "text_encoder" not in self.submodels
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE's factor times the UNet's total downsampling (the UNet
+        export assumes latents divisible by its down factor, see ``UNet2DConditionModel.forward_upsample_size``)."""
+        return self.vae_scale_factor * self.unet_downscale
+
+    @classmethod
+    def from_folder(cls, root: Path) -> ModelSpec:
+        root = Path(root)
+        index = _read_json(root / "model_index.json")
+        present = {key for key, value in index.items() if isinstance(value, list) and value[0] is not None}
+        for required in ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"):
+            if required not in present:
+                raise ModelNotFoundError(
+                    f"{root} has no '{required}' component in model_index.json; "
+                    "point --model_id at an SDXL base or refiner folder"
+                )
+        unet = _read_json(root / "unet" / "config.json")
+        vae = _read_json(root / "vae" / "config.json")
+        text_configs = {name: _read_json(root / name / "config.json") for name in TEXT_ENCODERS if name in present}
+        tokenizer_2 = _read_json(root / "tokenizer_2" / "tokenizer_config.json")
+        pooled_dim = text_configs["text_encoder_2"]["projection_dim"]
+        if unet.get("addition_embed_type") != "text_time":
+            raise ModelNotFoundError(
+                f"{root}/unet has addition_embed_type={unet.get('addition_embed_type')!r}, not 'text_time'; "
+                "this is not an SDXL UNet"
+            )
+        time_ids_width, remainder = divmod(
+            unet["projection_class_embeddings_input_dim"] - pooled_dim, unet["addition_time_embed_dim"]
+        )
+        if remainder:
+            raise ModelNotFoundError(f"{root}/unet config does not fit a pooled embedding of width {pooled_dim}")
+        vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        has_text_encoder = "text_encoder" in present
+        submodels = tuple(name for name in SUBMODELS if name != "text_encoder" or has_text_encoder)
+        return cls(
+            root=root,
+            pipeline_class=index["_class_name"],
+            submodels=submodels,
+            latent_channels=vae["latent_channels"],
+            vae_scale_factor=vae_scale_factor,
+            unet_downscale=2 ** (len(unet["block_out_channels"]) - 1),
+            scaling_factor=vae["scaling_factor"],
+            text_length=min(
+                tokenizer_2.get("model_max_length", 77),
+                text_configs["text_encoder_2"].get("max_position_embeddings", 77),
+            ),
+            text_hidden_sizes={name: config["hidden_size"] for name, config in text_configs.items()},
+            text_num_layers={name: config["num_hidden_layers"] for name, config in text_configs.items()},
+            pooled_dim=pooled_dim,
+            cross_attention_dim=unet["cross_attention_dim"],
+            time_ids_width=time_ids_width,
+            requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+            default_image_size=unet["sample_size"] * vae_scale_factor,
+            has_safety_checker="safety_checker" in present,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The shapes one pipeline call runs at: images per call (before CFG doubling) and image size in pixels."""
+
+    batch: int
+    height: int
+    width: int
+    classifier_free_guidance: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmodelIO:
+    """ONNX names and symbolic dims of one submodel. Dims are prefixed with the submodel name (``unet_sample_batch``)
+    so one ORT ``SessionOptions`` can pin the dims of every submodel by name."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    dim_values_for: Any  # Callable[[Shape], dict[str, int]]: the value of every symbolic input dim at ``shape``
+    dummy_shapes_for: Any  # Callable[[Shape], dict[str, tuple[int, ...]]]: the input shapes at ``shape``
+    input_dtypes: dict[str, str]
+
+    def olive_io_config(self) -> dict[str, Any]:
+        return {
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "dynamic_axes": {name: dict(axes) for name, axes in self.dynamic_axes.items()},
+        }
+
+    def dim_values(self, shape: Shape) -> dict[str, int]:
+        return self.dim_values_for(shape)
+
+    def dummy_inputs(self, shape: Shape) -> tuple[Any, ...]:
+        """Export inputs (torch tensors, in ``input_names`` order) at ``shape``."""
+        import torch
+
+        shapes = self.dummy_shapes_for(shape)
+        generator = torch.Generator().manual_seed(0)
+        tensors = []
+        for name in self.input_names:
+            if self.input_dtypes[name] == "int64":
+                tensors.append(torch.randint(0, 1000, shapes[name], dtype=torch.int64, generator=generator))
+            else:
+                tensors.append(torch.rand(shapes[name], generator=generator) * (999.0 if name == "timestep" else 1.0))
+        return tuple(tensors)
+
+
+def _text_encoder_io(spec: ModelSpec, name: str) -> SubmodelIO:
+    batch, sequence = f"{name}_batch", f"{name}_sequence"
+    states = {0: batch, 1: sequence}
+    # optimum's ORTTextEncoder maps outputs by name; SDXL reads hidden_states[-2] (penultimate layer) of both
+    # encoders and the pooled projection ("text_embeds", first output, 2-D) of the second one.
+    first = ("text_embeds", "last_hidden_state") if name == "text_encoder_2" else ("last_hidden_state", "pooler_output")
+    hidden = tuple(f"hidden_states.{index}" for index in range(spec.text_num_layers[name] + 1))
+    outputs = (*first, *hidden)
+    axes = {"input_ids": states}
+    for output in outputs:
+        axes[output] = {0: batch} if output in ("text_embeds", "pooler_output") else states
+    return SubmodelIO(
+        name=name,
+        input_names=("input_ids",),
+        output_names=outputs,
+        dynamic_axes=axes,
+        dim_values_for=lambda shape: {batch: shape.batch, sequence: spec.text_length},
+        dummy_shapes_for=lambda shape: {"input_ids": (shape.batch, spec.text_length)},
+        input_dtypes={"input_ids": "int64"},
+    )
+
+
+def _unet_io(spec: ModelSpec) -> SubmodelIO:
+    def latent_batch(shape: Shape) -> int:
+        return shape.batch * (2 if shape.classifier_free_guidance else 1)
+
+    def dims(shape: Shape) -> dict[str, int]:
+        n = latent_batch(shape)
+        return {
+            "unet_sample_batch": n,
+            "unet_sample_height": shape.height // spec.vae_scale_factor,
+            "unet_sample_width": shape.width // spec.vae_scale_factor,
+            "unet_hidden_batch": n,
+            "unet_hidden_sequence": spec.text_length,
+            "unet_text_embeds_batch": n,
+            "unet_time_ids_batch": n,
+        }
+
+    def shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+        n = latent_batch(shape)
+        h, w = shape.height // spec.vae_scale_factor, shape.width // spec.vae_scale_factor
+        return {
+            "sample": (n, spec.latent_channels, h, w),
+            "timestep": (),
+            "encoder_hidden_states": (n, spec.text_length, spec.cross_attention_dim),
+            "text_embeds": (n, spec.pooled_dim),
+            "time_ids": (n, spec.time_ids_width),
+        }
+
+    sample_axes = {0: "unet_sample_batch", 2: "unet_sample_height", 3: "unet_sample_width"}
+    return SubmodelIO(
+        name="unet",
+        input_names=("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"),
+        output_names=("out_sample",),
+        dynamic_axes={
+            "sample": sample_axes,
+            "encoder_hidden_states": {0: "unet_hidden_batch", 1: "unet_hidden_sequence"},
+            "text_embeds": {0: "unet_text_embeds_batch"},
+            "time_ids": {0: "unet_time_ids_batch"},
+            "out_sample": sample_axes,
+        },
+        dim_values_for=dims,
+        dummy_shapes_for=shapes,
+        input_dtypes=dict.fromkeys(
+            ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"), "float32"
+        ),
+    )
+
+
+def _vae_io(spec: ModelSpec, name: str) -> SubmodelIO:
+    batch, height, width = f"{name}_batch", f"{name}_height", f"{name}_width"
+    encoder = name == "vae_encoder"
+    input_name, output_name = ("sample", "latent_parameters") if encoder else ("latent_sample", "sample")
+    # the encoder sees pixels, the decoder latents
+    divisor = 1 if encoder else spec.vae_scale_factor
+    channels = 3 if encoder else spec.latent_channels
+    axes = {0: batch, 2: height, 3: width}
+    out_axes = {0: batch, 2: f"{name}_out_height", 3: f"{name}_out_width"}
+    return SubmodelIO(
+        name=name,
+        input_names=(input_name,),
+        output_names=(output_name,),
+        dynamic_axes={input_name: axes, output_name: out_axes},
+        dim_values_for=lambda shape: {
+            batch: shape.batch,
+            height: shape.height // divisor,
+            width: shape.width // divisor,
+        },
+        dummy_shapes_for=lambda shape: {
+            input_name: (shape.batch, channels, shape.height // divisor, shape.width // divisor)
+        },
+        input_dtypes={input_name: "float32"},
+    )
+
+
+def submodel_io(spec: ModelSpec, name: str) -> SubmodelIO:
+    """The IO contract of submodel ``name`` of ``spec``."""
+    if name in TEXT_ENCODERS:
+        return _text_encoder_io(spec, name)
+    if name == "unet":
+        return _unet_io(spec)
+    if name in ("vae_encoder", "vae_decoder"):
+        return _vae_io(spec, name)
+    raise ValueError(f"unknown submodel {name!r}; expected one of {', '.join(SUBMODELS)}")
+
+
+def free_dimension_overrides(spec: ModelSpec, shape: Shape) -> dict[str, int]:
+    """The value of every symbolic dim of every submodel at ``shape`` (ORT ``add_free_dimension_override_by_name``)."""
+    overrides: dict[str, int] = {}
+    for name in spec.submodels:
+        overrides.update(submodel_io(spec, name).dim_values(shape))
+    return overrides
+
+
+def export_shape(spec: ModelSpec) -> Shape:
+    """A small shape for ONNX export: every dim is symbolic, so the smallest size the UNet accepts is enough."""
+    side = spec.size_multiple * 2
+    return Shape(batch=1, height=side, width=side, classifier_free_guidance=True)

@@ -1,0 +1,75 @@
+"""Turn ``--model_id`` into a local diffusers folder: a built-in architecture, a local folder, or a hub id."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .builder import ARCHITECTURES, materialize
+from .errors import ModelNotFoundError
+from .model_spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = tuple(ARCHITECTURES)
+# what an SDXL hub repository needs for us: configs, tokenizers and the fp32 safetensors of each component
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/model.safetensors",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    model_id: str
+    path: Path
+    spec: ModelSpec
+
+    @property
+    def output_name(self) -> Path:
+        """Relative folder under ``models/{optimized,unoptimized}``: the hub id, or a local folder's name."""
+        as_path = Path(self.model_id)
+        return Path(as_path.name) if as_path.is_absolute() or as_path.exists() else as_path
+
+
+def builtin_path(models_dir: Path, name: str) -> Path:
+    return models_dir / "builtin" / name
+
+
+def resolve_model(model_id: str, *, models_dir: Path) -> ResolvedModel:
+    """Find or create the diffusers folder of ``model_id``; raises :class:`ModelNotFoundError` with the fix."""
+    if model_id in ARCHITECTURES:
+        path = builtin_path(models_dir, model_id)
+        if not (path / "model_index.json").is_file():
+            materialize(ARCHITECTURES[model_id], path)
+    elif Path(model_id).expanduser().is_dir():
+        path = Path(model_id).expanduser().resolve()
+    elif Path(model_id).expanduser().exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        raise ModelNotFoundError(
+            f"--model_id {model_id!r} is not a diffusers folder, a hub id (owner/name) or a built-in model; "
+            f"use a folder with model_index.json, a hub id, or one of: {', '.join(BUILTIN_MODELS)}"
+        )
+    else:
+        path = _download(model_id)
+    return ResolvedModel(model_id=model_id, path=path, spec=ModelSpec.from_folder(path))
+
+
+def _download(model_id: str) -> Path:
+    """Fetch ``model_id`` from the hub, or take it from the local Hugging Face cache when offline."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as online_error:  # noqa: BLE001 - any hub failure: fall back to the cache, then explain
+        try:
+            return Path(snapshot_download(model_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True))
+        except Exception:  # noqa: BLE001
+            raise ModelNotFoundError(
+                f"--model_id {model_id!r} could not be downloaded ({type(online_error).__name__}) and is not in the "
+                f"local Hugging Face cache; connect to the hub, pass a local diffusers folder, or use a built-in "
+                f"model ({', '.join(BUILTIN_MODELS)})"
+            ) from None

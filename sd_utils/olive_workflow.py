@@ -1,0 +1,244 @@
+"""Run one Olive workflow per submodel and gather the results into optimum-loadable pipeline folders.
+
+``config_<submodel>.json`` is pure data holding every provider family's optimize pass; :func:`workflow_config` is
+the one pure function that picks the passes for a provider and fills in paths. The results of all submodels are
+assembled in a staging folder next to ``models/`` and swapped in only when complete, so a failed or interrupted run
+never destroys a model that worked.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import OptimizationError
+from .model_spec import ModelSpec
+from .models import ResolvedModel
+from .providers import Provider
+
+logger = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONVERT_PASS = "convert"
+# Olive's footprint records the pass type, lower-cased, of the pass that produced each model
+CONVERT_PASS_TYPE = "onnxconversion"
+OPTIMIZE_PASS_TYPE = "orttransformersoptimization"
+MARKER_FILE = "sdxl_olive.json"
+# which diffusers component's config.json describes each ONNX submodel (optimum needs one in every folder)
+COMPONENT_OF = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_encoder": "vae",
+    "vae_decoder": "vae",
+}
+PLAIN_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizedModel:
+    optimized: Path
+    unoptimized: Path
+
+
+def load_template(submodel: str, *, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
+    path = project_dir / f"config_{submodel}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OptimizationError(f"the Olive workflow {path} is missing; restore it from the repository") from None
+
+
+def workflow_config(
+    template: dict[str, Any],
+    *,
+    submodel: str,
+    provider: Provider,
+    model_path: Path,
+    cache_dir: Path,
+    output_dir: Path,
+    project_dir: Path = PROJECT_DIR,
+) -> dict[str, Any]:
+    """The Olive run config of ``submodel`` for ``provider``: a new dict, ``template`` is left untouched.
+
+    Keeps the ``convert`` pass and the provider's optimize pass (and nothing else), targets the provider's
+    accelerator and points the input model at ``model_path``.
+    """
+    config = copy.deepcopy(template)
+    passes = config.get("passes", {})
+    missing = [name for name in (CONVERT_PASS, provider.optimize_pass) if name not in passes]
+    if missing:
+        raise OptimizationError(
+            f"config_{submodel}.json has no {' or '.join(repr(m) for m in missing)} pass (it has "
+            f"{', '.join(passes) or 'none'}); restore the file or add the pass for --provider {provider.name}"
+        )
+    config["passes"] = {CONVERT_PASS: passes[CONVERT_PASS], provider.optimize_pass: passes[provider.optimize_pass]}
+    try:
+        system = config["systems"][config["target"]]
+    except KeyError:
+        raise OptimizationError(f"config_{submodel}.json names no target system under 'systems'") from None
+    system["accelerators"] = [{"device": provider.olive_device, "execution_providers": [provider.execution_provider]}]
+    config["input_model"].update(
+        model_path=str(model_path),
+        model_script=str(project_dir / config["input_model"]["model_script"]),
+        script_dir=str(project_dir),
+    )
+    config.update(cache_dir=str(cache_dir), output_dir=str(output_dir))
+    return config
+
+
+def pass_outputs(footprint_path: Path) -> dict[str, Path]:
+    """Map Olive pass type -> the ONNX file it wrote, from a run's ``footprint.json``."""
+    if not footprint_path.is_file():
+        return {}
+    nodes = json.loads(footprint_path.read_text(encoding="utf-8"))
+    outputs = {}
+    for node in nodes.values():
+        config = (node.get("model_config_data") or {}).get("config", {})
+        if not (node.get("from_pass") and config.get("model_path")):
+            continue
+        # Olive records a file for self-contained models and a folder (+ file name) for external-data ones
+        path = Path(config["model_path"])
+        outputs[node["from_pass"]] = (
+            path if path.suffix == ".onnx" else path / (config.get("onnx_file_name") or "model.onnx")
+        )
+    return outputs
+
+
+def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None) -> tuple[Path, Path]:
+    """Run one workflow; return the ONNX files of the converted and the optimized model (both checked to exist)."""
+    from olive.workflows import run as olive_run
+
+    output_dir = Path(config["output_dir"])  # read first: Olive rearranges the dict it is given
+    olive_run(config, tempdir=str(tempdir) if tempdir else None)
+    outputs = pass_outputs(output_dir / "footprint.json")
+    found = []
+    for pass_type in (CONVERT_PASS_TYPE, OPTIMIZE_PASS_TYPE):
+        onnx_file = outputs.get(pass_type)
+        if onnx_file is None or not onnx_file.is_file():
+            # Olive logs a failing pass as a warning and returns normally (it also drops passes whose config it
+            # finds invalid for the target, e.g. float16 on the CPU provider): a missing output is our error.
+            raise OptimizationError(
+                f"Olive produced no {pass_type} model for {submodel} (see the Olive log above); "
+                "rerun with --debug, or with --clean_cache if the cache is stale"
+            )
+        found.append(onnx_file)
+    return found[0], found[1]
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link when possible: the cache and the output usually share a disk, and UNet weights are gigabytes."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _assemble(spec: ModelSpec, onnx_files: dict[str, Path], destination: Path, marker: dict[str, Any]) -> None:
+    """Write one optimum-loadable pipeline folder from the diffusers folder and one ONNX file per submodel."""
+    destination.mkdir(parents=True)
+    shutil.copy2(spec.root / "model_index.json", destination / "model_index.json")
+    for component in PLAIN_COMPONENTS:
+        if (spec.root / component).is_dir():
+            shutil.copytree(spec.root / component, destination / component)
+    for submodel, onnx_file in onnx_files.items():
+        target = destination / submodel
+        target.mkdir()
+        _link_or_copy(onnx_file, target / "model.onnx")
+        # external data files sit beside the graph under the names the graph records
+        for item in onnx_file.parent.iterdir():
+            if item.is_file() and item != onnx_file and item.suffix not in (".onnx", ".json"):
+                _link_or_copy(item, target / item.name)
+        shutil.copy2(spec.root / COMPONENT_OF[submodel] / "config.json", target / "config.json")
+    (destination / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def replace_folder(new: Path, destination: Path) -> None:
+    """Move ``new`` to ``destination``; an existing ``destination`` is removed only once ``new`` is in place."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    backup = None
+    if destination.exists():
+        backup = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        destination.rename(backup)
+    try:
+        new.rename(destination)
+    except OSError:
+        if backup is not None:
+            backup.rename(destination)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    path = folder / MARKER_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def optimize(
+    model: ResolvedModel,
+    *,
+    provider: Provider,
+    models_dir: Path,
+    cache_dir: Path,
+    clean_cache: bool = False,
+    tempdir: Path | None = None,
+    project_dir: Path = PROJECT_DIR,
+) -> OptimizedModel:
+    """Convert and optimize every submodel of ``model`` with Olive; write ``models_dir/{unoptimized,optimized}``."""
+    if clean_cache and cache_dir.exists():
+        logger.info("deleting the Olive cache %s", cache_dir)
+        shutil.rmtree(cache_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".optimize-", dir=models_dir))
+    try:
+        converted, optimized = {}, {}
+        submodels = model.spec.submodels
+        started = time.perf_counter()
+        for index, submodel in enumerate(submodels, 1):
+            logger.info(
+                "[%d/%d] %s: OnnxConversion -> OrtTransformersOptimization (%s)",
+                index,
+                len(submodels),
+                submodel,
+                provider.optimize_pass,
+            )
+            tick = time.perf_counter()
+            config = workflow_config(
+                load_template(submodel, project_dir=project_dir),
+                submodel=submodel,
+                provider=provider,
+                model_path=model.spec.root,
+                cache_dir=cache_dir,
+                output_dir=staging / "olive" / submodel,
+                project_dir=project_dir,
+            )
+            converted[submodel], optimized[submodel] = run_submodel(config, submodel=submodel, tempdir=tempdir)
+            logger.info("[%d/%d] %s done in %.1f s", index, len(submodels), submodel, time.perf_counter() - tick)
+        marker = {"model_id": model.model_id, "provider": provider.name, "source": str(model.spec.root)}
+        _assemble(model.spec, converted, staging / "unoptimized", {**marker, "optimized": False})
+        _assemble(model.spec, optimized, staging / "optimized", {**marker, "optimized": True})
+        result = OptimizedModel(
+            optimized=models_dir / "optimized" / model.output_name,
+            unoptimized=models_dir / "unoptimized" / model.output_name,
+        )
+        replace_folder(staging / "unoptimized", result.unoptimized)
+        replace_folder(staging / "optimized", result.optimized)
+        logger.info(
+            "optimized %s for %s in %.1f s -> %s",
+            model.model_id,
+            provider.name,
+            time.perf_counter() - started,
+            result.optimized,
+        )
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,215 @@
+"""Command-line options: argparse definitions, one frozen :class:`Options`, and the checks that need no model."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .errors import UserInputError
+from .models import BUILTIN_MODELS
+from .providers import PROVIDER_CHOICES
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+MAX_SEED = 2**32 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything one invocation asked for, validated; library code takes this or keyword arguments."""
+
+    model_id: str
+    provider: str
+    device_id: int
+    models_dir: Path
+    cache_dir: Path
+    tempdir: Path | None
+    optimize: bool
+    clean_cache: bool
+    test_unoptimized: bool
+    dynamic_dims: bool
+    prompt: str | None
+    negative_prompt: str | None
+    num_images: int
+    batch_size: int
+    num_inference_steps: int
+    guidance_scale: float
+    disable_classifier_free_guidance: bool
+    seed: int | None
+    image_size: int | None
+    width: int | None
+    height: int | None
+    output_dir: Path
+    debug: bool
+
+    @property
+    def generates(self) -> bool:
+        return self.prompt is not None
+
+    def image_size_for(self, default_size: int) -> tuple[int, int]:
+        """(width, height): ``--width``/``--height`` win over ``--image_size``, which wins over the model default."""
+        side = self.image_size or default_size
+        return self.width or side, self.height or side
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error of the tool
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="stable_diffusion_xl.py",
+        description="Optimize Stable Diffusion XL with Olive and generate images with ONNX Runtime.",
+        epilog=f"Built-in models (created locally, no download): {', '.join(BUILTIN_MODELS)}.",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_id",
+        default=DEFAULT_MODEL_ID,
+        help="hub id, local diffusers folder, or built-in model name (default: %(default)s)",
+    )
+    model.add_argument(
+        "--models_dir",
+        type=Path,
+        default=PROJECT_DIR / "models",
+        help="where built-in, unoptimized and optimized models live (default: %(default)s)",
+    )
+    model.add_argument(
+        "--provider",
+        choices=PROVIDER_CHOICES,
+        default="auto",
+        help="ONNX Runtime execution provider; auto = dml, else cuda, else cpu (default: %(default)s)",
+    )
+    model.add_argument("--device_id", type=_non_negative_int, default=0, help="GPU index for dml/cuda (default: 0)")
+
+    optimize = parser.add_argument_group("optimization")
+    optimize.add_argument(
+        "--optimize",
+        action="store_true",
+        help="convert and optimize every submodel with Olive (also done on demand before "
+        "generating if no optimized model exists)",
+    )
+    optimize.add_argument(
+        "--cache_dir",
+        type=Path,
+        default=PROJECT_DIR / "cache",
+        help="Olive cache; reruns reuse it (default: %(default)s)",
+    )
+    optimize.add_argument("--clean_cache", action="store_true", help="delete the Olive cache before optimizing")
+    optimize.add_argument("--tempdir", type=Path, default=None, help="temporary folder for Olive and ONNX Runtime")
+
+    generate = parser.add_argument_group("generation")
+    generate.add_argument("--prompt", default=None, help="text prompt; generates images when given")
+    generate.add_argument("--negative_prompt", default=None, help="what the images should not show")
+    generate.add_argument("--num_images", type=_positive_int, default=1, help="images to write (default: 1)")
+    generate.add_argument("--batch_size", type=_positive_int, default=1, help="images per pipeline call (default: 1)")
+    generate.add_argument("--num_inference_steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+    generate.add_argument(
+        "--guidance_scale",
+        type=_non_negative_float,
+        default=5.0,
+        help="classifier-free guidance scale; <= 1 disables guidance (default: 5.0)",
+    )
+    generate.add_argument(
+        "--disable_classifier_free_guidance",
+        action="store_true",
+        help="run the UNet once per step without the negative branch (faster, weaker prompts)",
+    )
+    generate.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=None,
+        help="seed of the first image; image i uses seed + i (default: random)",
+    )
+    generate.add_argument(
+        "--image_size",
+        type=_positive_int,
+        default=None,
+        help="square image side in pixels (default: the model's native size)",
+    )
+    generate.add_argument("--width", type=_positive_int, default=None, help="image width (overrides --image_size)")
+    generate.add_argument("--height", type=_positive_int, default=None, help="image height (overrides --image_size)")
+    generate.add_argument(
+        "--output_dir",
+        type=Path,
+        default=Path("outputs"),
+        help="where PNGs are written as NNNNN-<seed>.png (default: %(default)s)",
+    )
+    generate.add_argument(
+        "--test_unoptimized",
+        action="store_true",
+        help="generate with the unoptimized (converted, not fused) ONNX models",
+    )
+    generate.add_argument(
+        "--dynamic_dims",
+        action="store_true",
+        help="keep symbolic dims dynamic instead of pinning them to the run's shapes",
+    )
+
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    """Parse ``argv`` (``sys.argv[1:]`` by default) into validated :class:`Options`."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    options = Options(**vars(args))
+    check_options(options)
+    return options
+
+
+def check_options(options: Options) -> None:
+    """Checks that need no model; size checks against the model are in :func:`check_image_size`."""
+    if not options.optimize and options.prompt is None:
+        raise UserInputError("nothing to do: pass --prompt TEXT to generate images, or --optimize to only optimize")
+    if options.prompt is not None and not options.prompt.strip():
+        raise UserInputError("--prompt is empty; give the text the image should show")
+    if options.seed is not None and options.seed + options.num_images - 1 > MAX_SEED:
+        raise UserInputError(
+            f"--seed {options.seed} with --num_images {options.num_images} runs past the largest seed {MAX_SEED}; "
+            "use a smaller --seed"
+        )
+
+
+def check_image_size(width: int, height: int, *, multiple: int) -> None:
+    """Raise if the UNet cannot run at ``width`` x ``height`` (sizes must be multiples of ``multiple``)."""
+    for flag, value in (("--width", width), ("--height", height)):
+        if value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            raise UserInputError(
+                f"{flag} {value} is not a multiple of {multiple} (the model's VAE x UNet downscale); "
+                f"use {lower} or {lower + multiple}"
+            )

@@ -1,0 +1,63 @@
+"""sdxl-olive: optimize Stable Diffusion XL with Olive and generate images with ONNX Runtime.
+
+    python stable_diffusion_xl.py --model_id tiny --prompt "a red circle"      # offline demo
+    python stable_diffusion_xl.py --optimize --provider dml                     # SDXL base for DirectML
+    python stable_diffusion_xl.py --help
+
+This file only parses, validates and dispatches; the work lives in ``sd_utils/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Olive's telemetry tries to reach its server at exit (~10 s when offline); users can opt back in.
+os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+
+from sd_utils.errors import SdxlOliveError
+from sd_utils.options import Options, parse_options
+
+logger = logging.getLogger("sdxl_olive")
+
+
+def configure_logging(*, debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+    for name in ("sd_utils", "sdxl_olive"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def run(options: Options) -> int:
+    from sd_utils import app
+
+    model, provider, paths = app.prepare(options)
+    if paths is not None and options.optimize:
+        print(f"Optimized model: {paths.optimized}")
+        print(f"Unoptimized model: {paths.unoptimized}")
+    if options.generates:
+        images = app.generate(options, model, provider, paths)
+        for image in images:
+            print(f"Generated {image.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the process exit code."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        options = parse_options(argv)
+        configure_logging(debug=options.debug)
+        return run(options)
+    except SdxlOliveError as error:
+        if debug:
+            logger.exception("error")
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
