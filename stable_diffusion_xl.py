@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 # Olive's telemetry tries to reach its server at exit (~10 s when offline); users can opt back in.
 os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
@@ -51,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return run(options)
     except SdxlOliveError as error:
         if debug:
-            logger.exception("error")
+            traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except SystemExit as exit_request:  # --help
+        return int(exit_request.code or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

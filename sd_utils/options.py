@@ -55,8 +55,9 @@ class Options:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other error of the tool
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    def error(self, message: str):
+        # one line and the usual exit code, like every other error of the tool (argparse prints usage + exits)
+        raise UserInputError(f"{message} (see --help)")
 
 
 def _positive_int(text: str) -> int:

@@ -1,0 +1,49 @@
+"""Shared fixtures: one tiny SDXL optimized through the real CLI and Olive, reused by every end-to-end test."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+# no test may reach a model hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    models_dir: Path
+    cache_dir: Path
+
+    def args(self, *extra: str) -> list[str]:
+        """CLI arguments that keep a test's models and Olive cache inside this workspace."""
+        return ["--models_dir", str(self.models_dir), "--cache_dir", str(self.cache_dir), *extra]
+
+    def tiny(self, options: str, *extra: str) -> list[str]:
+        """Arguments for the tiny model on CPU: ``options`` split on spaces, then ``extra`` as given."""
+        return self.args("--model_id", "tiny", "--provider", "cpu", *options.split(), *extra)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("workspace")
+    return Workspace(models_dir=root / "models", cache_dir=root / "cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized(workspace):
+    """``--optimize --model_id tiny --provider cpu`` run once through ``main``; returns the workspace."""
+    from stable_diffusion_xl import main
+
+    assert main(workspace.tiny("--optimize")) == 0
+    return workspace
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_optimized):
+    from sd_utils.model_spec import ModelSpec
+
+    return ModelSpec.from_folder(tiny_optimized.models_dir / "builtin" / "tiny")

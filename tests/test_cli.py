@@ -1,0 +1,186 @@
+"""The real CLI, in process: optimize once, generate, and the errors users meet (one line, exit code, nothing lost)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+
+import onnx
+import pytest
+from PIL import Image
+
+from sd_utils import olive_workflow
+from sd_utils.errors import OptimizationError
+from stable_diffusion_xl import main
+
+SUBMODEL_FOLDERS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+
+
+def _com_microsoft_ops(path) -> collections.Counter:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return collections.Counter(node.op_type for node in graph.node if node.domain == "com.microsoft")
+
+
+def test_optimize_writes_optimum_loadable_folders(tiny_optimized):
+    for variant in ("optimized", "unoptimized"):
+        folder = tiny_optimized.models_dir / variant / "tiny"
+        for component in (*SUBMODEL_FOLDERS, "scheduler", "tokenizer", "tokenizer_2"):
+            assert (folder / component).is_dir(), f"{variant} lacks {component}"
+        for submodel in SUBMODEL_FOLDERS:
+            assert (folder / submodel / "model.onnx").is_file()
+            assert (folder / submodel / "config.json").is_file()
+        assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    # nothing is left of the staging area
+    assert not [p for p in tiny_optimized.models_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_optimized_unet_has_the_cpu_fusions(tiny_optimized):
+    optimized = _com_microsoft_ops(tiny_optimized.models_dir / "optimized/tiny/unet/model.onnx")
+    unoptimized = _com_microsoft_ops(tiny_optimized.models_dir / "unoptimized/tiny/unet/model.onnx")
+    assert unoptimized == collections.Counter()
+    # every transformer block's self-attention fuses to Attention and its cross-attention to MultiHeadAttention
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_optimized.models_dir / "builtin/tiny/unet")
+    blocks = sum(isinstance(module, BasicTransformerBlock) for module in unet.modules())
+    assert blocks > 0
+    assert optimized["Attention"] == blocks
+    assert optimized["MultiHeadAttention"] == blocks
+    assert optimized["SkipLayerNormalization"] >= 2 * blocks
+    # CPU kernels only: no GPU-only ops
+    assert not {"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"} & set(optimized)
+    for encoder in ("text_encoder", "text_encoder_2"):
+        fused = _com_microsoft_ops(tiny_optimized.models_dir / f"optimized/tiny/{encoder}/model.onnx")
+        assert fused["SkipLayerNormalization"] > 0
+
+
+def test_generate_three_images_in_batches_of_two(tiny_optimized, tmp_path, capsys):
+    out = tmp_path / "out"
+    options = "--num_images 3 --batch_size 2 --num_inference_steps 3 --seed 100 --width 96 --height 64"
+    code = main(
+        tiny_optimized.tiny(options, "--prompt", "a blue square", "--negative_prompt", "red", "--output_dir", str(out))
+    )
+    assert code == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-100.png", "00001-101.png", "00002-102.png"]
+    printed = capsys.readouterr().out
+    assert all(f"Generated {f}" in printed for f in files)
+    image = Image.open(files[1])
+    assert image.size == (96, 64)
+    assert image.text["prompt"] == "a blue square"
+    assert image.text["negative_prompt"] == "red"
+    assert image.text["seed"] == "101"
+    assert image.text["num_inference_steps"] == "3"
+    assert image.text["guidance_scale"] == "5.0"
+    assert (image.text["width"], image.text["height"]) == ("96", "64")
+    assert image.text["model"] == "tiny"
+    assert image.text["provider"] == "cpu"
+
+
+def test_second_run_never_overwrites(tiny_optimized, tmp_path):
+    args = tiny_optimized.tiny("--prompt x --seed 5 --num_inference_steps 2 --output_dir", str(tmp_path))
+    assert main(args) == 0
+    first = (tmp_path / "00000-5.png").read_bytes()
+    assert main(args) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-5.png", "00001-5.png"]
+    assert (tmp_path / "00000-5.png").read_bytes() == first
+    # same seed, same image: the run is deterministic
+    assert (tmp_path / "00001-5.png").read_bytes() == first
+
+
+def test_unoptimized_and_dynamic_dims_generate(tiny_optimized, tmp_path):
+    options = "--prompt x --seed 1 --num_inference_steps 2 --test_unoptimized --dynamic_dims --num_images 3"
+    code = main(tiny_optimized.tiny(options, "--batch_size", "2", "--output_dir", str(tmp_path)))
+    assert code == 0
+    assert len(list(tmp_path.glob("*.png"))) == 3
+    assert Image.open(next(tmp_path.glob("*.png"))).text["model"] == "tiny (unoptimized)"
+
+
+def test_failed_optimization_keeps_the_previous_model(tiny_optimized, monkeypatch, capsys):
+    optimized = tiny_optimized.models_dir / "optimized" / "tiny"
+    before = {p.relative_to(optimized): p.stat().st_mtime_ns for p in optimized.rglob("*")}
+
+    def failing_run(config, *, submodel, tempdir):
+        if submodel == "unet":
+            raise OptimizationError("Olive produced no orttransformersoptimization model for unet")
+        return original(config, submodel=submodel, tempdir=tempdir)
+
+    original = olive_workflow.run_submodel
+    monkeypatch.setattr(olive_workflow, "run_submodel", failing_run)
+    code = main(tiny_optimized.tiny("--optimize"))
+    assert code == OptimizationError.exit_code
+    assert "error: Olive produced no orttransformersoptimization model for unet" in capsys.readouterr().err
+    assert {p.relative_to(optimized): p.stat().st_mtime_ns for p in optimized.rglob("*")} == before
+    assert not [p for p in tiny_optimized.models_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_rerun_uses_the_olive_cache_and_swaps(tiny_optimized, capsys):
+    optimized = tiny_optimized.models_dir / "optimized" / "tiny"
+    old_inode = optimized.stat().st_ino
+    assert main(tiny_optimized.tiny("--optimize")) == 0
+    assert optimized.stat().st_ino != old_inode  # a new folder was swapped in
+    assert (optimized / "unet" / "model.onnx").is_file()
+    assert f"Optimized model: {optimized}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num_images", "0", "--prompt", "x"], "--num_images: expected a positive integer, got 0"),
+        (["--batch_size", "-2", "--prompt", "x"], "--batch_size: expected a positive integer, got -2"),
+        (["--num_inference_steps", "many", "--prompt", "x"], "expected a positive integer, got 'many'"),
+        (["--guidance_scale", "-1", "--prompt", "x"], "expected a number >= 0, got -1"),
+        (["--provider", "tpu", "--prompt", "x"], "invalid choice: 'tpu'"),
+        ([], "nothing to do: pass --prompt TEXT"),
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--prompt", "x", "--model_id", "tiny", "--width", "100"], "--width 100 is not a multiple of 16"),
+        (["--prompt", "x", "--model_id", "tiny", "--image_size", "120"], "use 112 or 128"),
+        (["--prompt", "x", "--model_id", "no/such/model"], "--model_id 'no/such/model' is not a diffusers folder"),
+        (["--prompt", "x", "--model_id", "./missing-folder"], "is not a diffusers folder"),
+        (["--prompt", "x", "--model_id", "someone/not-downloaded"], "could not be downloaded"),
+        (["--prompt", "x", "--model_id", "tiny", "--provider", "dml"], "pip install onnxruntime-directml"),
+        (["--prompt", "x", "--model_id", "tiny", "--provider", "cuda"], "pip install onnxruntime-gpu"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(workspace, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"user file")
+    code = main(workspace.args("--output_dir", str(out), *args))
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["keep.png"]
+
+
+def test_folder_missing_a_component(workspace, tmp_path, capsys):
+    from sd_utils.builder import ARCHITECTURES, materialize
+
+    broken = materialize(ARCHITECTURES["tiny"], tmp_path / "broken")
+    shutil.rmtree(broken / "unet")
+    code = main(workspace.args("--model_id", str(broken), "--prompt", "x"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is missing unet/config.json" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(workspace, capsys):
+    code = main(workspace.args("--model_id", "no/such/model", "--prompt", "x", "--debug"))
+    assert code == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    from sd_utils.options import build_parser
+
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        assert action.help, f"{action.option_strings} has no help"

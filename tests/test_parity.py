@@ -1,0 +1,157 @@
+"""ONNX (optimized and unoptimized, fp32 on CPU) against diffusers' PyTorch SDXL on the same tiny weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from sd_utils.generation import GenerationRequest, load_pipeline, text_to_image
+from sd_utils.model_spec import Shape, submodel_io
+from sd_utils.providers import PROVIDERS
+
+VARIANTS = ("optimized", "unoptimized")
+CPU = PROVIDERS["cpu"]
+
+
+def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 1.0) -> float:
+    mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def torch_pipeline(tiny_spec):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_spec.root, torch_dtype=torch.float32)
+
+
+def _session(workspace, variant: str, submodel: str) -> ort.InferenceSession:
+    path = workspace.models_dir / variant / "tiny" / submodel / "model.onnx"
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("submodel", ["text_encoder", "text_encoder_2"])
+def test_text_encoder_matches_torch(tiny_optimized, tiny_spec, torch_pipeline, variant, submodel):
+    tokenizer = torch_pipeline.tokenizer_2 if submodel == "text_encoder_2" else torch_pipeline.tokenizer
+    ids = tokenizer(
+        ["a red circle on the left", "two blue squares"],
+        padding="max_length",
+        max_length=tiny_spec.text_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        expected = getattr(torch_pipeline, submodel)(ids, output_hidden_states=True)
+    session = _session(tiny_optimized, variant, submodel)
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids.numpy()}), strict=True)
+    )
+    # what SDXL uses: the penultimate hidden state, and the pooled projection of the second encoder
+    penultimate = f"hidden_states.{tiny_spec.text_num_layers[submodel] - 1}"
+    np.testing.assert_allclose(outputs[penultimate], expected.hidden_states[-2].numpy(), atol=1e-4, rtol=1e-4)
+    if submodel == "text_encoder_2":
+        np.testing.assert_allclose(outputs["text_embeds"], expected.text_embeds.numpy(), atol=1e-4, rtol=1e-4)
+    assert all(np.isfinite(value).all() for value in outputs.values())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_unet_step_matches_torch(tiny_optimized, tiny_spec, torch_pipeline, variant):
+    shape = Shape(batch=1, height=96, width=128)
+    contract = submodel_io(tiny_spec, "unet")
+    inputs = dict(zip(contract.input_names, contract.dummy_inputs(shape), strict=True))
+    with torch.no_grad():
+        expected = torch_pipeline.unet(
+            inputs["sample"],
+            inputs["timestep"],
+            inputs["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
+        ).sample.numpy()
+    (actual,) = _session(tiny_optimized, variant, "unet").run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert np.isfinite(actual).all()
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vae_decoder_matches_torch(tiny_optimized, tiny_spec, torch_pipeline, variant):
+    latents = torch.randn((2, tiny_spec.latent_channels, 12, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = torch_pipeline.vae.decode(latents).sample.numpy()
+    (actual,) = _session(tiny_optimized, variant, "vae_decoder").run(None, {"latent_sample": latents.numpy()})
+    assert np.isfinite(actual).all()
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("batch", "width", "height"), [(2, 128, 96), (1, 64, 112)])
+def test_pipeline_images_match_torch(tiny_optimized, tiny_spec, torch_pipeline, variant, batch, width, height):
+    """Same prompt, weights and initial latents: ONNX pipeline image vs diffusers' image, PSNR >= 60 dB."""
+    latents = torch.randn(
+        (batch, tiny_spec.latent_channels, height // tiny_spec.vae_scale_factor, width // tiny_spec.vae_scale_factor),
+        generator=torch.Generator().manual_seed(7),
+    )
+    call = {
+        "prompt": ["a red circle on the left, dark background"] * batch,
+        "negative_prompt": ["blurry"] * batch,
+        "width": width,
+        "height": height,
+        "num_inference_steps": 4,
+        "guidance_scale": 5.0,
+        "output_type": "np",
+    }
+    expected = torch_pipeline(latents=latents.clone(), **call).images
+    loaded = load_pipeline(
+        tiny_optimized.models_dir / variant / "tiny",
+        tiny_spec,
+        provider=CPU,
+        shape=Shape(batch=batch, height=height, width=width),
+        model_label="tiny",
+    )
+    actual = loaded.pipeline(latents=latents.clone(), **call).images
+    assert actual.shape == expected.shape == (batch, height, width, 3)
+    assert np.isfinite(actual).all()
+    assert psnr(expected, actual) >= 60
+
+
+def test_saved_pngs_match_torch(tiny_optimized, tiny_spec, torch_pipeline, tmp_path):
+    """The PNG files ``text_to_image`` writes (3 images in calls of 2) equal diffusers' images, image by image."""
+    request = GenerationRequest(
+        prompt="a green star",
+        negative_prompt=None,
+        num_images=3,
+        batch_size=2,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        seed=11,
+        width=96,
+        height=64,
+    )
+    latents = torch.randn(
+        (3, tiny_spec.latent_channels, 64 // tiny_spec.vae_scale_factor, 96 // tiny_spec.vae_scale_factor),
+        generator=torch.Generator().manual_seed(5),
+    )
+    loaded = load_pipeline(
+        tiny_optimized.models_dir / "optimized" / "tiny",
+        tiny_spec,
+        provider=CPU,
+        shape=request.shape,
+        model_label="tiny",
+    )
+    saved = text_to_image(loaded, request, output_dir=tmp_path, latents=latents)
+    assert [image.seed for image in saved] == [11, 12, 13]
+    from PIL import Image
+
+    for image, initial in zip(saved, latents, strict=True):
+        expected = torch_pipeline(
+            prompt="a green star",
+            width=96,
+            height=64,
+            num_inference_steps=3,
+            guidance_scale=4.0,
+            latents=initial[None].clone(),
+            output_type="np",
+        ).images[0]
+        actual = np.asarray(Image.open(image.path).convert("RGB"), dtype=np.float64) / 255
+        assert psnr(np.round(expected * 255) / 255, actual) >= 60
