@@ -113,12 +113,29 @@ def pass_outputs(footprint_path: Path) -> dict[str, Path]:
     return outputs
 
 
+class _WithoutRunHistory(logging.Filter):
+    """Olive switches its logger to INFO after every workflow to print the run history (or a hint to install
+    tabulate); our own progress lines already say what ran and how long it took."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run history" not in record.getMessage()
+
+
 def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None) -> tuple[Path, Path]:
     """Run one workflow; return the ONNX files of the converted and the optimized model (both checked to exist)."""
     from olive.workflows import run as olive_run
 
     output_dir = Path(config["output_dir"])  # read first: Olive rearranges the dict it is given
-    olive_run(config, tempdir=str(tempdir) if tempdir else None)
+    # a handler filter: records of Olive's child loggers reach the "olive" logger's handlers, not its filters
+    handlers = logging.getLogger("olive").handlers
+    quiet = _WithoutRunHistory()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        olive_run(config, tempdir=str(tempdir) if tempdir else None)
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
     outputs = pass_outputs(output_dir / "footprint.json")
     found = []
     for pass_type in (CONVERT_PASS_TYPE, OPTIMIZE_PASS_TYPE):

@@ -1,0 +1,116 @@
+"""The Olive configs are pure data; one pure function adapts them to a provider (table-driven over all cases)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sd_utils.errors import OptimizationError
+from sd_utils.model_spec import SUBMODELS
+from sd_utils.olive_workflow import PROJECT_DIR, load_template, workflow_config
+from sd_utils.providers import PROVIDERS
+
+MODEL_TYPES = {
+    "text_encoder": "clip",
+    "text_encoder_2": "clip",
+    "unet": "unet",
+    "vae_encoder": "vae",
+    "vae_decoder": "vae",
+}
+GPU_ONLY_FUSIONS = (
+    "enable_nhwc_conv",
+    "enable_group_norm",
+    "enable_skip_group_norm",
+    "enable_bias_splitgelu",
+    "enable_packed_qkv",
+    "enable_packed_kv",
+    "enable_bias_add",
+)
+
+
+def _config(submodel: str, provider: str) -> dict:
+    return workflow_config(
+        load_template(submodel),
+        submodel=submodel,
+        provider=PROVIDERS[provider],
+        model_path=Path("/models/sdxl"),
+        cache_dir=Path("/cache"),
+        output_dir=Path("/out"),
+    )
+
+
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+@pytest.mark.parametrize("submodel", SUBMODELS)
+def test_config_for_provider(submodel, provider):
+    row = PROVIDERS[provider]
+    template = load_template(submodel)
+    pristine = copy.deepcopy(template)
+    config = workflow_config(
+        template, submodel=submodel, provider=row, model_path=Path("/m"), cache_dir=Path("/c"), output_dir=Path("/o")
+    )
+    assert template == pristine, "the template must not be modified"
+    assert list(config["passes"]) == ["convert", row.optimize_pass]
+    convert, optimize = config["passes"].values()
+    assert convert["type"] == "OnnxConversion"
+    assert convert["target_opset"] >= 17
+    assert not convert.get("use_dynamo_exporter", False)  # TorchScript exporter: the fusions expect its graphs
+    assert optimize["type"] == "OrtTransformersOptimization"
+    assert optimize["model_type"] == MODEL_TYPES[submodel]
+    assert optimize["opt_level"] == 0
+    assert optimize["float16"] is row.fp16
+    assert optimize["use_gpu"] is row.fp16
+    accelerators = config["systems"][config["target"]]["accelerators"]
+    assert accelerators == [{"device": row.olive_device, "execution_providers": [row.execution_provider]}]
+    assert config["input_model"]["model_path"] == "/m"
+    assert config["input_model"]["model_loader"] == f"{submodel}_load"
+    assert Path(config["input_model"]["model_script"]) == PROJECT_DIR / "user_script.py"
+    options = optimize["optimization_options"]
+    if provider == "cpu":
+        assert not any(options[name] for name in GPU_ONLY_FUSIONS), "CPU has no kernels for these fusions"
+    if provider == "dml":
+        assert optimize["keep_io_types"] is True
+        assert "RandomNormalLike" in optimize["force_fp32_ops"]
+        assert not options["enable_nhwc_conv"] and not options["enable_bias_splitgelu"]
+        assert not options["enable_skip_layer_norm"] and not options["enable_bias_add"]
+        assert options["enable_packed_qkv"] and options["enable_packed_kv"]
+        assert options["group_norm_channels_last"] is False
+    if submodel == "unet":
+        assert convert["save_as_external_data"] and optimize["save_as_external_data"]
+    if submodel.startswith("vae"):
+        # ORT 1.32's FusionAttentionVae zeroes the q/k/v biases of the fused node (see tests/test_parity.py)
+        assert options["enable_attention"] is False
+
+
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+@pytest.mark.parametrize("submodel", SUBMODELS)
+def test_config_validates_against_olives_schema(submodel, provider):
+    from olive.workflows.run.config import RunConfig
+
+    run_config = RunConfig.parse_file_or_obj(_config(submodel, provider))
+    assert list(run_config.passes) == ["convert", PROVIDERS[provider].optimize_pass]
+
+
+def test_missing_pass_is_a_clear_error():
+    template = load_template("unet")
+    del template["passes"]["optimize_dml"]
+    with pytest.raises(OptimizationError, match=re.escape("config_unet.json has no 'optimize_dml' pass")):
+        workflow_config(
+            template,
+            submodel="unet",
+            provider=PROVIDERS["dml"],
+            model_path=Path("/m"),
+            cache_dir=Path("/c"),
+            output_dir=Path("/o"),
+        )
+
+
+def test_configs_are_pure_data():
+    for submodel in SUBMODELS:
+        text = (PROJECT_DIR / f"config_{submodel}.json").read_text()
+        config = json.loads(text)
+        assert "model_path" not in config["input_model"], "paths are filled in at run time"
+        assert set(config["passes"]) == {"convert", "optimize_cpu", "optimize_dml", "optimize_cuda"}
