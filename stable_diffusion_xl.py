@@ -32,13 +32,16 @@ def configure_logging(*, debug: bool) -> None:
 def run(options: Options) -> int:
     from sd_utils import app
 
-    model, provider, paths = app.prepare(options)
-    if paths is not None and options.optimize:
-        print(f"Optimized model: {paths.optimized}")
-        print(f"Unoptimized model: {paths.unoptimized}")
+    job = app.plan(options)
+    if not (options.optimize or options.generates):
+        return 0
+    ready = app.prepare_models(options, job)
+    if options.optimize:
+        for paths in filter(None, (ready.model, ready.refiner)):
+            print(f"Optimized model: {paths.optimized}")
+            print(f"Unoptimized model: {paths.unoptimized}")
     if options.generates:
-        images = app.generate(options, model, provider, paths)
-        for image in images:
+        for image in app.generate(options, job, ready):
             print(f"Generated {image.path}")
     return 0
 

@@ -1,18 +1,129 @@
-"""The use cases the CLI (and the GUI) share: get a model ready for a provider, and generate images with it."""
+"""The use cases the CLI (and the GUI) share: plan a run, get its models ready, generate images.
+
+:func:`plan` resolves and checks everything that can be checked cheaply (models, provider, sizes, base images) before
+:func:`prepare_models` spends minutes optimizing, so a wrong option never costs an optimization run.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 
+from .base_images import load_base_images
 from .errors import UserInputError
-from .generation import GeneratedImage, GenerationRequest, LoadedPipeline, load_pipeline, text_to_image
+from .generation import (
+    GeneratedImage,
+    GenerationRequest,
+    LoadedPipeline,
+    RefineSettings,
+    generate_images,
+    load_pipeline,
+)
 from .models import ResolvedModel, resolve_model
 from .olive_workflow import OptimizedModel, optimize, read_marker
 from .options import MAX_SEED, Options, check_image_size
 from .providers import Provider, resolve_provider
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A checked run: which models on which provider, and (when generating) exactly what to generate."""
+
+    model: ResolvedModel
+    provider: Provider
+    request: GenerationRequest | None
+    refiner: ResolvedModel | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadyModels:
+    model: OptimizedModel
+    refiner: OptimizedModel | None = None
+
+
+def plan(options: Options) -> Job:
+    """Resolve models and provider and build the generation request; raises :class:`UserInputError` early."""
+    model = resolve_model(options.model_id, models_dir=options.models_dir)
+    refiner = None
+    if options.refiner_model_id:
+        refiner = resolve_model(options.refiner_model_id, models_dir=options.models_dir)
+        _check_hand_off(model, refiner)
+    provider = resolve_provider(options.provider, for_inference=options.generates)
+    request = generation_request(options, model) if options.generates else None
+    return Job(model=model, provider=provider, request=request, refiner=refiner)
+
+
+def _check_hand_off(base: ResolvedModel, refiner: ResolvedModel) -> None:
+    if base.spec.is_refiner:
+        raise UserInputError(f"--model_id {base.model_id} is a refiner; with --refiner_model_id give a base model")
+    if not refiner.spec.is_refiner:
+        raise UserInputError(
+            f"--refiner_model_id {refiner.model_id} is not a refiner (it has a text_encoder); "
+            "give an SDXL refiner such as stabilityai/stable-diffusion-xl-refiner-1.0 or tiny-refiner"
+        )
+    if (base.spec.latent_channels, base.spec.vae_scale_factor) != (
+        refiner.spec.latent_channels,
+        refiner.spec.vae_scale_factor,
+    ):
+        raise UserInputError(
+            f"--refiner_model_id {refiner.model_id} has another latent space than {base.model_id}; "
+            "pair a base with its own refiner"
+        )
+
+
+def generation_request(options: Options, model: ResolvedModel) -> GenerationRequest:
+    """The run ``options`` ask for, checked against the model, with a seed drawn if none was given."""
+    spec = model.spec
+    refine = None
+    if options.base_images:
+        if not spec.is_refiner:
+            raise UserInputError(
+                f"--base_images needs a refiner model, but --model_id {options.model_id} is a base model; use "
+                "--model_id stabilityai/stable-diffusion-xl-refiner-1.0 (or tiny-refiner), or drop --base_images"
+            )
+        size = (options.width, options.height) if options.width and options.height else None
+        images = tuple(load_base_images(list(options.base_images), size=size, multiple=spec.size_multiple))
+        width, height = images[0].image.size
+        refine = RefineSettings(
+            images=images,
+            strength=options.strength,
+            aesthetic_score=options.aesthetic_score,
+            negative_aesthetic_score=options.negative_aesthetic_score,
+        )
+    elif spec.is_refiner:
+        raise UserInputError(
+            f"--model_id {options.model_id} is a refiner: give it images with --base_images A.png [B.png ...], or "
+            "generate with a base model and --refiner_model_id"
+        )
+    else:
+        width, height = options.image_size_for(spec.default_image_size)
+    check_image_size(width, height, multiple=spec.size_multiple)
+    batch_size = min(options.batch_size, options.num_images)
+    if batch_size < options.batch_size:
+        logger.info(
+            "--batch_size %d is more than --num_images %d: using batches of %d",
+            options.batch_size,
+            options.num_images,
+            batch_size,
+        )
+    seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED - options.num_images)
+    return GenerationRequest(
+        prompt=options.prompt or "",
+        negative_prompt=options.negative_prompt,
+        num_images=options.num_images,
+        batch_size=batch_size,
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
+        seed=seed,
+        width=width,
+        height=height,
+        classifier_free_guidance=not options.disable_classifier_free_guidance,
+        refine=refine,
+        high_noise_frac=options.high_noise_frac if options.refiner_model_id else None,
+    )
 
 
 def optimized_paths(options: Options, model: ResolvedModel) -> OptimizedModel:
@@ -23,7 +134,7 @@ def optimized_paths(options: Options, model: ResolvedModel) -> OptimizedModel:
 
 
 def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider) -> OptimizedModel:
-    """Optimize when asked to, or when no optimized model for ``provider`` exists yet."""
+    """Optimize when asked to, or when no optimized model exists yet."""
     paths = optimized_paths(options, model)
     marker = read_marker(paths.optimized)
     if options.optimize or marker is None or not (paths.unoptimized / "model_index.json").is_file():
@@ -46,42 +157,11 @@ def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider)
     return paths
 
 
-def generation_request(options: Options, model: ResolvedModel) -> GenerationRequest:
-    """The run ``options`` ask for, checked against the model (sizes) and with a seed drawn if none was given."""
-    width, height = options.image_size_for(model.spec.default_image_size)
-    check_image_size(width, height, multiple=model.spec.size_multiple)
-    batch_size = min(options.batch_size, options.num_images)
-    if batch_size < options.batch_size:
-        logger.info(
-            "--batch_size %d is more than --num_images %d: using batches of %d",
-            options.batch_size,
-            options.num_images,
-            batch_size,
-        )
-    seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED - options.num_images)
-    return GenerationRequest(
-        prompt=options.prompt or "",
-        negative_prompt=options.negative_prompt,
-        num_images=options.num_images,
-        batch_size=batch_size,
-        num_inference_steps=options.num_inference_steps,
-        guidance_scale=options.guidance_scale,
-        seed=seed,
-        width=width,
-        height=height,
-        classifier_free_guidance=not options.disable_classifier_free_guidance,
-    )
-
-
-def prepare(options: Options) -> tuple[ResolvedModel, Provider, OptimizedModel | None]:
-    """Resolve the model and provider; optimize if asked or needed for generation."""
-    model = resolve_model(options.model_id, models_dir=options.models_dir)
-    provider = resolve_provider(options.provider, for_inference=options.generates)
-    if options.generates:
-        generation_request(options, model)  # fail on bad sizes before spending minutes on optimization
-    if options.optimize or options.generates:
-        return model, provider, ensure_optimized(options, model, provider)
-    return model, provider, None
+def prepare_models(options: Options, job: Job) -> ReadyModels:
+    """Optimize the job's model(s) if asked to or needed for generation."""
+    model = ensure_optimized(options, job.model, job.provider)
+    refiner = ensure_optimized(options, job.refiner, job.provider) if job.refiner else None
+    return ReadyModels(model=model, refiner=refiner)
 
 
 def open_pipeline(
@@ -94,15 +174,13 @@ def open_pipeline(
         provider=provider,
         device_id=options.device_id,
         shape=None if options.dynamic_dims else request.shape,
-        model_label=options.model_id + (" (unoptimized)" if options.test_unoptimized else ""),
+        model_label=model.model_id + (" (unoptimized)" if options.test_unoptimized else ""),
     )
 
 
-def generate(
-    options: Options, model: ResolvedModel, provider: Provider, paths: OptimizedModel, **callbacks
-) -> list[GeneratedImage]:
-    """Generate the images ``options`` ask for; ``callbacks`` go to :func:`text_to_image`."""
-    request = generation_request(options, model)
+def generate(options: Options, job: Job, ready: ReadyModels, **callbacks) -> list[GeneratedImage]:
+    """Generate the images of ``job``; ``callbacks`` go to :func:`generate_images`."""
+    request = job.request
     logger.info(
         "generating %d image(s) of %dx%d in %d call(s), seed %d",
         request.num_images,
@@ -111,5 +189,8 @@ def generate(
         request.num_calls,
         request.seed,
     )
-    loaded = open_pipeline(options, model, provider, paths, request)
-    return text_to_image(loaded, request, output_dir=options.output_dir, **callbacks)
+    loaded = open_pipeline(options, job.model, job.provider, ready.model, request)
+    refiner = None
+    if job.refiner is not None:
+        refiner = open_pipeline(options, job.refiner, job.provider, ready.refiner, request)
+    return generate_images(loaded, request, output_dir=options.output_dir, refiner=refiner, **callbacks)

@@ -1,7 +1,9 @@
 """Where a prompt becomes PNG files: load the ONNX pipeline with ONNX Runtime, run it in batches, save the images.
 
-The denoising loop itself is optimum's ``ORTStableDiffusionXLPipeline`` (diffusers' SDXL pipeline over ORT sessions),
-so scheduler maths, prompt encoding and time ids are the reference ones.
+The denoising loops themselves are optimum's ``ORTStableDiffusionXL(Img2Img)Pipeline`` (diffusers' SDXL pipelines
+over ORT sessions), so scheduler maths, prompt encoding and time ids are the reference ones. This module adds what a
+tool needs around them: batching into exactly ``num_images`` files, per-image seeds, static shapes, progress and
+stop callbacks, and safe PNG writing with the parameters as metadata.
 """
 
 from __future__ import annotations
@@ -12,14 +14,26 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .base_images import BaseImage
 from .model_spec import ModelSpec, Shape, free_dimension_overrides
 from .providers import Provider, session_options, session_providers
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineSettings:
+    """Image-to-image with a refiner: base image ``i % len(images)`` is refined into output image ``i``."""
+
+    images: tuple[BaseImage, ...]
+    strength: float = 0.3
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +50,8 @@ class GenerationRequest:
     width: int
     height: int
     classifier_free_guidance: bool = True
+    refine: RefineSettings | None = None
+    high_noise_frac: float | None = None  # base -> refiner hand-off point ("ensemble of experts")
 
     @property
     def num_calls(self) -> int:
@@ -47,10 +63,21 @@ class GenerationRequest:
         return self.classifier_free_guidance and self.guidance_scale > 1
 
     @property
+    def effective_guidance_scale(self) -> float:
+        return self.guidance_scale if self.uses_cfg else 1.0
+
+    @property
     def shape(self) -> Shape:
         return Shape(
             batch=self.batch_size, height=self.height, width=self.width, classifier_free_guidance=self.uses_cfg
         )
+
+    @property
+    def steps_per_call(self) -> int:
+        """Denoising steps one pipeline call runs (img2img skips the first ``1 - strength`` of the schedule)."""
+        if self.refine is not None:
+            return min(int(self.num_inference_steps * self.refine.strength), self.num_inference_steps)
+        return self.num_inference_steps
 
     def image_seed(self, index: int) -> int:
         """Image ``index`` of the run gets its own seed, so any image can be regenerated alone with ``--seed``."""
@@ -89,12 +116,8 @@ def load_pipeline(
     cls = ORTStableDiffusionXLImg2ImgPipeline if spec.is_refiner else ORTStableDiffusionXLPipeline
     providers, provider_options = session_providers(provider, device_id)
     overrides = free_dimension_overrides(spec, shape) if shape is not None else None
-    logger.info(
-        "loading %s with %s%s",
-        folder,
-        provider.execution_provider,
-        f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else "",
-    )
+    static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
+    logger.info("loading %s with %s%s", folder, provider.execution_provider, static)
     pipeline = cls.from_pretrained(
         folder,
         export=False,
@@ -109,88 +132,176 @@ StepCallback = Callable[[int, int], None]  # (steps done in the run, total steps
 ImageCallback = Callable[[GeneratedImage], None]
 
 
-def text_to_image(
+@dataclasses.dataclass(frozen=True)
+class CallInputs:
+    """What one pipeline call gets: the run's image indices (padding included), their generators and latents."""
+
+    indices: list[int]
+    generators: list[Any]
+    latents: Any
+    step_end: Callable
+
+
+def _common_arguments(request: GenerationRequest, call: CallInputs) -> dict[str, Any]:
+    count = len(call.indices)
+    return {
+        "prompt": [request.prompt] * count,
+        "negative_prompt": [request.negative_prompt] * count if request.negative_prompt else None,
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.effective_guidance_scale,
+        "generator": call.generators,
+        "callback_on_step_end": call.step_end,
+    }
+
+
+def _text_to_image_call(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> list[Any]:
+    return _run(
+        loaded, height=request.height, width=request.width, latents=call.latents, **_common_arguments(request, call)
+    )
+
+
+def _refine_call(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> list[Any]:
+    refine = request.refine
+    images = [refine.images[index % len(refine.images)].image for index in call.indices]
+    return _run(
+        loaded,
+        image=images,
+        strength=refine.strength,
+        aesthetic_score=refine.aesthetic_score,
+        negative_aesthetic_score=refine.negative_aesthetic_score,
+        **_common_arguments(request, call),
+    )
+
+
+def _ensemble_call(base: LoadedPipeline, refiner: LoadedPipeline, request: GenerationRequest, call: CallInputs):
+    """SDXL's "ensemble of experts": the base denoises the first ``high_noise_frac`` of the schedule and hands its
+    latents (no decode, no PNG) to the refiner, which finishes the schedule."""
+    latents = _run(
+        base,
+        height=request.height,
+        width=request.width,
+        latents=call.latents,
+        output_type="latent",
+        denoising_end=request.high_noise_frac,
+        **_common_arguments(request, call),
+    )
+    return _run(refiner, image=latents, denoising_start=request.high_noise_frac, **_common_arguments(request, call))
+
+
+def _run(loaded: LoadedPipeline, **arguments) -> Any:
+    with warnings.catch_warnings():
+        # optimum's text encoder reads its config through the attribute diffusers deprecates
+        warnings.filterwarnings("ignore", message="Accessing config attribute", category=FutureWarning)
+        return loaded.pipeline(**arguments).images
+
+
+def generate_images(
     loaded: LoadedPipeline,
     request: GenerationRequest,
     *,
     output_dir: Path,
+    refiner: LoadedPipeline | None = None,
     on_step: StepCallback | None = None,
     on_image: ImageCallback | None = None,
     latents: Any = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[GeneratedImage]:
-    """Generate ``request.num_images`` images in ``request.num_calls`` pipeline calls and save them as PNG.
+    """Make ``request.num_images`` images in ``request.num_calls`` pipeline calls and save them as PNG.
 
-    ``latents`` (torch, ``(num_images, C, H/f, W/f)``) replaces the seeded noise, for tests and hand-offs.
-    With static shapes every call runs at the pinned batch size: a short last batch is padded with extra seeds whose
-    images are dropped. ``should_stop`` is polled after every step; a stopped run saves nothing more.
+    The mode follows the request: text-to-image, refinement of base images (``request.refine``), or base ->
+    ``refiner`` hand-off (``request.high_noise_frac``). ``latents`` (torch, ``(num_images, C, H/f, W/f)``) replaces
+    the seeded initial noise, for tests and hand-offs. With static shapes every call runs at the pinned batch size: a
+    short last batch is padded with extra seeds whose images are dropped. ``should_stop`` is polled after every step;
+    a stopped run saves nothing more.
     """
     import torch
 
+    if request.refine is not None:
+
+        def call_pipeline(call):
+            return _refine_call(loaded, request, call)
+    elif refiner is not None:
+
+        def call_pipeline(call):
+            return _ensemble_call(loaded, refiner, request, call)
+    else:
+
+        def call_pipeline(call):
+            return _text_to_image_call(loaded, request, call)
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    total_steps = request.num_calls * request.num_inference_steps
+    total_steps = request.num_calls * request.steps_per_call
     saved: list[GeneratedImage] = []
-    steps_done = 0
-    for call in range(request.num_calls):
-        first = call * request.batch_size
+    for call_index in range(request.num_calls):
+        first = call_index * request.batch_size
         count = min(request.batch_size, request.num_images - first)
         run_count = request.batch_size if loaded.shape is not None else count
         indices = list(range(first, first + run_count))
-        generators = [torch.Generator().manual_seed(request.image_seed(i)) for i in indices]
         call_latents = None
         if latents is not None:
             call_latents = latents[first : first + count]
             if run_count > count:
                 call_latents = torch.cat([call_latents, call_latents[-1:].expand(run_count - count, -1, -1, -1)])
+        done_before = call_index * request.steps_per_call
 
-        def step_end(pipe, step, timestep, callback_kwargs, _base=steps_done):
+        def step_end(pipe, step, timestep, callback_kwargs, _done=done_before):
             if on_step is not None:
-                on_step(_base + step + 1, total_steps)
+                on_step(min(_done + step + 1, total_steps), total_steps)
             if should_stop is not None and should_stop():
                 pipe._interrupt = True  # diffusers' own way to leave the denoising loop early
             return callback_kwargs
 
-        images = loaded.pipeline(
-            prompt=[request.prompt] * run_count,
-            negative_prompt=[request.negative_prompt] * run_count if request.negative_prompt else None,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale if request.uses_cfg else 1.0,
-            generator=generators,
+        call = CallInputs(
+            indices=indices,
+            generators=[torch.Generator().manual_seed(request.image_seed(i)) for i in indices],
             latents=call_latents,
-            callback_on_step_end=step_end,
-        ).images
-        steps_done += request.num_inference_steps
+            step_end=step_end,
+        )
+        images = call_pipeline(call)
         if should_stop is not None and should_stop():
-            logger.info("stopped before saving the images of call %d", call + 1)
+            logger.info("stopped: the images of call %d are not saved", call_index + 1)
             break
         for offset, image in enumerate(images[:count]):
             index = first + offset
             seed = request.image_seed(index)
-            path = save_png(image, output_dir, seed=seed, metadata=png_metadata(loaded, request, seed))
-            generated = GeneratedImage(path=path, seed=seed, index=index)
+            metadata = png_metadata(loaded, request, seed=seed, index=index, refiner=refiner)
+            generated = GeneratedImage(
+                path=save_png(image, output_dir, seed=seed, metadata=metadata), seed=seed, index=index
+            )
             saved.append(generated)
-            logger.info("saved %s", path)
+            logger.info("saved %s", generated.path)
             if on_image is not None:
                 on_image(generated)
     return saved
 
 
-def png_metadata(loaded: LoadedPipeline, request: GenerationRequest, seed: int) -> dict[str, str]:
+def png_metadata(
+    loaded: LoadedPipeline, request: GenerationRequest, *, seed: int, index: int, refiner: LoadedPipeline | None = None
+) -> dict[str, str]:
     """Generation parameters stored as PNG text chunks (readable with ``PIL.Image.open(p).text``)."""
-    return {
+    metadata = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt or "",
         "seed": str(seed),
         "num_inference_steps": str(request.num_inference_steps),
-        "guidance_scale": str(request.guidance_scale if request.uses_cfg else 1.0),
+        "guidance_scale": str(request.effective_guidance_scale),
         "width": str(request.width),
         "height": str(request.height),
         "model": loaded.model_label,
         "provider": loaded.provider.name,
         "software": "sdxl-olive",
     }
+    if request.refine is not None:
+        refine = request.refine
+        metadata.update(
+            base_image=refine.images[index % len(refine.images)].path.name,
+            strength=str(refine.strength),
+            aesthetic_score=str(refine.aesthetic_score),
+            negative_aesthetic_score=str(refine.negative_aesthetic_score),
+        )
+    if refiner is not None:
+        metadata.update(refiner_model=refiner.model_label, high_noise_frac=str(request.high_noise_frac))
+    return metadata
 
 
 _NAME = re.compile(r"^(\d{5})-")

@@ -42,6 +42,12 @@ class Options:
     width: int | None
     height: int | None
     output_dir: Path
+    base_images: tuple[Path, ...]
+    strength: float
+    aesthetic_score: float
+    negative_aesthetic_score: float
+    refiner_model_id: str | None
+    high_noise_frac: float
     debug: bool
 
     @property
@@ -135,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate = parser.add_argument_group("generation")
     generate.add_argument("--prompt", default=None, help="text prompt; generates images when given")
     generate.add_argument("--negative_prompt", default=None, help="what the images should not show")
-    generate.add_argument("--num_images", type=_positive_int, default=1, help="images to write (default: 1)")
+    generate.add_argument(
+        "--num_images",
+        type=_positive_int,
+        default=None,
+        help="images to write (default: 1, or one per --base_images file)",
+    )
     generate.add_argument("--batch_size", type=_positive_int, default=1, help="images per pipeline call (default: 1)")
     generate.add_argument("--num_inference_steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     generate.add_argument(
@@ -180,6 +191,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep symbolic dims dynamic instead of pinning them to the run's shapes",
     )
 
+    refine = parser.add_argument_group("refiner")
+    refine.add_argument(
+        "--base_images",
+        type=Path,
+        nargs="+",
+        default=(),
+        metavar="IMAGE",
+        help="images for a refiner model (--model_id of an SDXL refiner) to refine; output image i "
+        "refines base image i modulo their number; their size sets the run's size",
+    )
+    refine.add_argument(
+        "--strength",
+        type=float,
+        default=0.3,
+        help="how much of the schedule the refiner re-runs on a base image, in (0, 1] (default: 0.3)",
+    )
+    refine.add_argument(
+        "--aesthetic_score", type=float, default=6.0, help="refiner aesthetic-score conditioning (default: 6.0)"
+    )
+    refine.add_argument(
+        "--negative_aesthetic_score",
+        type=float,
+        default=2.5,
+        help="refiner aesthetic score of the negative branch (default: 2.5)",
+    )
+    refine.add_argument(
+        "--refiner_model_id",
+        default=None,
+        help="base -> refiner in one run: the base model denoises the first --high_noise_frac of "
+        "the schedule and this refiner finishes it, latents handed over without a PNG",
+    )
+    refine.add_argument(
+        "--high_noise_frac",
+        type=float,
+        default=0.8,
+        help="where the base hands over to --refiner_model_id, in (0, 1) (default: 0.8)",
+    )
+
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
 
@@ -187,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_options(argv: list[str] | None = None) -> Options:
     """Parse ``argv`` (``sys.argv[1:]`` by default) into validated :class:`Options`."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.num_images is None:
+        args.num_images = max(1, len(args.base_images))
+    args.base_images = tuple(args.base_images)
     options = Options(**vars(args))
     check_options(options)
     return options
@@ -198,6 +250,22 @@ def check_options(options: Options) -> None:
         raise UserInputError("nothing to do: pass --prompt TEXT to generate images, or --optimize to only optimize")
     if options.prompt is not None and not options.prompt.strip():
         raise UserInputError("--prompt is empty; give the text the image should show")
+    if not 0 < options.strength <= 1:
+        raise UserInputError(f"--strength {options.strength} is outside (0, 1]; use e.g. 0.3 for a light refinement")
+    if not 0 < options.high_noise_frac < 1:
+        raise UserInputError(
+            f"--high_noise_frac {options.high_noise_frac} is outside (0, 1); use e.g. 0.8 (the base runs 80%)"
+        )
+    if options.base_images and options.refiner_model_id:
+        raise UserInputError(
+            "--base_images and --refiner_model_id are two different flows; refine files with --model_id REFINER "
+            "--base_images ..., or generate and refine in one go with --refiner_model_id REFINER"
+        )
+    if options.base_images and options.num_images < len(options.base_images):
+        raise UserInputError(
+            f"--num_images {options.num_images} is fewer than the {len(options.base_images)} --base_images; "
+            f"use --num_images {len(options.base_images)} or more, or pass fewer images"
+        )
     if options.seed is not None and options.seed + options.num_images - 1 > MAX_SEED:
         raise UserInputError(
             f"--seed {options.seed} with --num_images {options.num_images} runs past the largest seed {MAX_SEED}; "

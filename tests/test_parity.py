@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sd_utils.generation import GenerationRequest, load_pipeline, text_to_image
+from sd_utils.generation import GenerationRequest, generate_images, load_pipeline
 from sd_utils.model_spec import Shape, submodel_io
 from sd_utils.providers import PROVIDERS
 
@@ -116,7 +116,7 @@ def test_pipeline_images_match_torch(tiny_optimized, tiny_spec, torch_pipeline, 
 
 
 def test_saved_pngs_match_torch(tiny_optimized, tiny_spec, torch_pipeline, tmp_path):
-    """The PNG files ``text_to_image`` writes (3 images in calls of 2) equal diffusers' images, image by image."""
+    """The PNG files ``generate_images`` writes (3 images in calls of 2) equal diffusers' images, image by image."""
     request = GenerationRequest(
         prompt="a green star",
         negative_prompt=None,
@@ -139,7 +139,7 @@ def test_saved_pngs_match_torch(tiny_optimized, tiny_spec, torch_pipeline, tmp_p
         shape=request.shape,
         model_label="tiny",
     )
-    saved = text_to_image(loaded, request, output_dir=tmp_path, latents=latents)
+    saved = generate_images(loaded, request, output_dir=tmp_path, latents=latents)
     assert [image.seed for image in saved] == [11, 12, 13]
     from PIL import Image
 

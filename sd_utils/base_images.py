@@ -1,0 +1,63 @@
+"""Base images for the refiner: read, checked, converted to RGB and brought to one size a batch can share."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseImage:
+    path: Path
+    image: object  # PIL.Image.Image, RGB, at the run's size
+
+
+def load_base_images(paths: list[Path], *, size: tuple[int, int] | None, multiple: int) -> list[BaseImage]:
+    """Open every file (all are checked before any work starts), convert to RGB and resize to one size.
+
+    ``size`` (width, height) wins; otherwise the first image's size, rounded down to ``multiple`` (the latent grid of
+    the UNet). Transparent pixels are composited over white rather than dropped to black.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    opened = []
+    for path in paths:
+        if not path.is_file():
+            raise UserInputError(f"--base_images {path}: no such file; give the path of a PNG or JPEG image")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                opened.append((path, _to_rgb(image)))
+        except (UnidentifiedImageError, OSError) as error:
+            raise UserInputError(
+                f"--base_images {path} is not a readable image ({error}); give a PNG or JPEG"
+            ) from None
+    width, height = size or opened[0][1].size
+    target = (width // multiple * multiple, height // multiple * multiple)
+    if min(target) < multiple:
+        raise UserInputError(
+            f"--base_images {opened[0][0]} is {width}x{height}, smaller than the model's {multiple}-pixel grid; "
+            f"use an image of at least {multiple}x{multiple}"
+        )
+    loaded = []
+    for path, image in opened:
+        if image.size != target:
+            logger.info("resizing %s from %dx%d to %dx%d", path, *image.size, *target)
+            image = image.resize(target, Image.Resampling.LANCZOS)
+        loaded.append(BaseImage(path=path, image=image))
+    return loaded
+
+
+def _to_rgb(image):
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
