@@ -9,6 +9,7 @@ stop callbacks, and safe PNG writing with the parameters as metadata.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -242,11 +243,12 @@ def generate_images(
             call_latents = latents[first : first + count]
             if run_count > count:
                 call_latents = torch.cat([call_latents, call_latents[-1:].expand(run_count - count, -1, -1, -1)])
-        done_before = call_index * request.steps_per_call
+        # counts the steps of every pipeline of the call (the base, then the refiner of a hand-off)
+        step_counter = itertools.count(call_index * request.steps_per_call + 1)
 
-        def step_end(pipe, step, timestep, callback_kwargs, _done=done_before):
+        def step_end(pipe, step, timestep, callback_kwargs, _counter=step_counter):
             if on_step is not None:
-                on_step(min(_done + step + 1, total_steps), total_steps)
+                on_step(min(next(_counter), total_steps), total_steps)
             if should_stop is not None and should_stop():
                 pipe._interrupt = True  # diffusers' own way to leave the denoising loop early
             return callback_kwargs

@@ -236,6 +236,9 @@ def _vae_io(spec: ModelSpec, name: str) -> SubmodelIO:
     # the encoder sees pixels, the decoder latents
     divisor = 1 if encoder else spec.vae_scale_factor
     channels = 3 if encoder else spec.latent_channels
+    # diffusers' img2img encodes image by image when it gets one generator per image, as this tool always passes
+    # (StableDiffusionXLImg2ImgPipeline.prepare_latents), so the encoder always runs at batch 1
+    run_batch = (lambda shape: 1) if encoder else (lambda shape: shape.batch)
     axes = {0: batch, 2: height, 3: width}
     out_axes = {0: batch, 2: f"{name}_out_height", 3: f"{name}_out_width"}
     return SubmodelIO(
@@ -244,7 +247,7 @@ def _vae_io(spec: ModelSpec, name: str) -> SubmodelIO:
         output_names=(output_name,),
         dynamic_axes={input_name: axes, output_name: out_axes},
         dim_values_for=lambda shape: {
-            batch: shape.batch,
+            batch: run_batch(shape),
             height: shape.height // divisor,
             width: shape.width // divisor,
         },

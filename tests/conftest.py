@@ -47,3 +47,32 @@ def tiny_spec(tiny_optimized):
     from sd_utils.model_spec import ModelSpec
 
     return ModelSpec.from_folder(tiny_optimized.models_dir / "builtin" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner_optimized(tiny_optimized):
+    """``--optimize --model_id tiny-refiner`` into the same workspace as the tiny base."""
+    from stable_diffusion_xl import main
+
+    assert main(tiny_optimized.args("--optimize", "--model_id", "tiny-refiner", "--provider", "cpu")) == 0
+    return tiny_optimized
+
+
+@pytest.fixture(scope="session")
+def base_image_files(tmp_path_factory):
+    """Base images as users have them: RGB, different sizes, grayscale, RGBA with transparency."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("base_images")
+    rng = np.random.default_rng(0)
+    files = {
+        "rgb_96x64.png": Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)),
+        "rgb_128x128.png": Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)),
+        "gray_96x64.png": Image.fromarray(rng.integers(0, 255, (64, 96), dtype=np.uint8), mode="L"),
+        "rgba_96x64.png": Image.fromarray(rng.integers(0, 255, (64, 96, 4), dtype=np.uint8), mode="RGBA"),
+    }
+    for name, image in files.items():
+        image.save(folder / name)
+    (folder / "not_an_image.png").write_text("hello")
+    return folder

@@ -111,6 +111,7 @@ def test_free_dimension_overrides_pin_every_dim(specs):
     assert overrides["text_encoder_sequence"] == overrides["text_encoder_2_sequence"] == 77
     assert overrides["vae_decoder_height"] == 8
     assert overrides["vae_encoder_width"] == 128
+    assert overrides["vae_encoder_batch"] == 1  # diffusers encodes image by image with per-image generators
     for name in spec.submodels:
         contract = submodel_io(spec, name)
         for input_name in contract.input_names:
