@@ -27,6 +27,9 @@ def configure_logging(*, debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
     for name in ("sd_utils", "sdxl_olive"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    # optimum-onnx installs into optimum's namespace, which diffusers reports at import as "Multiple distributions
+    # found for package optimum" (a warning with nothing to act on)
+    logging.getLogger("diffusers.utils.import_utils").setLevel(logging.ERROR)
 
 
 def run(options: Options) -> int:
@@ -63,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if debug:
+            raise
+        print(
+            f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

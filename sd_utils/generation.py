@@ -110,8 +110,13 @@ def load_pipeline(
     device_id: int = 0,
     shape: Shape | None,
     model_label: str,
+    use_io_binding: bool | None = None,
 ) -> LoadedPipeline:
-    """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes)."""
+    """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
+
+    ``use_io_binding`` (default: on for GPU providers that optimum can bind, i.e. CUDA) keeps the denoising loop's
+    tensors on the device: no host round trip per step.
+    """
     from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline, ORTStableDiffusionXLPipeline
 
     cls = ORTStableDiffusionXLImg2ImgPipeline if spec.is_refiner else ORTStableDiffusionXLPipeline
@@ -125,6 +130,7 @@ def load_pipeline(
         providers=providers,
         provider_options=provider_options,
         session_options=session_options(provider, overrides),
+        use_io_binding=provider.io_binding if use_io_binding is None else use_io_binding,
     )
     return LoadedPipeline(pipeline, spec, folder, provider, shape, model_label)
 

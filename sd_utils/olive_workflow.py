@@ -148,18 +148,38 @@ def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None)
                 "rerun with --debug, or with --clean_cache if the cache is stale"
             )
         found.append(onnx_file)
-    return found[0], found[1]
+    # Olive also copies the last model of the flow into output_dir: hand that copy over (it can be moved), and
+    # leave the cache's files alone
+    final = output_dir / found[1].name
+    return found[0], final if final.is_file() else found[1]
 
 
-def _link_or_copy(source: Path, destination: Path) -> None:
-    """Hard-link when possible: the cache and the output usually share a disk, and UNet weights are gigabytes."""
-    try:
-        os.link(source, destination)
-    except OSError:
+def external_data_files(onnx_file: Path) -> set[str]:
+    """Names of the files, beside ``onnx_file``, that hold its external tensor data."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    return {
+        entry.value
+        for tensor in graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+
+
+def _place(source: Path, destination: Path, *, move: bool) -> None:
+    """Move or copy one model file. Never hard-link: onnx refuses external data with several links (it takes them for
+    a hard-link attack), which would break the next run that reads the Olive cache."""
+    if move:
+        shutil.move(source, destination)
+    else:
         shutil.copy2(source, destination)
 
 
-def _assemble(spec: ModelSpec, onnx_files: dict[str, Path], destination: Path, marker: dict[str, Any]) -> None:
+def _assemble(
+    spec: ModelSpec, onnx_files: dict[str, Path], destination: Path, marker: dict[str, Any], *, move: bool
+) -> None:
     """Write one optimum-loadable pipeline folder from the diffusers folder and one ONNX file per submodel."""
     destination.mkdir(parents=True)
     shutil.copy2(spec.root / "model_index.json", destination / "model_index.json")
@@ -169,11 +189,9 @@ def _assemble(spec: ModelSpec, onnx_files: dict[str, Path], destination: Path, m
     for submodel, onnx_file in onnx_files.items():
         target = destination / submodel
         target.mkdir()
-        _link_or_copy(onnx_file, target / "model.onnx")
-        # external data files sit beside the graph under the names the graph records
-        for item in onnx_file.parent.iterdir():
-            if item.is_file() and item != onnx_file and item.suffix not in (".onnx", ".json"):
-                _link_or_copy(item, target / item.name)
+        for name in external_data_files(onnx_file):
+            _place(onnx_file.parent / name, target / name, move=move)
+        _place(onnx_file, target / "model.onnx", move=move)
         shutil.copy2(spec.root / COMPONENT_OF[submodel] / "config.json", target / "config.json")
     (destination / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
@@ -241,8 +259,8 @@ def optimize(
             converted[submodel], optimized[submodel] = run_submodel(config, submodel=submodel, tempdir=tempdir)
             logger.info("[%d/%d] %s done in %.1f s", index, len(submodels), submodel, time.perf_counter() - tick)
         marker = {"model_id": model.model_id, "provider": provider.name, "source": str(model.spec.root)}
-        _assemble(model.spec, converted, staging / "unoptimized", {**marker, "optimized": False})
-        _assemble(model.spec, optimized, staging / "optimized", {**marker, "optimized": True})
+        _assemble(model.spec, converted, staging / "unoptimized", {**marker, "optimized": False}, move=False)
+        _assemble(model.spec, optimized, staging / "optimized", {**marker, "optimized": True}, move=True)
         result = OptimizedModel(
             optimized=models_dir / "optimized" / model.output_name,
             unoptimized=models_dir / "unoptimized" / model.output_name,

@@ -25,6 +25,8 @@ class Provider:
     fp16: bool
     # DirectML cannot use ORT's memory pattern optimisation and wants sequential execution
     disable_mem_pattern: bool = False
+    # optimum binds torch tensors of the session's device; torch has no DirectML device, so only CUDA binds
+    io_binding: bool = False
 
     def provider_options(self, device_id: int) -> dict[str, Any]:
         return {} if self.name == "cpu" else {"device_id": device_id}
@@ -42,7 +44,9 @@ PROVIDERS: dict[str, Provider] = {
             fp16=True,
             disable_mem_pattern=True,
         ),
-        Provider("cuda", "CUDAExecutionProvider", "gpu", "optimize_cuda", "onnxruntime-gpu", fp16=True),
+        Provider(
+            "cuda", "CUDAExecutionProvider", "gpu", "optimize_cuda", "onnxruntime-gpu", fp16=True, io_binding=True
+        ),
         Provider("cpu", "CPUExecutionProvider", "cpu", "optimize_cpu", "onnxruntime", fp16=False),
     )
 }

@@ -61,7 +61,8 @@ def test_config_for_provider(submodel, provider):
     assert optimize["type"] == "OrtTransformersOptimization"
     assert optimize["model_type"] == MODEL_TYPES[submodel]
     assert optimize["opt_level"] == 0
-    assert optimize["float16"] is row.fp16
+    # SDXL's VAE overflows fp16 (black images): it stays fp32 on every provider
+    assert optimize["float16"] is (row.fp16 and not submodel.startswith("vae"))
     assert optimize["use_gpu"] is row.fp16
     accelerators = config["systems"][config["target"]]["accelerators"]
     assert accelerators == [{"device": row.olive_device, "execution_providers": [row.execution_provider]}]
@@ -71,9 +72,10 @@ def test_config_for_provider(submodel, provider):
     options = optimize["optimization_options"]
     if provider == "cpu":
         assert not any(options[name] for name in GPU_ONLY_FUSIONS), "CPU has no kernels for these fusions"
-    if provider == "dml":
+    if optimize["float16"]:
         assert optimize["keep_io_types"] is True
         assert "RandomNormalLike" in optimize["force_fp32_ops"]
+    if provider == "dml":
         assert not options["enable_nhwc_conv"] and not options["enable_bias_splitgelu"]
         assert not options["enable_skip_layer_norm"] and not options["enable_bias_add"]
         assert options["enable_packed_qkv"] and options["enable_packed_kv"]

@@ -1,0 +1,246 @@
+"""GPU benchmark: diffusers PyTorch fp16 vs the ONNX Runtime pipelines on the same SDXL weights, in one run.
+
+    python bench/benchmark.py --model_dir models/builtin/random-sdxl-base \
+        --onnx_dir models/optimized/random-sdxl-base --unoptimized_dir models/unoptimized/random-sdxl-base
+
+Each variant runs in its own process (clean GPU memory, fair peak figures) while this process samples the GPU's
+memory with nvidia-smi. Prints one JSON document: per-submodel latency, UNet step latency (batch 2 = one image with
+classifier-free guidance), end-to-end image latency, and peak GPU memory per variant. Needs CUDA, torch with CUDA and
+onnxruntime-gpu; times are medians in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+VARIANTS = ("torch_fp16", "ort_unoptimized", "ort_optimized", "ort_optimized_iobinding")
+
+
+def _median_ms(function, *, warmup: int, runs: int, synchronize) -> float:
+    for _ in range(warmup):
+        function()
+    synchronize()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        function()
+        synchronize()
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def _unet_inputs(spec, size: int, *, device, dtype):
+    import torch
+
+    from sd_utils.model_spec import Shape, submodel_io
+
+    contract = submodel_io(spec, "unet")
+    tensors = contract.dummy_inputs(Shape(batch=1, height=size, width=size))
+    return {
+        name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else torch.int64)
+        for name, tensor in zip(contract.input_names, tensors, strict=True)
+    }
+
+
+def run_torch(args) -> dict:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_utils.model_spec import ModelSpec
+
+    spec = ModelSpec.from_folder(Path(args.model_dir))
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    sync = torch.cuda.synchronize
+    results = {}
+    with torch.inference_mode():
+        inputs = _unet_inputs(spec, args.size, device="cuda", dtype=torch.float16)
+        added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        results["unet_step_ms"] = _median_ms(
+            lambda: pipe.unet(
+                inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added_cond_kwargs=added
+            ),
+            warmup=3,
+            runs=args.unet_runs,
+            synchronize=sync,
+        )
+        ids = torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")
+        results["text_encoder_ms"] = _median_ms(
+            lambda: pipe.text_encoder(ids, output_hidden_states=True), warmup=3, runs=10, synchronize=sync
+        )
+        results["text_encoder_2_ms"] = _median_ms(
+            lambda: pipe.text_encoder_2(ids, output_hidden_states=True), warmup=3, runs=10, synchronize=sync
+        )
+        latent = args.size // spec.vae_scale_factor
+        latents = torch.randn((1, spec.latent_channels, latent, latent), device="cuda", dtype=torch.float32)
+        pipe.vae.to(torch.float32)  # SDXL's VAE config says force_upcast: diffusers decodes in fp32
+        results["vae_decoder_ms"] = _median_ms(lambda: pipe.vae.decode(latents), warmup=2, runs=5, synchronize=sync)
+        pipe.vae.to(torch.float16)
+    results["image_ms"] = _median_ms(
+        lambda: pipe("a photo", num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0),
+        warmup=1,
+        runs=args.image_runs,
+        synchronize=sync,
+    )
+    results["torch_max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return results
+
+
+def run_ort(args, *, folder: str, io_binding: bool) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from sd_utils.generation import load_pipeline
+    from sd_utils.model_spec import ModelSpec, Shape, free_dimension_overrides
+    from sd_utils.providers import PROVIDERS, session_options
+
+    ort.preload_dlls()
+    spec = ModelSpec.from_folder(Path(args.model_dir))
+    cuda = PROVIDERS["cuda"]
+    shape = Shape(batch=1, height=args.size, width=args.size)
+    options = session_options(cuda, free_dimension_overrides(spec, shape))
+    sync = torch.cuda.synchronize
+    results = {}
+
+    def session(name):
+        return ort.InferenceSession(
+            str(Path(folder) / name / "model.onnx"), sess_options=options, providers=["CUDAExecutionProvider"]
+        )
+
+    def bound(sess, feeds: dict):
+        """Time ``sess`` on ``feeds`` (torch CUDA tensors): IO binding, or numpy in/out through ``run``."""
+        if not io_binding:
+            host = {name: tensor.cpu().numpy() for name, tensor in feeds.items()}
+            return lambda: sess.run(None, host)
+        binding = sess.io_binding()
+        for meta in sess.get_inputs():
+            tensor = feeds[meta.name].contiguous()
+            feeds[meta.name] = tensor
+            binding.bind_input(
+                meta.name, "cuda", 0, np.dtype(str(tensor.dtype).split(".")[1]), tuple(tensor.shape), tensor.data_ptr()
+            )
+        for meta in sess.get_outputs():
+            binding.bind_output(meta.name, "cuda")
+        return lambda: sess.run_with_iobinding(binding)
+
+    def typed(sess, feeds):
+        kinds = {meta.name: meta.type for meta in sess.get_inputs()}
+        return {
+            name: tensor.half() if kinds[name] == "tensor(float16)" else tensor
+            for name, tensor in feeds.items()
+            if name in kinds
+        }
+
+    unet = session("unet")
+    feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
+    results["unet_step_ms"] = _median_ms(bound(unet, feeds), warmup=3, runs=args.unet_runs, synchronize=sync)
+    del unet
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = session(name)
+        ids = {"input_ids": torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")}
+        results[f"{name}_ms"] = _median_ms(bound(encoder, ids), warmup=3, runs=10, synchronize=sync)
+        del encoder
+    decoder = session("vae_decoder")
+    latent = args.size // spec.vae_scale_factor
+    latents = {"latent_sample": torch.randn((1, spec.latent_channels, latent, latent), device="cuda")}
+    results["vae_decoder_ms"] = _median_ms(bound(decoder, typed(decoder, latents)), warmup=2, runs=5, synchronize=sync)
+    del decoder
+
+    pipe = load_pipeline(
+        Path(folder), spec, provider=cuda, shape=shape, model_label="bench", use_io_binding=io_binding
+    ).pipeline
+    pipe.set_progress_bar_config(disable=True)
+    results["image_ms"] = _median_ms(
+        lambda: pipe("a photo", num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0),
+        warmup=1,
+        runs=args.image_runs,
+        synchronize=sync,
+    )
+    return results
+
+
+class GpuMemorySampler(threading.Thread):
+    """Largest ``memory.used`` nvidia-smi reports while a variant runs (MiB), minus what was used before."""
+
+    def __init__(self, device: int = 0):
+        super().__init__(daemon=True)
+        self.device, self.peak, self.stop = device, 0, threading.Event()
+        self.baseline = self._read()
+
+    def _read(self) -> int:
+        output = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(self.device)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return int(output.strip())
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self._read())
+            time.sleep(0.05)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, help="diffusers folder (the PyTorch weights)")
+    parser.add_argument("--onnx_dir", required=True, help="optimized ONNX pipeline folder (--provider cuda)")
+    parser.add_argument("--unoptimized_dir", required=True, help="unoptimized ONNX pipeline folder")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--unet_runs", type=int, default=20)
+    parser.add_argument("--image_runs", type=int, default=3)
+    parser.add_argument("--run_variant", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.run_variant:  # child process: measure one variant, print its JSON
+        folder = args.unoptimized_dir if args.run_variant == "ort_unoptimized" else args.onnx_dir
+        if args.run_variant == "torch_fp16":
+            result = run_torch(args)
+        else:
+            result = run_ort(args, folder=folder, io_binding=args.run_variant.endswith("iobinding"))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    report = {
+        "settings": {"size": args.size, "steps": args.steps, "unet_batch": 2, "unet_runs": args.unet_runs},
+        "variants": {},
+    }
+    for variant in args.variants.split(","):
+        sampler = GpuMemorySampler()
+        sampler.start()
+        started = time.perf_counter()
+        child = subprocess.run(
+            [sys.executable, __file__, *(argv or sys.argv[1:]), "--run_variant", variant],
+            capture_output=True,
+            text=True,
+        )
+        sampler.stop.set()
+        sampler.join()
+        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+        if child.returncode or not lines:
+            report["variants"][variant] = {"error": (child.stderr or child.stdout)[-2000:]}
+        else:
+            report["variants"][variant] = json.loads(lines[-1][len("RESULT ") :])
+            report["variants"][variant]["peak_gpu_memory_mb"] = sampler.peak - sampler.baseline
+        report["variants"][variant]["wall_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps({variant: report["variants"][variant]}), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""GPU-provider builds. DirectML graphs are checked here on the CPU (their fused ops only run on DirectML); the fp16
+CUDA build is run on a GPU when one is present (marker ``gpu``)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from stable_diffusion_xl import main
+from tests.test_parity import psnr
+
+
+def _graph(folder, submodel):
+    return onnx.load(str(folder / submodel / "model.onnx"), load_external_data=False).graph
+
+
+def _ops(graph) -> collections.Counter:
+    return collections.Counter(node.op_type for node in graph.node if node.domain == "com.microsoft")
+
+
+def _initializer_types(graph) -> set[str]:
+    return {
+        onnx.TensorProto.DataType.Name(tensor.data_type)
+        for tensor in graph.initializer
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    }
+
+
+def _io_types(graph) -> set[str]:
+    return {
+        onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+        for value in (*graph.input, *graph.output)
+        if value.name != "input_ids"
+    }
+
+
+@pytest.fixture(scope="module")
+def dml_build(tiny_optimized, tmp_path_factory):
+    """``--optimize --provider dml`` of the tiny model, made on this CPU-only machine."""
+    models = tmp_path_factory.mktemp("dml") / "models"
+    assert (
+        main(
+            [
+                "--optimize",
+                "--model_id",
+                "tiny",
+                "--provider",
+                "dml",
+                "--models_dir",
+                str(models),
+                "--cache_dir",
+                str(tiny_optimized.cache_dir),
+            ]
+        )
+        == 0
+    )
+    return models / "optimized" / "tiny"
+
+
+def test_dml_unet_has_the_directml_fusions_in_fp16(dml_build):
+    graph = _graph(dml_build, "unet")
+    ops = _ops(graph)
+    assert ops["MultiHeadAttention"] > 0
+    assert ops["GroupNorm"] > 0
+    # fusions DirectML has no kernel for stay off
+    assert not {"NhwcConv", "BiasSplitGelu", "BiasAdd", "SkipLayerNormalization", "SkipGroupNorm"} & set(ops)
+    # self-attention runs as MultiHeadAttention on one packed QKV input
+    packed = [node for node in graph.node if node.op_type == "MultiHeadAttention" and len(node.input) == 1]
+    assert packed
+    assert _initializer_types(graph) == {"FLOAT16"}
+    assert _io_types(graph) == {"FLOAT"}  # keep_io_types: the pipeline feeds fp32
+
+
+def test_dml_text_encoders_are_fp16_with_fp32_io(dml_build):
+    for encoder in ("text_encoder", "text_encoder_2"):
+        graph = _graph(dml_build, encoder)
+        assert _initializer_types(graph) == {"FLOAT16"}
+        assert _io_types(graph) == {"FLOAT"}
+
+
+def test_dml_vae_stays_fp32(dml_build):
+    """SDXL's VAE overflows fp16 (black images): without an fp16-fixed VAE both VAE graphs keep fp32 weights."""
+    for vae in ("vae_encoder", "vae_decoder"):
+        graph = _graph(dml_build, vae)
+        assert _initializer_types(graph) == {"FLOAT"}
+        assert _io_types(graph) == {"FLOAT"}
+        assert _ops(graph)["GroupNorm"] > 0
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - no CUDA libraries: the test is skipped
+            return False
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu, torch with CUDA and an NVIDIA GPU")
+def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, tmp_path):
+    """The fp16 CUDA build against the fp32 CPU build on the same latents: no NaN, no black image, PSNR >= 35 dB."""
+    from sd_utils.generation import load_pipeline
+    from sd_utils.model_spec import Shape
+    from sd_utils.providers import PROVIDERS
+
+    models = tmp_path / "models"
+    assert (
+        main(
+            [
+                "--optimize",
+                "--model_id",
+                "tiny",
+                "--provider",
+                "cuda",
+                "--models_dir",
+                str(models),
+                "--cache_dir",
+                str(tiny_optimized.cache_dir),
+            ]
+        )
+        == 0
+    )
+    shape = Shape(batch=2, height=128, width=96)
+    latents = torch.randn((2, 4, 16, 12), generator=torch.Generator().manual_seed(0))
+    call = {"prompt": ["a red circle"] * 2, "num_inference_steps": 10, "height": 128, "width": 96, "output_type": "np"}
+    fp32 = (
+        load_pipeline(
+            tiny_optimized.models_dir / "optimized/tiny",
+            tiny_spec,
+            provider=PROVIDERS["cpu"],
+            shape=shape,
+            model_label="tiny",
+        )
+        .pipeline(latents=latents.clone(), **call)
+        .images
+    )
+    fp16 = (
+        load_pipeline(models / "optimized/tiny", tiny_spec, provider=PROVIDERS["cuda"], shape=shape, model_label="tiny")
+        .pipeline(latents=latents.clone().cuda(), **call)
+        .images
+    )
+    assert np.isfinite(fp16).all()
+    assert fp16.std() > 0.01  # not a flat (black) image
+    assert psnr(fp32, fp16) >= 35
