@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The full-size CUDA run on the lent H100 (../shared/gpu/README.md says how the machine gets onnxruntime-gpu):
+#   bash bench/gpu_run.sh start    copy the repo to /tmp/sdxl/repo, start build + --optimize --provider cuda + benchmark
+#                                  in the background (the UNet fusion alone takes ~10 min), run the gpu-marked tests
+#   bash bench/gpu_run.sh status   the background job's log so far; copies results to $OUT when done
+# Everything lives under /tmp/sdxl, which survives between commands sent to the same warm machine.
+set -euo pipefail
+MODEL=${MODEL:-random-sdxl-base}
+WORK=/tmp/sdxl
+export OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+
+case "${1:-}" in
+  start)
+    mkdir -p "$WORK"
+    rm -rf "$WORK/repo" && mkdir "$WORK/repo"
+    tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
+    cd "$WORK/repo"
+    python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+    setsid nohup bash bench/gpu_run.sh pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
+    ;;
+  pipeline)
+    cd "$WORK/repo"
+    echo "== optimize $(date +%T)"
+    timer=""
+    [ -x /usr/bin/time ] && timer="/usr/bin/time -v"
+    $timer python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda \
+      --models_dir "$WORK/models" --cache_dir "$WORK/cache" 2>&1 | grep -vE "TracerWarning|^\s+(if|assert) "
+    python3 bench/fused_ops.py "$WORK/models/optimized/$MODEL" > "$WORK/fused_ops.json"
+    echo "== benchmark $(date +%T)"
+    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" \
+      --onnx_dir "$WORK/models/optimized/$MODEL" --unoptimized_dir "$WORK/models/unoptimized/$MODEL" \
+      > "$WORK/benchmark.json"
+    echo "== DONE $(date +%T)"
+    ;;
+  status)
+    tail -n "${LINES_SHOWN:-25}" "$WORK/pipeline.log" || true
+    for f in pipeline.log fused_ops.json benchmark.json; do
+      [ -f "$WORK/$f" ] && [ -n "${OUT:-}" ] && cp "$WORK/$f" "$OUT/"
+    done
+    true
+    ;;
+  *)
+    echo "usage: bash bench/gpu_run.sh start|status" >&2
+    exit 2
+    ;;
+esac
