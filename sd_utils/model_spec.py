@@ -39,6 +39,7 @@ class ModelSpec:
     latent_channels: int
     vae_scale_factor: int
     unet_downscale: int
+    attention_channels: tuple[int, ...]  # channel width of every UNet block with transformer layers
     scaling_factor: float
     text_length: int
     text_hidden_sizes: dict[str, int]
@@ -96,6 +97,15 @@ class ModelSpec:
             latent_channels=vae["latent_channels"],
             vae_scale_factor=vae_scale_factor,
             unet_downscale=2 ** (len(unet["block_out_channels"]) - 1),
+            attention_channels=tuple(
+                sorted(
+                    {
+                        channels
+                        for kind, channels in zip(unet["down_block_types"], unet["block_out_channels"], strict=True)
+                        if "CrossAttn" in kind
+                    }
+                )
+            ),
             scaling_factor=vae["scaling_factor"],
             text_length=min(
                 tokenizer_2.get("model_max_length", 77),

@@ -62,7 +62,7 @@ def workflow_config(
     *,
     submodel: str,
     provider: Provider,
-    model_path: Path,
+    spec: ModelSpec,
     cache_dir: Path,
     output_dir: Path,
     project_dir: Path = PROJECT_DIR,
@@ -70,7 +70,8 @@ def workflow_config(
     """The Olive run config of ``submodel`` for ``provider``: a new dict, ``template`` is left untouched.
 
     Keeps the ``convert`` pass and the provider's optimize pass (and nothing else), targets the provider's
-    accelerator and points the input model at ``model_path``.
+    accelerator, points the input model at ``spec.root`` and turns off fusions whose kernels cannot run this
+    model's sizes (see :func:`unsupported_fusions`).
     """
     config = copy.deepcopy(template)
     passes = config.get("passes", {})
@@ -86,13 +87,32 @@ def workflow_config(
     except KeyError:
         raise OptimizationError(f"config_{submodel}.json names no target system under 'systems'") from None
     system["accelerators"] = [{"device": provider.olive_device, "execution_providers": [provider.execution_provider]}]
+    optimize = config["passes"][provider.optimize_pass]
+    for option, reason in unsupported_fusions(spec, provider=provider, submodel=submodel).items():
+        logger.info("%s: %s off (%s)", submodel, option, reason)
+        optimize.setdefault("optimization_options", {})[option] = False
     config["input_model"].update(
-        model_path=str(model_path),
+        model_path=str(spec.root),
         model_script=str(project_dir / config["input_model"]["model_script"]),
         script_dir=str(project_dir),
     )
     config.update(cache_dir=str(cache_dir), output_dir=str(output_dir))
     return config
+
+
+# ORT's CUDA BiasSplitGelu kernel handles only these widths of the GEGLU projection (8 x the block's channels):
+# those of SD 1.x/2.x/XL. onnxruntime/contrib_ops/cuda/diffusion/bias_split_gelu.cc, ORT 1.31.
+CUDA_BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 6144, 10240, 12288)
+
+
+def unsupported_fusions(spec: ModelSpec, *, provider: Provider, submodel: str) -> dict[str, str]:
+    """Fusion options to turn off because the provider's fused kernel cannot run this model's sizes."""
+    off = {}
+    if provider.name == "cuda" and submodel == "unet":
+        widths = sorted({8 * channels for channels in spec.attention_channels} - set(CUDA_BIAS_SPLIT_GELU_WIDTHS))
+        if widths:
+            off["enable_bias_splitgelu"] = f"the CUDA kernel does not support GEGLU widths {widths}"
+    return off
 
 
 def pass_outputs(footprint_path: Path) -> dict[str, Path]:
@@ -251,7 +271,7 @@ def optimize(
                 load_template(submodel, project_dir=project_dir),
                 submodel=submodel,
                 provider=provider,
-                model_path=model.spec.root,
+                spec=model.spec,
                 cache_dir=cache_dir,
                 output_dir=staging / "olive" / submodel,
                 project_dir=project_dir,

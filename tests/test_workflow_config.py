@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from sd_utils.builder import ARCHITECTURES, materialize
 from sd_utils.errors import OptimizationError
-from sd_utils.model_spec import SUBMODELS
+from sd_utils.model_spec import SUBMODELS, ModelSpec
 from sd_utils.olive_workflow import PROJECT_DIR, load_template, workflow_config
 from sd_utils.providers import PROVIDERS
 
@@ -32,12 +34,17 @@ GPU_ONLY_FUSIONS = (
 )
 
 
-def _config(submodel: str, provider: str) -> dict:
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    return ModelSpec.from_folder(materialize(ARCHITECTURES["tiny"], tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def _config(submodel: str, provider: str, spec) -> dict:
     return workflow_config(
         load_template(submodel),
         submodel=submodel,
         provider=PROVIDERS[provider],
-        model_path=Path("/models/sdxl"),
+        spec=spec,
         cache_dir=Path("/cache"),
         output_dir=Path("/out"),
     )
@@ -45,12 +52,12 @@ def _config(submodel: str, provider: str) -> dict:
 
 @pytest.mark.parametrize("provider", sorted(PROVIDERS))
 @pytest.mark.parametrize("submodel", SUBMODELS)
-def test_config_for_provider(submodel, provider):
+def test_config_for_provider(spec, submodel, provider):
     row = PROVIDERS[provider]
     template = load_template(submodel)
     pristine = copy.deepcopy(template)
     config = workflow_config(
-        template, submodel=submodel, provider=row, model_path=Path("/m"), cache_dir=Path("/c"), output_dir=Path("/o")
+        template, submodel=submodel, provider=row, spec=spec, cache_dir=Path("/c"), output_dir=Path("/o")
     )
     assert template == pristine, "the template must not be modified"
     assert list(config["passes"]) == ["convert", row.optimize_pass]
@@ -66,7 +73,7 @@ def test_config_for_provider(submodel, provider):
     assert optimize["use_gpu"] is row.fp16
     accelerators = config["systems"][config["target"]]["accelerators"]
     assert accelerators == [{"device": row.olive_device, "execution_providers": [row.execution_provider]}]
-    assert config["input_model"]["model_path"] == "/m"
+    assert config["input_model"]["model_path"] == str(spec.root)
     assert config["input_model"]["model_loader"] == f"{submodel}_load"
     assert Path(config["input_model"]["model_script"]) == PROJECT_DIR / "user_script.py"
     options = optimize["optimization_options"]
@@ -89,14 +96,14 @@ def test_config_for_provider(submodel, provider):
 
 @pytest.mark.parametrize("provider", sorted(PROVIDERS))
 @pytest.mark.parametrize("submodel", SUBMODELS)
-def test_config_validates_against_olives_schema(submodel, provider):
+def test_config_validates_against_olives_schema(spec, submodel, provider):
     from olive.workflows.run.config import RunConfig
 
-    run_config = RunConfig.parse_file_or_obj(_config(submodel, provider))
+    run_config = RunConfig.parse_file_or_obj(_config(submodel, provider, spec))
     assert list(run_config.passes) == ["convert", PROVIDERS[provider].optimize_pass]
 
 
-def test_missing_pass_is_a_clear_error():
+def test_missing_pass_is_a_clear_error(spec):
     template = load_template("unet")
     del template["passes"]["optimize_dml"]
     with pytest.raises(OptimizationError, match=re.escape("config_unet.json has no 'optimize_dml' pass")):
@@ -104,7 +111,7 @@ def test_missing_pass_is_a_clear_error():
             template,
             submodel="unet",
             provider=PROVIDERS["dml"],
-            model_path=Path("/m"),
+            spec=spec,
             cache_dir=Path("/c"),
             output_dir=Path("/o"),
         )
@@ -116,3 +123,16 @@ def test_configs_are_pure_data():
         config = json.loads(text)
         assert "model_path" not in config["input_model"], "paths are filled in at run time"
         assert set(config["passes"]) == {"convert", "optimize_cpu", "optimize_dml", "optimize_cuda"}
+
+
+def test_cuda_fusions_follow_the_kernels_limits(spec):
+    """ORT's CUDA BiasSplitGelu runs only SDXL-sized GEGLU widths: the tiny UNet (64 channels) must not use it, the
+    real SDXL base (640, 1280 channels) must."""
+    tiny = _config("unet", "cuda", spec)["passes"]["optimize_cuda"]["optimization_options"]
+    assert tiny["enable_bias_splitgelu"] is False
+    real = dataclasses.replace(spec, attention_channels=(640, 1280))
+    full = _config("unet", "cuda", real)["passes"]["optimize_cuda"]["optimization_options"]
+    assert full["enable_bias_splitgelu"] is True
+    assert (
+        _config("unet", "dml", spec)["passes"]["optimize_dml"]["optimization_options"]["enable_bias_splitgelu"] is False
+    )
