@@ -40,6 +40,7 @@ class ModelSpec:
     vae_scale_factor: int
     unet_downscale: int
     attention_channels: tuple[int, ...]  # channel width of every UNet block with transformer layers
+    group_norm_sizes: dict[str, tuple[int, ...]]  # channels per GroupNorm group: {"unet": ..., "vae": ...}
     scaling_factor: float
     text_length: int
     text_hidden_sizes: dict[str, int]
@@ -97,6 +98,10 @@ class ModelSpec:
             latent_channels=vae["latent_channels"],
             vae_scale_factor=vae_scale_factor,
             unet_downscale=2 ** (len(unet["block_out_channels"]) - 1),
+            group_norm_sizes={
+                "unet": tuple(sorted({c // unet["norm_num_groups"] for c in unet["block_out_channels"]})),
+                "vae": tuple(sorted({c // vae["norm_num_groups"] for c in vae["block_out_channels"]})),
+            },
             attention_channels=tuple(
                 sorted(
                     {

@@ -108,7 +108,15 @@ CUDA_BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 6144, 10240, 12288)
 def unsupported_fusions(spec: ModelSpec, *, provider: Provider, submodel: str) -> dict[str, str]:
     """Fusion options to turn off because the provider's fused kernel cannot run this model's sizes."""
     off = {}
-    if provider.name == "cuda" and submodel == "unet":
+    if provider.name != "cuda":
+        return off
+    # ORT's CUDA GroupNorm kernel refuses odd channel counts per group at run time ("GroupNorm in CUDA does not
+    # support the input: ... c=8 groups=8", seen on the H100 with the tiny VAE)
+    odd = [size for size in spec.group_norm_sizes["vae" if submodel.startswith("vae") else "unet"] if size % 2]
+    if odd and submodel in ("unet", "vae_encoder", "vae_decoder"):
+        reason = f"the CUDA GroupNorm kernel does not support {odd[0]} channel(s) per group"
+        off.update(enable_group_norm=reason, enable_skip_group_norm=reason)
+    if submodel == "unet":
         widths = sorted({8 * channels for channels in spec.attention_channels} - set(CUDA_BIAS_SPLIT_GELU_WIDTHS))
         if widths:
             off["enable_bias_splitgelu"] = f"the CUDA kernel does not support GEGLU widths {widths}"

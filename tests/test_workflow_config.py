@@ -136,3 +136,12 @@ def test_cuda_fusions_follow_the_kernels_limits(spec):
     assert (
         _config("unet", "dml", spec)["passes"]["optimize_dml"]["optimization_options"]["enable_bias_splitgelu"] is False
     )
+
+
+def test_cuda_group_norm_fusion_needs_even_channels_per_group(spec):
+    """The tiny VAE has 8 channels in 8 groups: ORT's CUDA GroupNorm refuses that, so the VAE keeps it unfused."""
+    assert 1 in spec.group_norm_sizes["vae"]
+    vae = _config("vae_decoder", "cuda", spec)["passes"]["optimize_cuda"]["optimization_options"]
+    assert vae["enable_group_norm"] is False and vae["enable_skip_group_norm"] is False
+    unet = _config("unet", "cuda", spec)["passes"]["optimize_cuda"]["optimization_options"]
+    assert unet["enable_group_norm"] is True  # 32 and 64 channels in 16 groups
