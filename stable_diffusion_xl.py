@@ -36,13 +36,15 @@ def run(options: Options) -> int:
     from sd_utils import app
 
     job = app.plan(options)
-    if not (options.optimize or options.generates):
-        return 0
     ready = app.prepare_models(options, job)
     if options.optimize:
         for paths in filter(None, (ready.model, ready.refiner)):
             print(f"Optimized model: {paths.optimized}")
             print(f"Unoptimized model: {paths.unoptimized}")
+    if options.interactive:
+        from sd_utils.gui import run_window
+
+        return run_window(options, job, ready)
     if options.generates:
         for image in app.generate(options, job, ready):
             print(f"Generated {image.path}")

@@ -51,8 +51,10 @@ def plan(options: Options) -> Job:
     if options.refiner_model_id:
         refiner = resolve_model(options.refiner_model_id, models_dir=options.models_dir)
         _check_hand_off(model, refiner)
-    provider = resolve_provider(options.provider, for_inference=options.generates)
+    provider = resolve_provider(options.provider, for_inference=options.runs_inference)
     request = generation_request(options, model) if options.generates else None
+    if options.interactive:  # the window builds its requests later: check sizes now, before optimizing
+        generation_request(dataclasses.replace(options, prompt=options.prompt or "check"), model)
     return Job(model=model, provider=provider, request=request, refiner=refiner)
 
 
@@ -178,19 +180,39 @@ def open_pipeline(
     )
 
 
+class Generator:
+    """Generation for one planned job, reusable across runs (the GUI): ORT sessions are created on first use and
+    reloaded only when a run needs other static shapes."""
+
+    def __init__(self, options: Options, job: Job, ready: ReadyModels):
+        self.options, self.job, self.ready = options, job, ready
+        self._loaded: tuple[object, LoadedPipeline, LoadedPipeline | None] | None = None
+
+    def _pipelines(self, request: GenerationRequest) -> tuple[LoadedPipeline, LoadedPipeline | None]:
+        key = None if self.options.dynamic_dims else request.shape
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None  # drop the old sessions before creating new ones
+            model = open_pipeline(self.options, self.job.model, self.job.provider, self.ready.model, request)
+            refiner = None
+            if self.job.refiner is not None:
+                refiner = open_pipeline(self.options, self.job.refiner, self.job.provider, self.ready.refiner, request)
+            self._loaded = (key, model, refiner)
+        return self._loaded[1], self._loaded[2]
+
+    def generate(self, request: GenerationRequest, **callbacks) -> list[GeneratedImage]:
+        """Run ``request``; ``callbacks`` (``on_step``, ``on_image``, ``should_stop``) go to :func:`generate_images`."""
+        logger.info(
+            "generating %d image(s) of %dx%d in %d call(s), seed %d",
+            request.num_images,
+            request.width,
+            request.height,
+            request.num_calls,
+            request.seed,
+        )
+        model, refiner = self._pipelines(request)
+        return generate_images(model, request, output_dir=self.options.output_dir, refiner=refiner, **callbacks)
+
+
 def generate(options: Options, job: Job, ready: ReadyModels, **callbacks) -> list[GeneratedImage]:
-    """Generate the images of ``job``; ``callbacks`` go to :func:`generate_images`."""
-    request = job.request
-    logger.info(
-        "generating %d image(s) of %dx%d in %d call(s), seed %d",
-        request.num_images,
-        request.width,
-        request.height,
-        request.num_calls,
-        request.seed,
-    )
-    loaded = open_pipeline(options, job.model, job.provider, ready.model, request)
-    refiner = None
-    if job.refiner is not None:
-        refiner = open_pipeline(options, job.refiner, job.provider, ready.refiner, request)
-    return generate_images(loaded, request, output_dir=options.output_dir, refiner=refiner, **callbacks)
+    """Generate the images of ``job`` (the CLI's one run)."""
+    return Generator(options, job, ready).generate(job.request, **callbacks)

@@ -48,11 +48,17 @@ class Options:
     negative_aesthetic_score: float
     refiner_model_id: str | None
     high_noise_frac: float
+    interactive: bool
     debug: bool
 
     @property
     def generates(self) -> bool:
-        return self.prompt is not None
+        """A run of the CLI: generate once from ``--prompt`` (the window generates on demand)."""
+        return self.prompt is not None and not self.interactive
+
+    @property
+    def runs_inference(self) -> bool:
+        return self.generates or self.interactive
 
     def image_size_for(self, default_size: int) -> tuple[int, int]:
         """(width, height): ``--width``/``--height`` win over ``--image_size``, which wins over the model default."""
@@ -219,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the base hands over to --refiner_model_id, in (0, 1) (default: 0.8)",
     )
 
+    parser.add_argument(
+        "--interactive",
+        action="store_true",
+        help="open a window: prompt box, Generate button, progress bar and up to 9 images; uses "
+        "the same generation options (seed, guidance, size, batch) as the command line",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
 
@@ -236,8 +248,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
 
 def check_options(options: Options) -> None:
     """Checks that need no model; size checks against the model are in :func:`check_image_size`."""
-    if not options.optimize and options.prompt is None:
-        raise UserInputError("nothing to do: pass --prompt TEXT to generate images, or --optimize to only optimize")
+    if not (options.optimize or options.interactive or options.prompt is not None):
+        raise UserInputError(
+            "nothing to do: pass --prompt TEXT to generate images, --interactive for the window, or --optimize"
+        )
+    if options.interactive and options.base_images:
+        raise UserInputError("--interactive does not refine --base_images; refine them from the command line")
     if options.prompt is not None and not options.prompt.strip():
         raise UserInputError("--prompt is empty; give the text the image should show")
     if not 0 < options.strength <= 1:

@@ -1,0 +1,160 @@
+"""The --interactive window, for real: a Tk window on a virtual X display (Xvfb), driven with Tk events."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sd_utils import app
+from sd_utils.options import parse_options
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def display():
+    """An X display: the one in $DISPLAY, else a private Xvfb started for these tests."""
+    if os.environ.get("DISPLAY"):
+        yield os.environ["DISPLAY"]
+        return
+    if not shutil.which("Xvfb"):
+        pytest.skip("needs an X display or Xvfb (apt-get install xvfb)")
+    read, write = os.pipe()
+    server = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+        pass_fds=(write,),
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        number = pipe.readline().strip()
+    os.environ["DISPLAY"] = f":{number}"
+    try:
+        yield os.environ["DISPLAY"]
+    finally:
+        del os.environ["DISPLAY"]
+        server.terminate()
+        server.wait(10)
+
+
+class MainThreadOnly:
+    """Stands in for the Tcl interpreter object of a Tk root and records every call made off the main thread."""
+
+    def __init__(self, tk):
+        self._tk = tk
+        self.foreign_calls: list[str] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self._tk, name)
+        if not callable(attribute):
+            return attribute
+
+        def checked(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                self.foreign_calls.append(f"{name}{args[:2]}")
+            return attribute(*args, **kwargs)
+
+        return checked
+
+
+def _window(workspace, tmp_path, *, extra: str = "", generate=None):
+    import tkinter
+
+    from sd_utils.gui import GenerationWindow
+
+    options = parse_options(
+        workspace.tiny(f"--interactive --num_inference_steps 3 --seed 8 {extra}", "--output_dir", str(tmp_path / "out"))
+    )
+    job = app.plan(options)
+    ready = app.prepare_models(options, job)
+    root = tkinter.Tk()
+    guard = MainThreadOnly(root.tk)
+    root.tk = guard  # every widget made below talks to Tcl through the guard
+    window = GenerationWindow(
+        root, options=options, job=job, generate=generate or app.Generator(options, job, ready).generate
+    )
+    return root, window, guard
+
+
+def _pump(root, until, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the window did not finish in time"
+        root.update()
+        time.sleep(0.02)
+
+
+def test_window_generates_into_the_grid(display, tiny_optimized, tmp_path):
+    root, window, guard = _window(tiny_optimized, tmp_path, extra="--num_images 4 --batch_size 2")
+    window.prompt.delete(0, "end")
+    window.prompt.insert(0, "a red circle on the left")
+    root.update()
+    window.prompt.focus_force()
+    window.prompt.event_generate("<Return>")  # a real key event, bound like pressing Enter
+    _pump(root, lambda: window.worker is not None)
+    assert window.button.instate(["disabled"])
+    _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
+    shown = [cell for cell in window.cells if cell.cget("image")]
+    assert len(shown) == 4
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4
+    assert float(window.progress.cget("value")) == float(window.progress.cget("maximum")) == 2 * 3
+    assert window.status.cget("text").startswith("Done: 4 image(s)")
+    assert guard.foreign_calls == [], "Tk was touched from the worker thread"
+    ARTIFACTS.mkdir(exist_ok=True)
+    if shutil.which("import"):
+        root.update()
+        subprocess.run(["import", "-window", str(root.winfo_id()), str(ARTIFACTS / "gui.png")], check=True, timeout=30)
+        assert (ARTIFACTS / "gui.png").stat().st_size > 0
+    # a second run with the Generate button, the loaded sessions are reused
+    window.button.invoke()
+    _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
+    assert len(list((tmp_path / "out").glob("*.png"))) == 8
+    window.close()
+    assert not _exists(root)
+
+
+def _exists(root) -> bool:
+    try:
+        return bool(root.winfo_exists())
+    except Exception:  # noqa: BLE001 - a destroyed root raises TclError
+        return False
+
+
+def test_failing_generation_shows_the_error_and_reenables(display, tiny_optimized, tmp_path):
+    def broken(request, **callbacks):
+        callbacks["on_step"](1, 3)
+        raise RuntimeError("the GPU caught fire")
+
+    root, window, guard = _window(tiny_optimized, tmp_path, generate=broken)
+    window.prompt.insert(0, "x")
+    window.button.invoke()
+    _pump(root, lambda: "Error" in window.status.cget("text"), timeout=30)
+    assert "RuntimeError: the GPU caught fire" in window.status.cget("text")
+    _pump(root, lambda: window.button.instate(["!disabled"]), timeout=10)
+    assert guard.foreign_calls == []
+    window.close()
+
+
+def test_num_images_is_clamped_to_nine(display, tiny_optimized, tmp_path):
+    _root, window, _ = _window(tiny_optimized, tmp_path, extra="--num_images 20")
+    assert len(window.cells) == 9
+    assert "at most 9" in window.status.cget("text")
+    window.close()
+
+
+def test_closing_mid_run_stops_cleanly(display, tiny_optimized, tmp_path):
+    root, window, _ = _window(tiny_optimized, tmp_path, extra="--num_images 2 --num_inference_steps 400")
+    window.prompt.insert(0, "x")
+    window.button.invoke()
+    _pump(root, lambda: float(window.progress.cget("value")) >= 2, timeout=120)
+    window.close()
+    _pump(root, lambda: not _exists(root), timeout=60)
+    assert not window.worker.is_alive()
+    out = tmp_path / "out"
+    assert not out.exists() or not list(out.iterdir()), "a stopped run saves nothing, half-written or not"
