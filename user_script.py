@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sd_utils import safety
 from sd_utils.export_models import dummy_inputs, load_submodel
 from sd_utils.model_spec import ModelSpec, submodel_io
 
@@ -36,3 +37,16 @@ text_encoder_2_load, text_encoder_2_io_config, text_encoder_2_dummy_inputs = _en
 unet_load, unet_io_config, unet_dummy_inputs = _entry_points("unet")
 vae_encoder_load, vae_encoder_io_config, vae_encoder_dummy_inputs = _entry_points("vae_encoder")
 vae_decoder_load, vae_decoder_io_config, vae_decoder_dummy_inputs = _entry_points("vae_decoder")
+
+
+# the optional safety checker (sd_utils/safety.py): its own IO, read from the checker's folder
+def safety_checker_load(model_path):
+    return safety.load_checker_module(model_path)
+
+
+def safety_checker_io_config(handler) -> dict:
+    return safety.olive_io_config(handler.model_path)
+
+
+def safety_checker_dummy_inputs(handler):
+    return safety.dummy_inputs(handler.model_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+from pathlib import Path
 
 from .base_images import load_base_images
 from .errors import UserInputError
@@ -24,6 +25,7 @@ from .models import ResolvedModel, resolve_model
 from .olive_workflow import OptimizedModel, optimize, read_marker
 from .options import MAX_SEED, Options, check_image_size
 from .providers import Provider, resolve_provider
+from .safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +38,14 @@ class Job:
     provider: Provider
     request: GenerationRequest | None
     refiner: ResolvedModel | None = None
+    checker: CheckerSource | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadyModels:
     model: OptimizedModel
     refiner: OptimizedModel | None = None
+    checker: Path | None = None  # the optimized ONNX safety checker folder
 
 
 def plan(options: Options) -> Job:
@@ -55,7 +59,13 @@ def plan(options: Options) -> Job:
     request = generation_request(options, model) if options.generates else None
     if options.interactive:  # the window builds its requests later: check sizes now, before optimizing
         generation_request(dataclasses.replace(options, prompt=options.prompt or "check"), model)
-    return Job(model=model, provider=provider, request=request, refiner=refiner)
+    checker = find_checker(
+        options.safety_checker,
+        model_root=model.spec.root,
+        has_component=model.spec.has_safety_checker,
+        models_dir=options.models_dir,
+    )
+    return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker)
 
 
 def _check_hand_off(base: ResolvedModel, refiner: ResolvedModel) -> None:
@@ -163,7 +173,18 @@ def prepare_models(options: Options, job: Job) -> ReadyModels:
     """Optimize the job's model(s) if asked to or needed for generation."""
     model = ensure_optimized(options, job.model, job.provider)
     refiner = ensure_optimized(options, job.refiner, job.provider) if job.refiner else None
-    return ReadyModels(model=model, refiner=refiner)
+    checker = None
+    if job.checker is not None:
+        checker = checker_folder(options.models_dir, job.checker)
+        if options.optimize or not (checker / "model.onnx").is_file():
+            checker = optimize_checker(
+                job.checker,
+                provider=job.provider,
+                models_dir=options.models_dir,
+                cache_dir=options.cache_dir,
+                tempdir=options.tempdir,
+            )
+    return ReadyModels(model=model, refiner=refiner, checker=checker)
 
 
 def open_pipeline(
@@ -187,6 +208,11 @@ class Generator:
     def __init__(self, options: Options, job: Job, ready: ReadyModels):
         self.options, self.job, self.ready = options, job, ready
         self._loaded: tuple[object, LoadedPipeline, LoadedPipeline | None] | None = None
+        self.safety_checker = None
+        if ready.checker is not None:
+            self.safety_checker = OnnxSafetyChecker(ready.checker, provider=job.provider, device_id=options.device_id)
+        else:
+            logger.info("no safety checker: images are not checked (--safety_checker ID|DIR adds one)")
 
     def _pipelines(self, request: GenerationRequest) -> tuple[LoadedPipeline, LoadedPipeline | None]:
         key = None if self.options.dynamic_dims else request.shape
@@ -210,7 +236,15 @@ class Generator:
             request.seed,
         )
         model, refiner = self._pipelines(request)
-        return generate_images(model, request, output_dir=self.options.output_dir, refiner=refiner, **callbacks)
+        return generate_images(
+            model,
+            request,
+            output_dir=self.options.output_dir,
+            refiner=refiner,
+            safety_checker=self.safety_checker,
+            max_safety_retries=self.options.max_safety_retries,
+            **callbacks,
+        )
 
 
 def generate(options: Options, job: Job, ready: ReadyModels, **callbacks) -> list[GeneratedImage]:

@@ -35,3 +35,9 @@ class OptimizationError(SdxlOliveError):
     """An Olive workflow did not produce the models it should have."""
 
     exit_code = 4
+
+
+class SafetyCheckError(SdxlOliveError):
+    """The safety checker kept flagging some images past the retry cap."""
+
+    exit_code = 5

@@ -8,6 +8,7 @@ stop callbacks, and safe PNG writing with the parameters as metadata.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .base_images import BaseImage
+from .errors import SafetyCheckError
 from .model_spec import ModelSpec, Shape, free_dimension_overrides
 from .providers import Provider, session_options, session_providers
 
@@ -212,14 +214,20 @@ def generate_images(
     on_image: ImageCallback | None = None,
     latents: Any = None,
     should_stop: Callable[[], bool] | None = None,
+    safety_checker: Callable[[list[Any]], list[bool]] | None = None,
+    max_safety_retries: int = 3,
 ) -> list[GeneratedImage]:
     """Make ``request.num_images`` images in ``request.num_calls`` pipeline calls and save them as PNG.
 
+    With a ``safety_checker``, flagged images are never written: each is regenerated with a fresh seed, at most
+    ``max_safety_retries`` times, after which :class:`SafetyCheckError` says how many could not be produced (the safe
+    ones are saved).
+
     The mode follows the request: text-to-image, refinement of base images (``request.refine``), or base ->
     ``refiner`` hand-off (``request.high_noise_frac``). ``latents`` (torch, ``(num_images, C, H/f, W/f)``) replaces
-    the seeded initial noise, for tests and hand-offs. With static shapes every call runs at the pinned batch size: a
-    short last batch is padded with extra seeds whose images are dropped. ``should_stop`` is polled after every step;
-    a stopped run saves nothing more.
+    the seeded initial noise of first attempts, for tests and hand-offs. With static shapes every call runs at the
+    pinned batch size: a short last batch is padded with extra seeds whose images are dropped. ``should_stop`` is
+    polled after every step; a stopped run saves nothing more.
     """
     import torch
 
@@ -237,41 +245,57 @@ def generate_images(
             return _text_to_image_call(loaded, request, call)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    total_steps = request.num_calls * request.steps_per_call
+    # slots still to fill: (image index, seed). A flagged image goes back in with a fresh seed, past the run's range.
+    pending = [(index, request.image_seed(index)) for index in range(request.num_images)]
+    fresh_seeds = itertools.count(request.image_seed(request.num_images))
+    retries: collections.Counter[int] = collections.Counter()
+    given_up: list[int] = []
     saved: list[GeneratedImage] = []
-    for call_index in range(request.num_calls):
-        first = call_index * request.batch_size
-        count = min(request.batch_size, request.num_images - first)
-        run_count = request.batch_size if loaded.shape is not None else count
-        indices = list(range(first, first + run_count))
+    step_counter = itertools.count(1)  # every step of every pipeline of the run (base, then refiner of a hand-off)
+    calls_done = 0
+    while pending:
+        batch, pending = pending[: request.batch_size], pending[request.batch_size :]
+        count = len(batch)
+        slots = list(batch)
+        while loaded.shape is not None and len(slots) < request.batch_size:
+            slots.append((slots[-1][0], next(fresh_seeds)))  # padding for the pinned batch size: dropped
+        first_attempts = all(request.image_seed(index) == seed for index, seed in batch)
         call_latents = None
-        if latents is not None:
-            call_latents = latents[first : first + count]
-            if run_count > count:
-                call_latents = torch.cat([call_latents, call_latents[-1:].expand(run_count - count, -1, -1, -1)])
-        # counts the steps of every pipeline of the call (the base, then the refiner of a hand-off)
-        step_counter = itertools.count(call_index * request.steps_per_call + 1)
+        if latents is not None and first_attempts:
+            call_latents = torch.stack([latents[index] for index, _ in slots])
+        total_steps = (calls_done + 1 + math.ceil(len(pending) / request.batch_size)) * request.steps_per_call
 
-        def step_end(pipe, step, timestep, callback_kwargs, _counter=step_counter):
+        def step_end(pipe, step, timestep, callback_kwargs, _total=total_steps):
             if on_step is not None:
-                on_step(min(next(_counter), total_steps), total_steps)
+                on_step(min(next(step_counter), _total), _total)
             if should_stop is not None and should_stop():
                 pipe._interrupt = True  # diffusers' own way to leave the denoising loop early
             return callback_kwargs
 
         call = CallInputs(
-            indices=indices,
-            generators=[torch.Generator().manual_seed(request.image_seed(i)) for i in indices],
+            indices=[index for index, _ in slots],
+            generators=[torch.Generator().manual_seed(seed) for _, seed in slots],
             latents=call_latents,
             step_end=step_end,
         )
-        images = call_pipeline(call)
+        images = call_pipeline(call)[:count]
+        calls_done += 1
         if should_stop is not None and should_stop():
-            logger.info("stopped: the images of call %d are not saved", call_index + 1)
+            logger.info("stopped: the images of call %d are not saved", calls_done)
             break
-        for offset, image in enumerate(images[:count]):
-            index = first + offset
-            seed = request.image_seed(index)
+        flags = safety_checker(images) if safety_checker is not None else [False] * count
+        for (index, seed), image, flagged in zip(batch, images, flags, strict=True):
+            if flagged:
+                retries[index] += 1
+                if retries[index] > max_safety_retries:
+                    given_up.append(index)
+                    logger.warning(
+                        "image %d was flagged by the safety checker %d times: giving it up", index, retries[index]
+                    )
+                else:
+                    pending.append((index, next(fresh_seeds)))
+                    logger.info("image %d (seed %d) was flagged by the safety checker: regenerating", index, seed)
+                continue
             metadata = png_metadata(loaded, request, seed=seed, index=index, refiner=refiner)
             generated = GeneratedImage(
                 path=save_png(image, output_dir, seed=seed, metadata=metadata), seed=seed, index=index
@@ -280,6 +304,12 @@ def generate_images(
             logger.info("saved %s", generated.path)
             if on_image is not None:
                 on_image(generated)
+    if given_up:
+        raise SafetyCheckError(
+            f"{len(given_up)} of {request.num_images} image(s) were flagged by the safety checker "
+            f"{max_safety_retries + 1} times and were not written ({len(saved)} saved); raise --max_safety_retries "
+            "or change the prompt"
+        )
     return saved
 
 

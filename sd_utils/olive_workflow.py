@@ -62,16 +62,17 @@ def workflow_config(
     *,
     submodel: str,
     provider: Provider,
-    spec: ModelSpec,
+    model_path: Path,
     cache_dir: Path,
     output_dir: Path,
+    disabled_fusions: dict[str, str] | None = None,
     project_dir: Path = PROJECT_DIR,
 ) -> dict[str, Any]:
     """The Olive run config of ``submodel`` for ``provider``: a new dict, ``template`` is left untouched.
 
     Keeps the ``convert`` pass and the provider's optimize pass (and nothing else), targets the provider's
-    accelerator, points the input model at ``spec.root`` and turns off fusions whose kernels cannot run this
-    model's sizes (see :func:`unsupported_fusions`).
+    accelerator, points the input model at ``model_path`` and turns off the fusion options in
+    ``disabled_fusions`` (option -> reason, see :func:`unsupported_fusions`).
     """
     config = copy.deepcopy(template)
     passes = config.get("passes", {})
@@ -88,11 +89,11 @@ def workflow_config(
         raise OptimizationError(f"config_{submodel}.json names no target system under 'systems'") from None
     system["accelerators"] = [{"device": provider.olive_device, "execution_providers": [provider.execution_provider]}]
     optimize = config["passes"][provider.optimize_pass]
-    for option, reason in unsupported_fusions(spec, provider=provider, submodel=submodel).items():
+    for option, reason in (disabled_fusions or {}).items():
         logger.info("%s: %s off (%s)", submodel, option, reason)
         optimize.setdefault("optimization_options", {})[option] = False
     config["input_model"].update(
-        model_path=str(spec.root),
+        model_path=str(model_path),
         model_script=str(project_dir / config["input_model"]["model_script"]),
         script_dir=str(project_dir),
     )
@@ -279,7 +280,8 @@ def optimize(
                 load_template(submodel, project_dir=project_dir),
                 submodel=submodel,
                 provider=provider,
-                spec=model.spec,
+                model_path=model.spec.root,
+                disabled_fusions=unsupported_fusions(model.spec, provider=provider, submodel=submodel),
                 cache_dir=cache_dir,
                 output_dir=staging / "olive" / submodel,
                 project_dir=project_dir,

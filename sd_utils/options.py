@@ -49,6 +49,8 @@ class Options:
     refiner_model_id: str | None
     high_noise_frac: float
     interactive: bool
+    safety_checker: str | None
+    max_safety_retries: int
     debug: bool
 
     @property
@@ -225,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the base hands over to --refiner_model_id, in (0, 1) (default: 0.8)",
     )
 
+    safety = parser.add_argument_group("safety checker")
+    safety.add_argument(
+        "--safety_checker",
+        default=None,
+        metavar="ID|DIR",
+        help="check every image with this StableDiffusionSafetyChecker (hub id, folder, or tiny-safety-checker); "
+        "default: the model folder's own safety_checker, if any",
+    )
+    safety.add_argument(
+        "--max_safety_retries",
+        type=_non_negative_int,
+        default=3,
+        help="how often a flagged image is regenerated with a fresh seed before giving up (default: 3)",
+    )
     parser.add_argument(
         "--interactive",
         action="store_true",

@@ -13,7 +13,7 @@ import pytest
 from sd_utils.builder import ARCHITECTURES, materialize
 from sd_utils.errors import OptimizationError
 from sd_utils.model_spec import SUBMODELS, ModelSpec
-from sd_utils.olive_workflow import PROJECT_DIR, load_template, workflow_config
+from sd_utils.olive_workflow import PROJECT_DIR, load_template, unsupported_fusions, workflow_config
 from sd_utils.providers import PROVIDERS
 
 MODEL_TYPES = {
@@ -44,7 +44,8 @@ def _config(submodel: str, provider: str, spec) -> dict:
         load_template(submodel),
         submodel=submodel,
         provider=PROVIDERS[provider],
-        spec=spec,
+        model_path=spec.root,
+        disabled_fusions=unsupported_fusions(spec, provider=PROVIDERS[provider], submodel=submodel),
         cache_dir=Path("/cache"),
         output_dir=Path("/out"),
     )
@@ -57,7 +58,7 @@ def test_config_for_provider(spec, submodel, provider):
     template = load_template(submodel)
     pristine = copy.deepcopy(template)
     config = workflow_config(
-        template, submodel=submodel, provider=row, spec=spec, cache_dir=Path("/c"), output_dir=Path("/o")
+        template, submodel=submodel, provider=row, model_path=spec.root, cache_dir=Path("/c"), output_dir=Path("/o")
     )
     assert template == pristine, "the template must not be modified"
     assert list(config["passes"]) == ["convert", row.optimize_pass]
@@ -111,7 +112,7 @@ def test_missing_pass_is_a_clear_error(spec):
             template,
             submodel="unet",
             provider=PROVIDERS["dml"],
-            spec=spec,
+            model_path=spec.root,
             cache_dir=Path("/c"),
             output_dir=Path("/o"),
         )
@@ -123,6 +124,7 @@ def test_configs_are_pure_data():
         config = json.loads(text)
         assert "model_path" not in config["input_model"], "paths are filled in at run time"
         assert set(config["passes"]) == {"convert", "optimize_cpu", "optimize_dml", "optimize_cuda"}
+    assert (PROJECT_DIR / "config_safety_checker.json").is_file()
 
 
 def test_cuda_fusions_follow_the_kernels_limits(spec):
