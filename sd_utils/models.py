@@ -54,22 +54,28 @@ def resolve_model(model_id: str, *, models_dir: Path) -> ResolvedModel:
             f"use a folder with model_index.json, a hub id, or one of: {', '.join(BUILTIN_MODELS)}"
         )
     else:
-        path = _download(model_id)
+        path = download_snapshot(
+            model_id,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            option="--model_id",
+            fix="connect to the hub, pass a local diffusers folder, or use a built-in model "
+            f"({', '.join(BUILTIN_MODELS)})",
+        )
     return ResolvedModel(model_id=model_id, path=path, spec=ModelSpec.from_folder(path))
 
 
-def _download(model_id: str) -> Path:
-    """Fetch ``model_id`` from the hub, or take it from the local Hugging Face cache when offline."""
+def download_snapshot(model_id: str, *, allow_patterns: list[str], option: str, fix: str) -> Path:
+    """Fetch ``model_id`` from the hub, or take it from the local Hugging Face cache when offline; raise
+    :class:`ModelNotFoundError` naming ``option`` and ``fix`` when neither works."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model_id, allow_patterns=HUB_ALLOW_PATTERNS))
+        return Path(snapshot_download(model_id, allow_patterns=allow_patterns))
     except Exception as online_error:  # noqa: BLE001 - any hub failure: fall back to the cache, then explain
         try:
-            return Path(snapshot_download(model_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True))
+            return Path(snapshot_download(model_id, allow_patterns=allow_patterns, local_files_only=True))
         except Exception:  # noqa: BLE001
             raise ModelNotFoundError(
-                f"--model_id {model_id!r} could not be downloaded ({type(online_error).__name__}) and is not in the "
-                f"local Hugging Face cache; connect to the hub, pass a local diffusers folder, or use a built-in "
-                f"model ({', '.join(BUILTIN_MODELS)})"
+                f"{option} {model_id!r} could not be downloaded ({type(online_error).__name__}) and is not in the "
+                f"local Hugging Face cache; {fix}"
             ) from None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelNotFoundError
+from .models import download_snapshot
 from .olive_workflow import load_template, replace_folder, run_submodel, workflow_config
 from .providers import Provider, session_options, session_providers
 
@@ -119,7 +120,12 @@ def find_checker(
         return CheckerSource(TINY_CHECKER, folder, folder)
     path = Path(option).expanduser()
     if not path.is_dir() and option.count("/") == 1 and not option.startswith((".", "/", "~")):
-        path = _download(option)
+        path = download_snapshot(
+            option,
+            allow_patterns=CHECKER_ALLOW_PATTERNS,
+            option="--safety_checker",
+            fix=f"pass a local checker folder or {TINY_CHECKER}",
+        )
     if (path / "safety_checker" / "config.json").is_file():
         return CheckerSource(path.name, path / "safety_checker", path / "feature_extractor")
     if (path / "config.json").is_file() and (path / "preprocessor_config.json").is_file():
@@ -128,21 +134,6 @@ def find_checker(
         f"--safety_checker {option!r} is not a safety checker folder (config.json + preprocessor_config.json, or a "
         f"pipeline with safety_checker/ and feature_extractor/); give such a folder, a hub id, or {TINY_CHECKER}"
     )
-
-
-def _download(model_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model_id, allow_patterns=CHECKER_ALLOW_PATTERNS))
-    except Exception:  # noqa: BLE001 - any hub failure: try the cache, then explain
-        try:
-            return Path(snapshot_download(model_id, allow_patterns=CHECKER_ALLOW_PATTERNS, local_files_only=True))
-        except Exception:  # noqa: BLE001
-            raise ModelNotFoundError(
-                f"--safety_checker {model_id!r} could not be downloaded and is not cached; pass a local folder "
-                f"or {TINY_CHECKER}"
-            ) from None
 
 
 def checker_folder(models_dir: Path, source: CheckerSource) -> Path:

@@ -38,26 +38,16 @@ def _io_types(graph) -> set[str]:
     }
 
 
+def _optimize_tiny(models, provider: str, cache_dir) -> None:
+    args = ["--optimize", "--model_id", "tiny", "--provider", provider, "--models_dir", str(models)]
+    assert main([*args, "--cache_dir", str(cache_dir)]) == 0
+
+
 @pytest.fixture(scope="module")
 def dml_build(tiny_optimized, tmp_path_factory):
     """``--optimize --provider dml`` of the tiny model, made on this CPU-only machine."""
     models = tmp_path_factory.mktemp("dml") / "models"
-    assert (
-        main(
-            [
-                "--optimize",
-                "--model_id",
-                "tiny",
-                "--provider",
-                "dml",
-                "--models_dir",
-                str(models),
-                "--cache_dir",
-                str(tiny_optimized.cache_dir),
-            ]
-        )
-        == 0
-    )
+    _optimize_tiny(models, "dml", tiny_optimized.cache_dir)
     return models / "optimized" / "tiny"
 
 
@@ -111,22 +101,7 @@ def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, tmp_path):
     from sd_utils.providers import PROVIDERS
 
     models = tmp_path / "models"
-    assert (
-        main(
-            [
-                "--optimize",
-                "--model_id",
-                "tiny",
-                "--provider",
-                "cuda",
-                "--models_dir",
-                str(models),
-                "--cache_dir",
-                str(tiny_optimized.cache_dir),
-            ]
-        )
-        == 0
-    )
+    _optimize_tiny(models, "cuda", tiny_optimized.cache_dir)
     shape = Shape(batch=2, height=128, width=96)
     latents = torch.randn((2, 4, 16, 12), generator=torch.Generator().manual_seed(0))
     call = {"prompt": ["a red circle"] * 2, "num_inference_steps": 10, "height": 128, "width": 96, "output_type": "np"}
