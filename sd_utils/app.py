@@ -21,7 +21,7 @@ from .generation import (
     generate_images,
     load_pipeline,
 )
-from .models import ResolvedModel, resolve_model
+from .models import ResolvedModel, resolve_model, with_vae
 from .olive_workflow import OptimizedModel, optimize, read_marker
 from .options import MAX_SEED, Options, check_image_size
 from .providers import Provider, resolve_provider
@@ -149,9 +149,15 @@ def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider)
     """Optimize when asked to, or when no optimized model exists yet."""
     paths = optimized_paths(options, model)
     marker = read_marker(paths.optimized)
-    if options.optimize or marker is None or not (paths.unoptimized / "model_index.json").is_file():
+    fp16_vae = None
+    if options.use_fp16_fixed_vae:
+        fp16_vae = with_vae(model, options.use_fp16_fixed_vae, models_dir=options.models_dir)
+    wants = str(fp16_vae / "vae") if fp16_vae else None
+    stale = marker is not None and marker.get("fp16_vae") != wants
+    if options.optimize or marker is None or stale or not (paths.unoptimized / "model_index.json").is_file():
         if not options.optimize:
-            logger.info("no optimized model at %s: optimizing first", paths.optimized)
+            reason = "it was built with another VAE" if stale else "none exists"
+            logger.info("optimizing %s first: %s", paths.optimized, reason)
         return optimize(
             model,
             provider=provider,
@@ -159,6 +165,7 @@ def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider)
             cache_dir=options.cache_dir,
             clean_cache=options.clean_cache,
             tempdir=options.tempdir,
+            fp16_vae=fp16_vae,
         )
     built_for = marker.get("provider")
     if built_for != provider.name and not options.test_unoptimized:

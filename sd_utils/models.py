@@ -79,3 +79,49 @@ def download_snapshot(model_id: str, *, allow_patterns: list[str], option: str, 
                 f"{option} {model_id!r} could not be downloaded ({type(online_error).__name__}) and is not in the "
                 f"local Hugging Face cache; {fix}"
             ) from None
+
+
+DEFAULT_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+VAE_ALLOW_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def with_vae(model: ResolvedModel, vae: str, *, models_dir: Path) -> Path:
+    """A diffusers folder, under ``models_dir/composed``, that is ``model`` with its ``vae`` replaced by ``vae`` (a
+    folder or hub id of an ``AutoencoderKL``). Only configs are copied besides the VAE: the VAE workflows read the
+    other components' configs for the model facts, never their weights."""
+    import json
+    import shutil
+
+    source = Path(vae).expanduser()
+    if not source.is_dir():
+        source = download_snapshot(
+            vae,
+            allow_patterns=VAE_ALLOW_PATTERNS,
+            option="--use_fp16_fixed_vae",
+            fix="pass a local AutoencoderKL folder",
+        )
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(
+            f"--use_fp16_fixed_vae {vae}: no config.json; give a folder with an AutoencoderKL (config.json + weights)"
+        ) from None
+    original = json.loads((model.spec.root / "vae" / "config.json").read_text())
+    for key in ("latent_channels", "block_out_channels"):
+        if config.get(key) != original.get(key):
+            raise ModelNotFoundError(
+                f"--use_fp16_fixed_vae {vae} has {key}={config.get(key)}, the model's VAE has {original.get(key)}; "
+                "use the fp16-fixed VAE made for this model"
+            )
+    composed = models_dir / "composed" / f"{model.output_name.name}+{source.name}"
+    if composed.exists():
+        shutil.rmtree(composed)
+    composed.mkdir(parents=True)
+    shutil.copy2(model.spec.root / "model_index.json", composed / "model_index.json")
+    for component in model.spec.root.iterdir():
+        if component.is_dir() and component.name != "vae":
+            for item in component.glob("*.json"):
+                (composed / component.name).mkdir(exist_ok=True)
+                shutil.copy2(item, composed / component.name / item.name)
+    shutil.copytree(source, composed / "vae", ignore=shutil.ignore_patterns(".*"))
+    return composed

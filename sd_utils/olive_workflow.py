@@ -66,13 +66,15 @@ def workflow_config(
     cache_dir: Path,
     output_dir: Path,
     disabled_fusions: dict[str, str] | None = None,
+    vae_float16: bool = False,
     project_dir: Path = PROJECT_DIR,
 ) -> dict[str, Any]:
     """The Olive run config of ``submodel`` for ``provider``: a new dict, ``template`` is left untouched.
 
     Keeps the ``convert`` pass and the provider's optimize pass (and nothing else), targets the provider's
     accelerator, points the input model at ``model_path`` and turns off the fusion options in
-    ``disabled_fusions`` (option -> reason, see :func:`unsupported_fusions`).
+    ``disabled_fusions`` (option -> reason, see :func:`unsupported_fusions`). ``vae_float16`` (an fp16-fixed VAE
+    is in use) converts the VAE graphs to fp16 on GPU providers, like the other submodels; otherwise they stay fp32.
     """
     config = copy.deepcopy(template)
     passes = config.get("passes", {})
@@ -89,6 +91,8 @@ def workflow_config(
         raise OptimizationError(f"config_{submodel}.json names no target system under 'systems'") from None
     system["accelerators"] = [{"device": provider.olive_device, "execution_providers": [provider.execution_provider]}]
     optimize = config["passes"][provider.optimize_pass]
+    if vae_float16 and provider.fp16 and submodel.startswith("vae"):
+        optimize.update(float16=True, keep_io_types=True, force_fp32_ops=["RandomNormalLike"])
     for option, reason in (disabled_fusions or {}).items():
         logger.info("%s: %s off (%s)", submodel, option, reason)
         optimize.setdefault("optimization_options", {})[option] = False
@@ -207,9 +211,16 @@ def _place(source: Path, destination: Path, *, move: bool) -> None:
 
 
 def _assemble(
-    spec: ModelSpec, onnx_files: dict[str, Path], destination: Path, marker: dict[str, Any], *, move: bool
+    spec: ModelSpec,
+    onnx_files: dict[str, Path],
+    destination: Path,
+    marker: dict[str, Any],
+    *,
+    move: bool,
+    roots: dict[str, Path],
 ) -> None:
-    """Write one optimum-loadable pipeline folder from the diffusers folder and one ONNX file per submodel."""
+    """Write one optimum-loadable pipeline folder from the diffusers folder and one ONNX file per submodel
+    (``roots``: the diffusers folder each submodel was exported from, whose component ``config.json`` it gets)."""
     destination.mkdir(parents=True)
     shutil.copy2(spec.root / "model_index.json", destination / "model_index.json")
     for component in PLAIN_COMPONENTS:
@@ -221,7 +232,7 @@ def _assemble(
         for name in external_data_files(onnx_file):
             _place(onnx_file.parent / name, target / name, move=move)
         _place(onnx_file, target / "model.onnx", move=move)
-        shutil.copy2(spec.root / COMPONENT_OF[submodel] / "config.json", target / "config.json")
+        shutil.copy2(roots[submodel] / COMPONENT_OF[submodel] / "config.json", target / "config.json")
     (destination / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
@@ -255,9 +266,14 @@ def optimize(
     cache_dir: Path,
     clean_cache: bool = False,
     tempdir: Path | None = None,
+    fp16_vae: Path | None = None,
     project_dir: Path = PROJECT_DIR,
 ) -> OptimizedModel:
-    """Convert and optimize every submodel of ``model`` with Olive; write ``models_dir/{unoptimized,optimized}``."""
+    """Convert and optimize every submodel of ``model`` with Olive; write ``models_dir/{unoptimized,optimized}``.
+
+    ``fp16_vae``: a diffusers folder whose ``vae`` is an fp16-fixed VAE (see ``models.with_vae``); the VAE graphs are
+    exported from it and, on GPU providers, converted to fp16.
+    """
     if clean_cache and cache_dir.exists():
         logger.info("deleting the Olive cache %s", cache_dir)
         shutil.rmtree(cache_dir)
@@ -266,6 +282,7 @@ def optimize(
     try:
         converted, optimized = {}, {}
         submodels = model.spec.submodels
+        roots = {name: fp16_vae if fp16_vae and name.startswith("vae") else model.spec.root for name in submodels}
         started = time.perf_counter()
         for index, submodel in enumerate(submodels, 1):
             logger.info(
@@ -280,17 +297,24 @@ def optimize(
                 load_template(submodel, project_dir=project_dir),
                 submodel=submodel,
                 provider=provider,
-                model_path=model.spec.root,
+                model_path=roots[submodel],
                 disabled_fusions=unsupported_fusions(model.spec, provider=provider, submodel=submodel),
+                vae_float16=fp16_vae is not None,
                 cache_dir=cache_dir,
                 output_dir=staging / "olive" / submodel,
                 project_dir=project_dir,
             )
             converted[submodel], optimized[submodel] = run_submodel(config, submodel=submodel, tempdir=tempdir)
             logger.info("[%d/%d] %s done in %.1f s", index, len(submodels), submodel, time.perf_counter() - tick)
-        marker = {"model_id": model.model_id, "provider": provider.name, "source": str(model.spec.root)}
-        _assemble(model.spec, converted, staging / "unoptimized", {**marker, "optimized": False}, move=False)
-        _assemble(model.spec, optimized, staging / "optimized", {**marker, "optimized": True}, move=True)
+        marker = {
+            "model_id": model.model_id,
+            "provider": provider.name,
+            "source": str(model.spec.root),
+            "fp16_vae": str(fp16_vae / "vae") if fp16_vae else None,
+        }
+        unoptimized_marker, optimized_marker = {**marker, "optimized": False}, {**marker, "optimized": True}
+        _assemble(model.spec, converted, staging / "unoptimized", unoptimized_marker, move=False, roots=roots)
+        _assemble(model.spec, optimized, staging / "optimized", optimized_marker, move=True, roots=roots)
         result = OptimizedModel(
             optimized=models_dir / "optimized" / model.output_name,
             unoptimized=models_dir / "unoptimized" / model.output_name,

@@ -124,3 +124,17 @@ def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, tmp_path):
     assert np.isfinite(fp16).all()
     assert fp16.std() > 0.01  # not a flat (black) image
     assert psnr(fp32, fp16) >= 35
+
+
+def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_path):
+    """--use_fp16_fixed_vae DIR: the VAE graphs come from that VAE and are converted to fp16 with fp32 I/O."""
+    models = tmp_path / "models"
+    fixed_vae = tiny_optimized.models_dir / "builtin" / "tiny" / "vae"  # stands in for madebyollin/sdxl-vae-fp16-fix
+    args = ["--optimize", "--model_id", "tiny", "--provider", "dml", "--use_fp16_fixed_vae", str(fixed_vae)]
+    assert main([*args, "--models_dir", str(models), "--cache_dir", str(tiny_optimized.cache_dir)]) == 0
+    folder = models / "optimized" / "tiny"
+    for vae in ("vae_encoder", "vae_decoder"):
+        graph = _graph(folder, vae)
+        assert _initializer_types(graph) == {"FLOAT16"}
+        assert _io_types(graph) == {"FLOAT"}
+    assert (models / "composed" / "tiny+vae" / "vae" / "diffusion_pytorch_model.safetensors").is_file()

@@ -147,3 +147,22 @@ def test_cuda_group_norm_fusion_needs_even_channels_per_group(spec):
     assert vae["enable_group_norm"] is False and vae["enable_skip_group_norm"] is False
     unet = _config("unet", "cuda", spec)["passes"]["optimize_cuda"]["optimization_options"]
     assert unet["enable_group_norm"] is True  # 32 and 64 channels in 16 groups
+
+
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+def test_fp16_fixed_vae_switches_the_vae_to_fp16_on_gpu_only(spec, provider):
+    row = PROVIDERS[provider]
+    for submodel in ("vae_encoder", "vae_decoder"):
+        config = workflow_config(
+            load_template(submodel),
+            submodel=submodel,
+            provider=row,
+            model_path=spec.root,
+            cache_dir=Path("/c"),
+            output_dir=Path("/o"),
+            vae_float16=True,
+        )
+        optimize = config["passes"][row.optimize_pass]
+        assert optimize["float16"] is row.fp16
+        if row.fp16:
+            assert optimize["keep_io_types"] is True
