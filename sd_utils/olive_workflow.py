@@ -222,7 +222,11 @@ def _assemble(
     """Write one optimum-loadable pipeline folder from the diffusers folder and one ONNX file per submodel
     (``roots``: the diffusers folder each submodel was exported from, whose component ``config.json`` it gets)."""
     destination.mkdir(parents=True)
-    shutil.copy2(spec.root / "model_index.json", destination / "model_index.json")
+    index = json.loads((spec.root / "model_index.json").read_text(encoding="utf-8"))
+    if "safety_checker" in index:
+        # SDXL pipelines have no safety checker: ours is optimized and run separately (sd_utils/safety.py)
+        index["safety_checker"] = [None, None]
+    (destination / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     for component in PLAIN_COMPONENTS:
         if (spec.root / component).is_dir():
             shutil.copytree(spec.root / component, destination / component)

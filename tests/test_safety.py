@@ -75,3 +75,26 @@ def test_unknown_checker_is_a_one_line_error(workspace, tmp_path, capsys):
     assert code == 2
     assert "is not a safety checker folder" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_model_folder_with_its_own_checker(workspace, tiny_optimized, tmp_path):
+    """A diffusers folder with safety_checker/ + feature_extractor/ components: the checker is used by default."""
+    import json
+    import shutil
+
+    from sd_utils.builder import ARCHITECTURES, materialize
+
+    folder = materialize(ARCHITECTURES["tiny"], tmp_path / "tiny-with-checker")
+    build_tiny_checker(folder / "safety_checker", threshold=2.0)
+    (folder / "feature_extractor").mkdir()
+    shutil.move(folder / "safety_checker" / "preprocessor_config.json", folder / "feature_extractor")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    args = ["--model_id", str(folder), "--provider", "cpu", *RUN.split(), "--num_images", "2", "--seed", "9"]
+    assert main(workspace.args(*args, "--output_dir", str(out))) == 0
+    assert _files(out) == ["00000-9.png", "00001-10.png"]
+    checker = workspace.models_dir / "optimized" / "safety_checker" / "tiny-with-checker"
+    assert (checker / "model.onnx").is_file() and (checker / "preprocessor_config.json").is_file()
