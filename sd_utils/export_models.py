@@ -73,7 +73,7 @@ def load_submodel(name: str, model_path: str | Path) -> torch.nn.Module:
 
         with_projection = name == "text_encoder_2"
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        encoder = cls.from_pretrained(root / name, torch_dtype=torch.float32, attn_implementation="eager")
+        encoder = cls.from_pretrained(root / name, dtype=torch.float32, attn_implementation="eager")
         module: torch.nn.Module = TextEncoderExport(encoder, with_projection=with_projection)
     elif name == "unet":
         from diffusers import UNet2DConditionModel

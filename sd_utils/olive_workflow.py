@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,11 @@ def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None)
     for handler in handlers:
         handler.addFilter(quiet)
     try:
-        olive_run(config, tempdir=str(tempdir) if tempdir else None)
+        with warnings.catch_warnings():
+            # the TorchScript exporter's notes on SDXL's (sound) shape checks and index ops, repeated per module
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", message=r"Converting a tensor to a Python boolean")
+            olive_run(config, tempdir=str(tempdir) if tempdir else None)
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
