@@ -35,8 +35,25 @@ GPU_ONLY_FUSIONS = (
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    return ModelSpec.from_folder(materialize(ARCHITECTURES["tiny"], tmp_path_factory.mktemp("m") / "tiny"))
+def specs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("m")
+    return {
+        name: ModelSpec.from_folder(materialize(ARCHITECTURES[name], root / name)) for name in ("tiny", "tiny-refiner")
+    }
+
+
+@pytest.fixture(scope="module")
+def spec(specs):
+    return specs["tiny"]
+
+
+CASES = [
+    (variant, submodel, provider)
+    for variant in ("tiny", "tiny-refiner")
+    for submodel in SUBMODELS
+    for provider in sorted(PROVIDERS)
+    if not (variant == "tiny-refiner" and submodel == "text_encoder")
+]
 
 
 def _config(submodel: str, provider: str, spec) -> dict:
@@ -95,12 +112,13 @@ def test_config_for_provider(spec, submodel, provider):
         assert options["enable_attention"] is False
 
 
-@pytest.mark.parametrize("provider", sorted(PROVIDERS))
-@pytest.mark.parametrize("submodel", SUBMODELS)
-def test_config_validates_against_olives_schema(spec, submodel, provider):
+@pytest.mark.parametrize(("variant", "submodel", "provider"), CASES)
+def test_config_validates_against_olives_schema(specs, variant, submodel, provider):
+    """Every provider x submodel x base/refiner: the patched config is a valid Olive run config."""
     from olive.workflows.run.config import RunConfig
 
-    run_config = RunConfig.parse_file_or_obj(_config(submodel, provider, spec))
+    assert submodel in specs[variant].submodels
+    run_config = RunConfig.parse_file_or_obj(_config(submodel, provider, specs[variant]))
     assert list(run_config.passes) == ["convert", PROVIDERS[provider].optimize_pass]
 
 
