@@ -107,6 +107,9 @@ def test_config_for_provider(spec, submodel, provider):
         assert options["group_norm_channels_last"] is False
     if submodel == "unet":
         assert convert["save_as_external_data"] and optimize["save_as_external_data"]
+    if submodel.startswith("text_encoder"):
+        # shape inference costs 16 GB on the real text_encoder_2 and fuses nothing more there (bench/NOTES.md)
+        assert options["enable_shape_inference"] is False
     if submodel.startswith("vae"):
         # ORT 1.32's FusionAttentionVae zeroes the q/k/v biases of the fused node (see tests/test_parity.py)
         assert options["enable_attention"] is False
