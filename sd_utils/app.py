@@ -21,8 +21,8 @@ from .generation import (
     generate_images,
     load_pipeline,
 )
-from .models import ResolvedModel, resolve_model, with_vae
-from .olive_workflow import OptimizedModel, optimize, read_marker
+from .models import ResolvedModel, composed_with_vae_path, resolve_model, with_vae
+from .olive_workflow import OptimizedModel, optimize, output_paths, read_marker
 from .options import MAX_SEED, Options, check_image_size
 from .providers import Provider, resolve_provider
 from .safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
@@ -138,26 +138,21 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
     )
 
 
-def optimized_paths(options: Options, model: ResolvedModel) -> OptimizedModel:
-    return OptimizedModel(
-        optimized=options.models_dir / "optimized" / model.output_name,
-        unoptimized=options.models_dir / "unoptimized" / model.output_name,
-    )
-
-
 def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider) -> OptimizedModel:
     """Optimize when asked to, or when no optimized model exists yet."""
-    paths = optimized_paths(options, model)
+    paths = output_paths(model, options.models_dir)
     marker = read_marker(paths.optimized)
     fp16_vae = None
     if options.use_fp16_fixed_vae:
-        fp16_vae = with_vae(model, options.use_fp16_fixed_vae, models_dir=options.models_dir)
+        fp16_vae = composed_with_vae_path(model, options.use_fp16_fixed_vae, models_dir=options.models_dir)
     wants = str(fp16_vae / "vae") if fp16_vae else None
     stale = marker is not None and marker.get("fp16_vae") != wants
     if options.optimize or marker is None or stale or not (paths.unoptimized / "model_index.json").is_file():
         if not options.optimize:
             reason = "it was built with another VAE" if stale else "none exists"
             logger.info("optimizing %s first: %s", paths.optimized, reason)
+        if fp16_vae is not None:  # copied only when a build needs it, not on every run
+            with_vae(model, options.use_fp16_fixed_vae, destination=fp16_vae)
         return optimize(
             model,
             provider=provider,

@@ -85,8 +85,13 @@ DEFAULT_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 VAE_ALLOW_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
-def with_vae(model: ResolvedModel, vae: str, *, models_dir: Path) -> Path:
-    """A diffusers folder, under ``models_dir/composed``, that is ``model`` with its ``vae`` replaced by ``vae`` (a
+def composed_with_vae_path(model: ResolvedModel, vae: str, *, models_dir: Path) -> Path:
+    """Where :func:`with_vae` composes ``model`` with ``vae`` (known without downloading or copying anything)."""
+    return models_dir / "composed" / f"{model.output_name.name}+{Path(vae).name}"
+
+
+def with_vae(model: ResolvedModel, vae: str, *, destination: Path) -> Path:
+    """Write at ``destination`` a diffusers folder that is ``model`` with its ``vae`` replaced by ``vae`` (a
     folder or hub id of an ``AutoencoderKL``). Only configs are copied besides the VAE: the VAE workflows read the
     other components' configs for the model facts, never their weights."""
     import json
@@ -113,7 +118,7 @@ def with_vae(model: ResolvedModel, vae: str, *, models_dir: Path) -> Path:
                 f"--use_fp16_fixed_vae {vae} has {key}={config.get(key)}, the model's VAE has {original.get(key)}; "
                 "use the fp16-fixed VAE made for this model"
             )
-    composed = models_dir / "composed" / f"{model.output_name.name}+{source.name}"
+    composed = destination
     if composed.exists():
         shutil.rmtree(composed)
     composed.mkdir(parents=True)

@@ -50,6 +50,14 @@ class OptimizedModel:
     unoptimized: Path
 
 
+def output_paths(model: ResolvedModel, models_dir: Path) -> OptimizedModel:
+    """Where ``--optimize`` puts ``model``: ``models_dir/{optimized,unoptimized}/<model id>``."""
+    return OptimizedModel(
+        optimized=models_dir / "optimized" / model.output_name,
+        unoptimized=models_dir / "unoptimized" / model.output_name,
+    )
+
+
 def load_template(submodel: str, *, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
     path = project_dir / f"config_{submodel}.json"
     try:
@@ -324,10 +332,7 @@ def optimize(
         unoptimized_marker, optimized_marker = {**marker, "optimized": False}, {**marker, "optimized": True}
         _assemble(model.spec, converted, staging / "unoptimized", unoptimized_marker, move=False, roots=roots)
         _assemble(model.spec, optimized, staging / "optimized", optimized_marker, move=True, roots=roots)
-        result = OptimizedModel(
-            optimized=models_dir / "optimized" / model.output_name,
-            unoptimized=models_dir / "unoptimized" / model.output_name,
-        )
+        result = output_paths(model, models_dir)
         replace_folder(staging / "unoptimized", result.unoptimized)
         replace_folder(staging / "optimized", result.optimized)
         logger.info(
