@@ -1,107 +1,139 @@
-"""Peak memory and wall time of ``--optimize``, per submodel and in total (issue: optimize SDXL on a 16-GB machine).
+"""Peak memory and wall time of ``--optimize`` on full-size SDXL, per submodel and in total.
 
-    python bench/optimize_memory.py --model_id random-sdxl-base --provider cpu [--submodels unet,vae_decoder]
+    python bench/optimize_memory.py [--model_id random-sdxl-base,random-sdxl-refiner] [--provider cpu,dml,cuda]
 
-Each submodel's Olive workflow runs in a fresh process, exactly as ``--optimize`` configures it, while this process
-samples the resident memory of that process and all its children (psutil, every 0.2 s). Prints one JSON document;
-a workflow that fails or is killed (out of memory) is reported with its exit code, and the others still run.
+For each model x provider this runs the real command line, ``python stable_diffusion_xl.py --optimize --model_id M
+--provider P`` (building the built-in model first when it is missing, as the tool does), in one process, and samples
+the resident memory of that process and all its children (psutil, every 0.2 s). The tool's progress lines say which
+phase is running (build, each submodel's Olive workflow, assembling the folders), so each sample is charged to a
+phase. Prints one JSON document. Each run gets a fresh Olive cache (measure the work, not a cache hit), deleted after
+it, and its outputs are deleted too unless ``--keep``: a full-size fp32 run writes ~40 GB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import psutil
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))
-
-WORKER = """
-import sys
-from pathlib import Path
-from sd_utils.models import resolve_model
-from sd_utils.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
-from sd_utils.providers import PROVIDERS
-model_id, submodel, provider, models_dir, cache_dir, output_dir = sys.argv[1:]
-model = resolve_model(model_id, models_dir=Path(models_dir))
-row = PROVIDERS[provider]
-config = workflow_config(load_template(submodel), submodel=submodel, provider=row, model_path=model.spec.root,
-                         cache_dir=Path(cache_dir), output_dir=Path(output_dir),
-                         disabled_fusions=unsupported_fusions(model.spec, provider=row, submodel=submodel))
-run_submodel(config, submodel=submodel, tempdir=None)
-"""
+# "[2/5] unet: convert -> optimize_cpu" starts a submodel's workflow; "building the ..." the model build
+PHASE_PATTERNS = ((re.compile(r"\[\d+/\d+\] (\w+): convert"), None), (re.compile(r"building the "), "build"))
+DONE_PATTERN = re.compile(r"\[\d+/\d+\] \w+ done in")
 
 
-def peak_rss_of(command: list[str], *, interval: float = 0.2) -> tuple[int, float, int]:
-    """Run ``command``; return (exit code, wall seconds, peak resident bytes of it and its children together)."""
+class PhaseWatch:
+    """Follows the tool's log lines (read on a thread) and charges memory samples to the phase they name."""
+
+    def __init__(self):
+        self.phase = "start"
+        self.rows: dict[str, dict[str, float]] = {}
+        self._tick = time.perf_counter()
+        self.lines: list[str] = []
+
+    def read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip())
+            for pattern, name in PHASE_PATTERNS:
+                match = pattern.search(line)
+                if match:
+                    self.enter(name or match.group(1))
+            if DONE_PATTERN.search(line):
+                self.enter("assemble")
+
+    def enter(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.rows.setdefault(self.phase, {"wall_s": 0.0, "peak_rss_gb": 0.0})["wall_s"] += now - self._tick
+        self.phase, self._tick = phase, now
+
+    def sample(self, rss: int) -> None:
+        row = self.rows.setdefault(self.phase, {"wall_s": 0.0, "peak_rss_gb": 0.0})
+        row["peak_rss_gb"] = max(row["peak_rss_gb"], rss / 2**30)
+
+
+def measure(command: list[str], *, interval: float = 0.2) -> dict:
+    """Run ``command``; return its exit code, wall time, peak RSS (with children) and the same per phase."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    watch = PhaseWatch()
+    reader = threading.Thread(target=watch.read, args=(process.stdout,), daemon=True)
+    reader.start()
     watched = psutil.Process(process.pid)
     peak = 0
     while process.poll() is None:
         try:
             family = [watched, *watched.children(recursive=True)]
-            peak = max(peak, sum(member.memory_info().rss for member in family if member.is_running()))
+            rss = sum(member.memory_info().rss for member in family if member.is_running())
         except psutil.Error:
-            pass  # a child ended between listing and reading
+            rss = 0  # a child ended between listing and reading
+        peak = max(peak, rss)
+        watch.sample(rss)
         time.sleep(interval)
-    return process.returncode, time.perf_counter() - started, peak
+    reader.join()
+    watch.enter("end")
+    phases = {
+        name: {"wall_s": round(row["wall_s"], 1), "peak_rss_gb": round(row["peak_rss_gb"], 2)}
+        for name, row in watch.rows.items()
+        if name != "start" or row["wall_s"] > 1
+    }
+    return {
+        "exit_code": process.returncode,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_gb": round(peak / 2**30, 2),
+        "phases": phases,
+        "log_tail": watch.lines[-3:] if process.returncode else [],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_id", default="random-sdxl-base")
-    parser.add_argument("--provider", default="cpu", choices=("cpu", "dml", "cuda"))
-    parser.add_argument("--submodels", default=None, help="comma-separated subset (default: all of the model's)")
+    parser.add_argument("--model_id", default="random-sdxl-base,random-sdxl-refiner", help="comma-separated")
+    parser.add_argument("--provider", default="cpu,dml,cuda", help="comma-separated: cpu, dml, cuda")
     parser.add_argument("--models_dir", type=Path, default=PROJECT_DIR / "models")
-    parser.add_argument("--cache_dir", type=Path, default=None, help="default: a fresh temporary Olive cache")
+    parser.add_argument("--keep", action="store_true", help="keep the optimized and unoptimized folders")
     args = parser.parse_args(argv)
 
-    from sd_utils.models import resolve_model
-
-    model = resolve_model(args.model_id, models_dir=args.models_dir)  # builds a built-in model first if needed
-    submodels = args.submodels.split(",") if args.submodels else list(model.spec.submodels)
     report = {
-        "model_id": args.model_id,
-        "provider": args.provider,
         "machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
-        "submodels": {},
+        "runs": [],
     }
-    with tempfile.TemporaryDirectory(prefix="optimize-memory-") as scratch:
-        cache_dir = args.cache_dir or Path(scratch) / "cache"  # a fresh cache: measure the work, not a cache hit
-        for submodel in submodels:
-            command = [
-                sys.executable,
-                "-c",
-                WORKER,
-                args.model_id,
-                submodel,
-                args.provider,
-                str(args.models_dir),
-                str(cache_dir),
-                str(Path(scratch) / "out" / submodel),
-            ]
-            code, wall, peak = peak_rss_of(command)
-            report["submodels"][submodel] = {
-                "exit_code": code,
-                "wall_s": round(wall, 1),
-                "peak_rss_gb": round(peak / 2**30, 2),
-            }
-            print(json.dumps({submodel: report["submodels"][submodel]}), file=sys.stderr, flush=True)
-    rows = report["submodels"].values()
-    report["total"] = {
-        "wall_s": round(sum(row["wall_s"] for row in rows), 1),
-        "peak_rss_gb": max(row["peak_rss_gb"] for row in rows),
-        "all_succeeded": all(row["exit_code"] == 0 for row in rows),
-    }
+    for model_id in args.model_id.split(","):
+        for provider in args.provider.split(","):
+            with tempfile.TemporaryDirectory(prefix="optimize-memory-", dir=args.models_dir.parent) as scratch:
+                command = [
+                    sys.executable,
+                    "stable_diffusion_xl.py",
+                    "--optimize",
+                    "--model_id",
+                    model_id,
+                    "--provider",
+                    provider,
+                    "--models_dir",
+                    str(args.models_dir),
+                    "--cache_dir",
+                    str(Path(scratch) / "cache"),
+                ]
+                run = {"model_id": model_id, "provider": provider, **measure(command)}
+            if not args.keep:
+                for kind in ("optimized", "unoptimized"):
+                    shutil.rmtree(args.models_dir / kind / model_id, ignore_errors=True)
+            report["runs"].append(run)
+            print(json.dumps(run), file=sys.stderr, flush=True)
+    report["all_succeeded"] = all(run["exit_code"] == 0 for run in report["runs"])
+    report["max_peak_rss_gb"] = max(run["peak_rss_gb"] for run in report["runs"])
     print(json.dumps(report, indent=2))
-    return 0 if report["total"]["all_succeeded"] else 1
+    return 0 if report["all_succeeded"] else 1
 
 
 if __name__ == "__main__":

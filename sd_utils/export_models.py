@@ -1,7 +1,8 @@
 """The PyTorch modules Olive exports: each SDXL submodel wrapped to the flat signature of its IO contract.
 
-Loaded in fp32 with the classic (non-SDPA) attention: ONNX Runtime's transformer fusions match the
-MatMul/Softmax attention pattern of a TorchScript fp32 export, and fp16 is applied after fusion.
+Loaded in the dtype its weights are stored in (fp16 for SDXL: half the memory), with the classic (non-SDPA)
+attention. The convert pass exports fp32 (``"torch_dtype": "float32"`` in the configs): ONNX Runtime's transformer
+fusions match the MatMul/Softmax attention pattern of a TorchScript fp32 export, and fp16 is applied after fusion.
 """
 
 from __future__ import annotations
@@ -65,28 +66,50 @@ class VaeDecoderExport(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtype(component: Path) -> torch.dtype:
+    """The floating-point dtype of the weights ``from_pretrained`` loads from a component folder (fp32 if unknown).
+
+    Only the default files count: ``diffusion_pytorch_model.fp16.safetensors`` and other variants are not loaded.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(component.glob("*.safetensors")):
+        if "." in path.stem:  # a variant file
+            continue
+        with safe_open(path, framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                dtype = SAFETENSORS_DTYPES.get(weights.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return torch.float32
+
+
 def load_submodel(name: str, model_path: str | Path) -> torch.nn.Module:
-    """Load submodel ``name`` of the diffusers folder ``model_path`` as an fp32 export module in eval mode."""
+    """Load submodel ``name`` of the diffusers folder ``model_path`` as an export module in eval mode, in the dtype
+    its weights are stored in."""
     root = Path(model_path)
     if name in ("text_encoder", "text_encoder_2"):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         with_projection = name == "text_encoder_2"
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        encoder = cls.from_pretrained(root / name, dtype=torch.float32, attn_implementation="eager")
+        encoder = cls.from_pretrained(root / name, dtype=stored_dtype(root / name), attn_implementation="eager")
         module: torch.nn.Module = TextEncoderExport(encoder, with_projection=with_projection)
     elif name == "unet":
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor
 
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=stored_dtype(root / "unet"))
         unet.set_attn_processor(AttnProcessor())
         module = UNetExport(unet)
     elif name in ("vae_encoder", "vae_decoder"):
         from diffusers import AutoencoderKL
         from diffusers.models.attention_processor import AttnProcessor
 
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=stored_dtype(root / "vae"))
         vae.set_attn_processor(AttnProcessor())
         module = VaeEncoderExport(vae) if name == "vae_encoder" else VaeDecoderExport(vae)
     else:

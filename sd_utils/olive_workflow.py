@@ -23,15 +23,13 @@ from typing import Any
 from .errors import OptimizationError
 from .model_spec import ModelSpec
 from .models import ResolvedModel
+from .olive_passes import package_config
 from .providers import Provider
 
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONVERT_PASS = "convert"
-# Olive's footprint records the pass type, lower-cased, of the pass that produced each model
-CONVERT_PASS_TYPE = "onnxconversion"
-OPTIMIZE_PASS_TYPE = "orttransformersoptimization"
 MARKER_FILE = "sdxl_olive.json"
 # which diffusers component's config.json describes each ONNX submodel (optimum needs one in every folder)
 COMPONENT_OF = {
@@ -168,6 +166,8 @@ def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None)
     from olive.workflows import run as olive_run
 
     output_dir = Path(config["output_dir"])  # read first: Olive rearranges the dict it is given
+    # Olive's footprint records the pass type, lower-cased, of the pass that produced each model
+    pass_types = [step["type"].lower() for step in config["passes"].values()]
     # a handler filter: records of Olive's child loggers reach the "olive" logger's handlers, not its filters
     handlers = logging.getLogger("olive").handlers
     quiet = _WithoutRunHistory()
@@ -178,13 +178,13 @@ def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None)
             # the TorchScript exporter's notes on SDXL's (sound) shape checks and index ops, repeated per module
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
             warnings.filterwarnings("ignore", message=r"Converting a tensor to a Python boolean")
-            olive_run(config, tempdir=str(tempdir) if tempdir else None)
+            olive_run(config, tempdir=str(tempdir) if tempdir else None, package_config=package_config())
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
     outputs = pass_outputs(output_dir / "footprint.json")
     found = []
-    for pass_type in (CONVERT_PASS_TYPE, OPTIMIZE_PASS_TYPE):
+    for pass_type in pass_types:
         onnx_file = outputs.get(pass_type)
         if onnx_file is None or not onnx_file.is_file():
             # Olive logs a failing pass as a warning and returns normally (it also drops passes whose config it
@@ -303,7 +303,7 @@ def optimize(
         started = time.perf_counter()
         for index, submodel in enumerate(submodels, 1):
             logger.info(
-                "[%d/%d] %s: OnnxConversion -> OrtTransformersOptimization (%s)",
+                "[%d/%d] %s: convert -> %s",
                 index,
                 len(submodels),
                 submodel,

@@ -18,7 +18,7 @@ import torch
 
 from .errors import ModelNotFoundError
 from .models import download_snapshot
-from .olive_workflow import load_template, replace_folder, run_submodel, workflow_config
+from .olive_workflow import external_data_files, load_template, replace_folder, run_submodel, workflow_config
 from .providers import Provider, session_options, session_providers
 
 logger = logging.getLogger(__name__)
@@ -148,9 +148,7 @@ def optimize_checker(
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".optimize-checker-", dir=models_dir))
     try:
-        logger.info(
-            "safety checker %s: OnnxConversion -> OrtTransformersOptimization (%s)", source.name, provider.optimize_pass
-        )
+        logger.info("safety checker %s: convert -> %s", source.name, provider.optimize_pass)
         config = workflow_config(
             load_template(SUBMODEL),
             submodel=SUBMODEL,
@@ -163,6 +161,8 @@ def optimize_checker(
         folder = staging / "checker"
         folder.mkdir()
         shutil.copy2(optimized, folder / "model.onnx")
+        for name in external_data_files(optimized):
+            shutil.copy2(optimized.parent / name, folder / name)
         shutil.copy2(source.weights / "config.json", folder / "config.json")
         shutil.copy2(source.processor / "preprocessor_config.json", folder / "preprocessor_config.json")
         (folder / "sdxl_olive.json").write_text(json.dumps({"provider": provider.name, "source": str(source.weights)}))

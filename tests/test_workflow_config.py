@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import importlib
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
+from olive.hardware import AcceleratorSpec
 
+from sd_utils import olive_passes
 from sd_utils.builder import ARCHITECTURES, materialize
 from sd_utils.errors import OptimizationError
 from sd_utils.model_spec import SUBMODELS, ModelSpec
@@ -80,10 +85,11 @@ def test_config_for_provider(spec, submodel, provider):
     assert template == pristine, "the template must not be modified"
     assert list(config["passes"]) == ["convert", row.optimize_pass]
     convert, optimize = config["passes"].values()
-    assert convert["type"] == "OnnxConversion"
+    assert convert["type"] == "StreamingOnnxConversion"  # weights streamed: see sd_utils/olive_passes.py
+    assert convert["torch_dtype"] == "float32"
     assert convert["target_opset"] >= 17
     assert not convert.get("use_dynamo_exporter", False)  # TorchScript exporter: the fusions expect its graphs
-    assert optimize["type"] == "OrtTransformersOptimization"
+    assert optimize["type"] == "StreamingTransformersOptimization"
     assert optimize["model_type"] == MODEL_TYPES[submodel]
     assert optimize["opt_level"] == 0
     # SDXL's VAE overflows fp16 (black images): it stays fp32 on every provider
@@ -115,14 +121,38 @@ def test_config_for_provider(spec, submodel, provider):
         assert options["enable_attention"] is False
 
 
+@contextlib.contextmanager
+def _olive_warnings():
+    """Collect the warnings Olive logs (its logger does not propagate to pytest's caplog)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("olive")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 @pytest.mark.parametrize(("variant", "submodel", "provider"), CASES)
 def test_config_validates_against_olives_schema(specs, variant, submodel, provider):
     """Every provider x submodel x base/refiner: the patched config is a valid Olive run config."""
     from olive.workflows.run.config import RunConfig
 
     assert submodel in specs[variant].submodels
-    run_config = RunConfig.parse_file_or_obj(_config(submodel, provider, specs[variant]))
+    run_config = RunConfig.parse_file_or_obj(_config(submodel, provider, specs[variant]))  # rearranges its input
     assert list(run_config.passes) == ["convert", PROVIDERS[provider].optimize_pass]
+    # each pass's options against the pass's own schema (Olive only warns about unknown keys, and ignores them)
+    row = PROVIDERS[provider]
+    accelerator = AcceleratorSpec(accelerator_type=row.olive_device, execution_provider=row.execution_provider)
+    package = olive_passes.package_config()["passes"]
+    for options in _config(submodel, provider, specs[variant])["passes"].values():
+        module, name = package[options.pop("type")]["module_path"].rsplit(".", 1)
+        pass_class = getattr(importlib.import_module(module), name)
+        with _olive_warnings() as warned:
+            pass_class.generate_config(accelerator, options)
+        assert not warned, warned
 
 
 def test_missing_pass_is_a_clear_error(spec):

@@ -1,0 +1,375 @@
+"""Olive passes that never hold a model's weights in memory twice: SDXL's UNet optimizes on a 16-GB machine.
+
+Olive's stock ``OnnxConversion`` keeps the PyTorch weights, the exporter's protobuf copy of them and the reloaded
+ONNX model alive at once, and ``OrtTransformersOptimization`` loads every tensor before symbolic shape inference
+copies the model again: more than 70 GB for the full-size SDXL UNet. The two subclasses here do the same work with
+the weights kept out of the graph:
+
+* :class:`StreamingOnnxConversion` traces the module with zero-stride stand-ins for its parameters (one element of
+  memory each, exported as graph inputs), then does the exporter's constant folding itself and writes the real
+  tensors, one at a time, to the external data file. The module stays in the dtype it is stored in (fp16 for
+  SDXL) and each tensor is cast to ``torch_dtype`` (fp32) only while it is written.
+* :class:`StreamingTransformersOptimization` runs ONNX Runtime's transformer optimizer on the graph loaded without
+  its external data: the fusions read the tensors they repack from the file on demand, and the fp16 conversion of
+  untouched tensors happens while they are copied to the output file.
+
+Both take the options of the pass they extend, so a config switches between stock and streaming by ``type`` alone
+(``tests/test_streaming_passes.py`` checks that both give the same fused graph and the same outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from olive.common.utils import exclude_keys, resolve_torch_dtype
+from olive.model import ONNXModelHandler
+from olive.model.utils import resolve_onnx_path
+from olive.passes.onnx.common import get_external_data_config
+from olive.passes.onnx.conversion import OnnxConversion, _get_dummy_inputs
+from olive.passes.onnx.transformer_optimization import OrtTransformersOptimization
+from onnx import numpy_helper
+
+# onnx.save_model's default: smaller tensors stay inside the .onnx file
+SIZE_THRESHOLD = 1024
+# not folded even when all inputs are constant
+NONDETERMINISTIC_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
+
+
+def package_config() -> dict[str, Any]:
+    """Olive's package config (its table of pass types) with the streaming passes added."""
+    from olive.package_config import OlivePackageConfig
+
+    config = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text(encoding="utf-8"))
+    for cls, base in (
+        (StreamingOnnxConversion, "OnnxConversion"),
+        (StreamingTransformersOptimization, "OrtTransformersOptimization"),
+    ):
+        config["passes"][cls.__name__] = {**config["passes"][base], "module_path": f"{__name__}.{cls.__name__}"}
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+class _ExternalDataWriter:
+    """Appends tensor bytes to one external data file and points each tensor at its bytes."""
+
+    def __init__(self, onnx_file: Path):
+        self.name = onnx_file.name + ".data"
+        self._file = open(onnx_file.parent / self.name, "wb")  # noqa: SIM115 - closed by close()
+
+    def place(self, tensor: onnx.TensorProto, data: bytes) -> None:
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = data
+        if len(data) < SIZE_THRESHOLD:
+            return
+        offset = self._file.tell()
+        self._file.write(data)
+        onnx.external_data_helper.set_external_data(tensor, self.name, offset=offset, length=len(data))
+        tensor.ClearField("raw_data")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _save(model: onnx.ModelProto, onnx_file: Path, tensor_bytes: Callable[[onnx.TensorProto], bytes | None]) -> None:
+    """Save ``model`` with every initializer's bytes (from ``tensor_bytes``, or the tensor itself when that returns
+    None) in ``<onnx_file>.data``; the graph itself stays small, so the protobuf 2-GB limit never applies."""
+    onnx_file.parent.mkdir(parents=True, exist_ok=True)
+    writer = _ExternalDataWriter(onnx_file)
+    try:
+        for tensor in model.graph.initializer:
+            data = tensor_bytes(tensor)
+            if data is None:
+                if tensor.HasField("raw_data"):
+                    data = tensor.raw_data
+                else:  # typed fields (float_data, int64_data, ...): small, written by the fusions
+                    data = numpy_helper.to_array(tensor).tobytes()
+                    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                        tensor.ClearField(field)
+            writer.place(tensor, data)
+    finally:
+        writer.close()
+    onnx.save_model(model, str(onnx_file))
+
+
+# ---------------------------------------------------------------------------------------------------- conversion
+
+
+@contextlib.contextmanager
+def _stand_in_parameters(module, dtype) -> Iterator[None]:
+    """Swap every parameter of ``module`` for a zero-stride tensor of its shape in ``dtype`` (one element of memory;
+    tracing records operations, not values); put the real ones back after."""
+    import torch
+
+    swapped = []
+    for _, owner in module.named_modules():
+        for name, parameter in list(owner._parameters.items()):
+            if parameter is None:
+                continue
+            swapped.append((owner, name, parameter))
+            # distinct values: the exporter merges initializers that are equal into one (Identity nodes)
+            stand_in = torch.full((), float(len(swapped)), dtype=dtype).expand(parameter.shape)
+            owner._parameters[name] = torch.nn.Parameter(stand_in, requires_grad=False)
+    try:
+        yield
+    finally:
+        for owner, name, parameter in swapped:
+            owner._parameters[name] = parameter
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray], opset: int) -> list[np.ndarray]:
+    """Run one standard ONNX node with the reference implementation (folding needs correctness, not speed)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [name for name in node.input if name]
+    graph = onnx.helper.make_graph(
+        [node],
+        "fold",
+        [
+            onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for n, a in zip(names, inputs, strict=True)
+        ],
+        [onnx.helper.make_empty_tensor_value_info(out) for out in node.output],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, dict(zip(names, inputs, strict=True)))
+
+
+def fold_and_attach(model: onnx.ModelProto, weights: dict[str, Callable[[], np.ndarray]], onnx_file: Path) -> None:
+    """Turn the graph inputs named in ``weights`` into initializers and save ``model`` to ``onnx_file``.
+
+    Does what the TorchScript exporter's constant folding does with ``export_params=True``: every standard node
+    whose inputs are all weights or ``Constant`` outputs becomes an initializer (e.g. the transposed weight of each
+    ``MatMul``). Values are computed lazily, one tensor at a time, while the data file is written.
+    """
+    graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    values: dict[str, Callable[[], np.ndarray]] = dict(weights)
+    constant_nodes = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and not node.input:
+            constant_nodes[node.output[0]] = node
+            values[node.output[0]] = _constant_value(node, opset)
+            kept.append(node)
+        elif (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in NONDETERMINISTIC_OPS
+            and all(name in values for name in node.input if name)
+            and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)
+        ):
+            thunk = _fold(node, [values[n] for n in node.input if n], opset)
+            for index, output in enumerate(node.output):
+                values[output] = _output_of(thunk, index)
+        else:
+            kept.append(node)
+    used = {name for node in kept for name in node.input} | {out.name for out in graph.output}
+    # Constant nodes stay nodes (as the exporter leaves them) where something still reads them
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(kept)
+    weight_inputs = [i for i in graph.input if i.name in weights]
+    for graph_input in weight_inputs:
+        graph.input.remove(graph_input)
+    names = [name for name in values if name in used and name not in constant_nodes]
+    graph.initializer.extend(onnx.TensorProto(name=name) for name in names)
+
+    def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+        array = np.ascontiguousarray(values[tensor.name]())
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+        return tensor.raw_data
+
+    _save(model, onnx_file, tensor_bytes)
+
+
+def _constant_value(node: onnx.NodeProto, opset: int) -> Callable[[], np.ndarray]:
+    def value() -> np.ndarray:
+        return _evaluate(node, [], opset)[0]
+
+    return value
+
+
+def _fold(node, inputs: list[Callable[[], np.ndarray]], opset: int) -> Callable[[], list[np.ndarray]]:
+    def outputs() -> list[np.ndarray]:
+        return _evaluate(node, [value() for value in inputs], opset)
+
+    return outputs
+
+
+def _output_of(thunk: Callable[[], list[np.ndarray]], index: int) -> Callable[[], np.ndarray]:
+    def value() -> np.ndarray:
+        return np.asarray(thunk()[index])
+
+    return value
+
+
+class StreamingOnnxConversion(OnnxConversion):
+    """``OnnxConversion`` (TorchScript exporter) with weights streamed to disk instead of held in the protobuf."""
+
+    def _convert_model_on_device(self, model, config, output_model_path, device, torch_dtype=None):
+        import tempfile
+
+        import torch
+
+        if config.use_dynamo_exporter:
+            raise ValueError(
+                "StreamingOnnxConversion exports with the TorchScript exporter: set use_dynamo_exporter "
+                "to false, or use OnnxConversion"
+            )
+        dtype = torch_dtype or resolve_torch_dtype("float32")
+        module = model.load_model(cache_model=False).eval()
+        io_config = model.io_config
+        dummy_inputs = _get_dummy_inputs(model, config)
+        onnx_file = Path(resolve_onnx_path(output_model_path))
+        # parameters and persistent buffers by the names the exporter gives their graph inputs (references)
+        tensors = module.state_dict()
+        with _stand_in_parameters(module, dtype), tempfile.TemporaryDirectory() as tmp:
+            graph_file = Path(tmp) / "graph.onnx"
+            torch.onnx.export(
+                module,
+                dummy_inputs,
+                str(graph_file),
+                export_params=False,
+                do_constant_folding=False,
+                opset_version=config.target_opset,
+                input_names=io_config["input_names"],
+                output_names=io_config["output_names"],
+                dynamic_axes=io_config.get("dynamic_axes") if config.dynamic else None,
+                dynamo=False,
+            )
+            graph = onnx.load(str(graph_file))
+
+        def weight(name: str) -> Callable[[], np.ndarray]:
+            def value() -> np.ndarray:
+                tensor = tensors[name].detach()
+                return (tensor.to(dtype) if tensor.is_floating_point() else tensor).numpy()
+
+            return value
+
+        input_names = {i.name for i in graph.graph.input}
+        fold_and_attach(graph, {name: weight(name) for name in tensors if name in input_names}, onnx_file)
+        return ONNXModelHandler(
+            model_path=str(onnx_file.parent), onnx_file_name=onnx_file.name, model_attributes=model.model_attributes
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- optimization
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    # onnx resolves external data against the current directory when no base directory is given, which is how
+    # ONNX Runtime's fusions read the weights they repack
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+class _SourceData:
+    """Reads the bytes of the external tensors of the input model that the optimizer left as they were."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._files: dict[str, Any] = {}
+
+    def __call__(self, tensor: onnx.TensorProto) -> bytes | None:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.HasField("raw_data"):
+            return None
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        handle = self._files.get(info.location)
+        if handle is None:
+            handle = self._files[info.location] = open(self.folder / info.location, "rb")  # noqa: SIM115
+        handle.seek(info.offset or 0)
+        return handle.read(info.length) if info.length else handle.read()
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+
+
+@contextlib.contextmanager
+def _fp16_conversion_loads_external_data() -> Iterator[None]:
+    """ONNX Runtime's fp16 conversion retypes a tensor whose data is external without converting the data: load
+    each tensor (from the current directory) just before it is converted. Only the fp16 result stays in memory."""
+    import importlib
+
+    # onnx_model.py imports the module as top-level "float16" (ONNX Runtime puts its folder on sys.path), a module
+    # object apart from onnxruntime.transformers.float16
+    float16 = importlib.import_module("float16")
+    convert = float16.convert_tensor_float_to_float16
+
+    def load_then_convert(tensor, *args, **kwargs):
+        if tensor.data_type == onnx.TensorProto.FLOAT and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            array = numpy_helper.to_array(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = array.tobytes()
+        return convert(tensor, *args, **kwargs)
+
+    float16.convert_tensor_float_to_float16 = load_then_convert
+    try:
+        yield
+    finally:
+        float16.convert_tensor_float_to_float16 = convert
+
+
+class StreamingTransformersOptimization(OrtTransformersOptimization):
+    """``OrtTransformersOptimization`` run on the graph without its weights (SDXL's clip, unet and vae types)."""
+
+    def _run_for_config(self, model, config, output_model_path):
+        from onnxruntime.transformers import optimizer as transformers_optimizer
+
+        unsupported = [key for key in ("use_gqa", "input_int32") if getattr(config, key)]
+        if unsupported:
+            raise ValueError(
+                f"StreamingTransformersOptimization does not support {', '.join(unsupported)}: use "
+                "OrtTransformersOptimization"
+            )
+        run_config = exclude_keys(
+            config.model_dump(),
+            [
+                "float16",
+                "keep_io_types",
+                "force_fp32_ops",
+                "force_fp32_nodes",
+                "force_fp16_inputs",
+                "use_gqa",
+                "input_int32",
+                "num_key_value_heads",
+                *get_external_data_config(),
+            ],
+        )
+        if config.optimization_options:
+            self._set_fusion_options(run_config)
+        source = Path(model.model_path)
+        output = Path(resolve_onnx_path(output_model_path, source.name))
+        graph = onnx.load(str(source), load_external_data=False)
+        reader = _SourceData(source.parent)
+        try:
+            with _working_directory(source.parent):
+                optimizer = transformers_optimizer.optimize_model(graph, **run_config)
+                if config.float16:
+                    with _fp16_conversion_loads_external_data():
+                        optimizer.convert_float_to_float16(
+                            keep_io_types=config.keep_io_types,
+                            op_block_list=config.force_fp32_ops,
+                            node_block_list=config.force_fp32_nodes,
+                            force_fp16_inputs=config.force_fp16_inputs,
+                        )
+                optimizer.topological_sort()
+            _save(optimizer.model, output, reader)
+        finally:
+            reader.close()
+        return ONNXModelHandler(model_path=str(output.parent), onnx_file_name=output.name)

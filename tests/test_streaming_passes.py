@@ -1,0 +1,127 @@
+"""The streaming Olive passes (sd_utils/olive_passes.py) against Olive's stock passes on the tiny model.
+
+Same workflow configs, only the pass ``type`` swapped: the optimized graphs must have the same fused operators, carry
+the same tensors (bit for bit) and, on CPU, compute the same outputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from sd_utils.export_models import stored_dtype
+from sd_utils.model_spec import SUBMODELS, export_shape, submodel_io
+from sd_utils.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
+from sd_utils.providers import PROVIDERS
+
+STOCK_TYPES = {
+    "StreamingOnnxConversion": "OnnxConversion",
+    "StreamingTransformersOptimization": "OrtTransformersOptimization",
+}
+# fp16 graphs are compared by their contents only: their fused kernels (GroupNorm, NhwcConv, ...) have no CPU kernels
+# (the VAE stays fp32 on GPU providers unless an fp16-fixed VAE is given)
+FP16_CASES = [("unet", "dml"), ("unet", "cuda"), ("text_encoder", "dml"), ("text_encoder_2", "cuda")]
+
+
+@pytest.fixture(scope="module")
+def optimize(tiny_spec, tmp_path_factory):
+    """optimize(submodel, provider, stock) -> the optimized ONNX file; one Olive cache per kind of pass."""
+    root = tmp_path_factory.mktemp("streaming")
+    done = {}
+
+    def run(submodel: str, provider: str, stock: bool) -> Path:
+        key = (submodel, provider, stock)
+        if key not in done:
+            row = PROVIDERS[provider]
+            kind = "stock" if stock else "streaming"
+            config = workflow_config(
+                load_template(submodel),
+                submodel=submodel,
+                provider=row,
+                model_path=tiny_spec.root,
+                disabled_fusions=unsupported_fusions(tiny_spec, provider=row, submodel=submodel),
+                cache_dir=root / kind / "cache",
+                output_dir=root / kind / f"{submodel}-{provider}",
+            )
+            if stock:
+                for options in config["passes"].values():
+                    options["type"] = STOCK_TYPES[options["type"]]
+            done[key] = run_submodel(config, submodel=submodel, tempdir=root / "tmp")[1]
+        return done[key]
+
+    return run
+
+
+def _ops(model: onnx.ModelProto) -> collections.Counter:
+    # the streaming export folds a few more constant-only nodes (e.g. shape arithmetic) than the exporter does
+    return collections.Counter(n.op_type for n in model.graph.node if n.op_type not in ("Constant", "Cast"))
+
+
+def _fused(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft")
+
+
+def _tensors(model: onnx.ModelProto) -> collections.Counter:
+    """The initializers as (dtype, shape, digest): names of folded tensors differ between the exporters."""
+    arrays = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    return collections.Counter((a.dtype.str, a.shape, hashlib.sha1(a.tobytes()).hexdigest()) for a in arrays)
+
+
+def _feeds(session, spec, submodel: str) -> dict[str, np.ndarray]:
+    inputs = submodel_io(spec, submodel).dummy_inputs(export_shape(spec))
+    return {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+
+
+@pytest.mark.parametrize("submodel", SUBMODELS)
+def test_cpu_graph_and_outputs_match_the_stock_passes(optimize, tiny_spec, submodel):
+    import onnxruntime as ort
+
+    stock_file, streaming_file = optimize(submodel, "cpu", True), optimize(submodel, "cpu", False)
+    stock, streaming = onnx.load(str(stock_file)), onnx.load(str(streaming_file))
+    assert _fused(streaming) == _fused(stock)
+    if not submodel.startswith("vae"):  # the VAE keeps its attention unfused (ORT 1.32 bug) and has no CPU fusion
+        assert sum(_fused(stock).values()) > 0, "the optimizer fused nothing"
+    assert _ops(streaming) <= _ops(stock)
+    assert not _tensors(stock) - _tensors(streaming), "a tensor of the stock graph is missing or different"
+    sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in (stock_file, streaming_file)]
+    feeds = _feeds(sessions[0], tiny_spec, submodel)
+    for expected, actual in zip(*(s.run(None, feeds) for s in sessions), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("submodel", "provider"), FP16_CASES)
+def test_fp16_graph_matches_the_stock_passes(optimize, submodel, provider):
+    stock, streaming = (onnx.load(str(optimize(submodel, provider, stock))) for stock in (True, False))
+    assert _fused(streaming) == _fused(stock)
+    assert not _tensors(stock) - _tensors(streaming), "a tensor of the stock graph is missing or different"
+    fp16 = [t for t in streaming.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert fp16, "the fp16 conversion converted nothing"
+    # inputs and outputs stay fp32 (keep_io_types), like the stock pass's
+    assert [(i.name, i.type.tensor_type.elem_type) for i in streaming.graph.input] == [
+        (i.name, i.type.tensor_type.elem_type) for i in stock.graph.input
+    ]
+
+
+def test_large_tensors_live_in_one_external_file(optimize):
+    model_file = optimize("unet", "cpu", False)
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    locations = {entry.value for t in graph.initializer for entry in t.external_data if entry.key == "location"}
+    assert locations == {model_file.name + ".data"}
+    assert model_file.stat().st_size < 2**20, "the weights must not be inside the protobuf"
+
+
+def test_submodels_load_in_their_stored_dtype(tiny_spec, tmp_path):
+    """The conversion holds the module in its stored dtype (fp16 halves the UNet's 10 GB) and casts per tensor."""
+    from diffusers import UNet2DConditionModel
+
+    assert stored_dtype(tiny_spec.root / "unet") == torch.float32
+    UNet2DConditionModel.from_pretrained(tiny_spec.root / "unet").to(torch.float16).save_pretrained(tmp_path / "unet")
+    assert stored_dtype(tmp_path / "unet") == torch.float16
+    assert stored_dtype(tmp_path / "nothing-here") == torch.float32
