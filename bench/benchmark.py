@@ -23,7 +23,14 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
-VARIANTS = ("torch_fp16", "ort_unoptimized", "ort_optimized", "ort_optimized_iobinding")
+VARIANTS = (
+    "torch_fp16",
+    "ort_unoptimized",
+    "ort_optimized",
+    "ort_optimized_iobinding",
+    "ort_optimized_cudagraph",  # + the UNet replayed as a CUDA graph (sd_utils/cuda_graph.py)
+    "ort_optimized_cudagraph_nhwc",  # + the CUDA EP's prefer_nhwc layout for the UNet's remaining NCHW ops
+)
 
 
 def _median_ms(function, *, warmup: int, runs: int, synchronize) -> float:
@@ -96,11 +103,12 @@ def run_torch(args) -> dict:
     return results
 
 
-def run_ort(args, *, folder: str, io_binding: bool) -> dict:
+def run_ort(args, *, folder: str, io_binding: bool, cuda_graph: bool = False, nhwc: bool = False) -> dict:
     import numpy as np
     import onnxruntime as ort
     import torch
 
+    from sd_utils.cuda_graph import CudaGraphUNet, cuda_graph_providers, use_cuda_graph_unet
     from sd_utils.generation import load_pipeline
     from sd_utils.model_spec import ModelSpec, Shape, free_dimension_overrides
     from sd_utils.providers import PROVIDERS, session_options
@@ -113,10 +121,11 @@ def run_ort(args, *, folder: str, io_binding: bool) -> dict:
     sync = torch.cuda.synchronize
     results = {}
 
-    def session(name):
-        return ort.InferenceSession(
-            str(Path(folder) / name / "model.onnx"), sess_options=options, providers=["CUDAExecutionProvider"]
-        )
+    def session(name, *, graph: bool = False):
+        providers = cuda_graph_providers(0) if graph else [("CUDAExecutionProvider", {})]
+        if nhwc and name == "unet":
+            providers[0][1]["prefer_nhwc"] = "1"
+        return ort.InferenceSession(str(Path(folder) / name / "model.onnx"), sess_options=options, providers=providers)
 
     def bound(sess, feeds: dict):
         """Time ``sess`` on ``feeds`` (torch CUDA tensors): IO binding, or numpy in/out through ``run``."""
@@ -142,10 +151,15 @@ def run_ort(args, *, folder: str, io_binding: bool) -> dict:
             if name in kinds
         }
 
-    unet = session("unet")
+    unet = session("unet", graph=cuda_graph)
     feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
-    results["unet_step_ms"] = _median_ms(bound(unet, feeds), warmup=3, runs=args.unet_runs, synchronize=sync)
-    del unet
+    if cuda_graph:
+        runner = CudaGraphUNet(unet)
+        step = lambda: runner(feeds)  # noqa: E731
+    else:
+        step = bound(unet, feeds)
+    results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
+    del unet, step
     for name in ("text_encoder", "text_encoder_2"):
         encoder = session(name)
         ids = {"input_ids": torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")}
@@ -161,6 +175,8 @@ def run_ort(args, *, folder: str, io_binding: bool) -> dict:
         Path(folder), spec, provider=cuda, shape=shape, model_label="bench", use_io_binding=io_binding
     ).pipeline
     pipe.set_progress_bar_config(disable=True)
+    if cuda_graph:
+        use_cuda_graph_unet(pipe, session("unet", graph=True))
     results["image_ms"] = _median_ms(
         lambda: pipe("a photo", num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0),
         warmup=1,
@@ -211,7 +227,14 @@ def main(argv=None) -> int:
         if args.run_variant == "torch_fp16":
             result = run_torch(args)
         else:
-            result = run_ort(args, folder=folder, io_binding=args.run_variant.endswith("iobinding"))
+            variant = args.run_variant
+            result = run_ort(
+                args,
+                folder=folder,
+                io_binding="iobinding" in variant or "cudagraph" in variant,
+                cuda_graph="cudagraph" in variant,
+                nhwc=variant.endswith("nhwc"),
+            )
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 

@@ -2,7 +2,8 @@
 # The full-size CUDA run on the lent H100 (../shared/gpu/README.md says how the machine gets onnxruntime-gpu):
 #   bash bench/gpu_run.sh start    copy the repo to /tmp/sdxl/repo, start build + --optimize --provider cuda + benchmark
 #                                  in the background (the UNet fusion alone takes ~10 min), run the gpu-marked tests
-#   bash bench/gpu_run.sh status   the background job's log so far; copies results to $OUT when done
+#   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
+#   bash bench/gpu_run.sh status   the background jobs' logs so far; copies results to $OUT
 # Everything lives under /tmp/sdxl, which survives between commands sent to the same warm machine.
 set -euo pipefail
 MODEL=${MODEL:-random-sdxl-base}
@@ -33,15 +34,22 @@ case "${1:-}" in
       > "$WORK/benchmark.json"
     echo "== DONE $(date +%T)"
     ;;
+  train)
+    cd "$WORK/repo"
+    setsid nohup python3 -m sd_utils.demo_model.train --device cuda --out "$WORK/demo_weights" \
+      > "$WORK/train.log" 2>&1 < /dev/null &
+    ;;
   status)
     tail -n "${LINES_SHOWN:-25}" "$WORK/pipeline.log" || true
-    for f in pipeline.log fused_ops.json benchmark.json; do
+    tail -n 3 "$WORK/train.log" 2>/dev/null || true
+    for f in pipeline.log fused_ops.json benchmark.json train.log; do
       [ -f "$WORK/$f" ] && [ -n "${OUT:-}" ] && cp "$WORK/$f" "$OUT/"
     done
+    if [ -d "$WORK/demo_weights" ] && [ -n "${OUT:-}" ]; then cp -r "$WORK/demo_weights" "$OUT/"; fi
     true
     ;;
   *)
-    echo "usage: bash bench/gpu_run.sh start|status" >&2
+    echo "usage: bash bench/gpu_run.sh start|train|status" >&2
     exit 2
     ;;
 esac

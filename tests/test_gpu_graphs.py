@@ -4,6 +4,7 @@ CUDA build is run on a GPU when one is present (marker ``gpu``)."""
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 import onnx
@@ -23,10 +24,11 @@ def _ops(graph) -> collections.Counter:
 
 
 def _initializer_types(graph) -> set[str]:
+    """Float types of the weights; a Resize's scales (fp32 by the ONNX spec, 4 values) are no weight."""
     return {
         onnx.TensorProto.DataType.Name(tensor.data_type)
         for tensor in graph.initializer
-        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and math.prod(tensor.dims) > 4
     }
 
 
@@ -92,38 +94,75 @@ def _cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
+GPU_ONLY = pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu, torch with CUDA and an NVIDIA GPU")
+CUDA_SHAPE = {"batch": 2, "height": 128, "width": 96}
+CUDA_CALL = {"prompt": ["a red circle"] * 2, "num_inference_steps": 10, "height": 128, "width": 96, "output_type": "np"}
+
+
+@pytest.fixture(scope="module")
+def cuda_build(tiny_optimized, tmp_path_factory):
+    models = tmp_path_factory.mktemp("cuda") / "models"
+    _optimize_tiny(models, "cuda", tiny_optimized.cache_dir)
+    return models / "optimized" / "tiny"
+
+
+def _latents(seed: int):
+    return torch.randn((2, 4, 16, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _cuda_pipeline(folder, spec):
+    from sd_utils.generation import load_pipeline
+    from sd_utils.model_spec import Shape
+    from sd_utils.providers import PROVIDERS
+
+    return load_pipeline(
+        folder, spec, provider=PROVIDERS["cuda"], shape=Shape(**CUDA_SHAPE), model_label="tiny"
+    ).pipeline
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu, torch with CUDA and an NVIDIA GPU")
-def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, tmp_path):
+@GPU_ONLY
+def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
     """The fp16 CUDA build against the fp32 CPU build on the same latents: no NaN, no black image, PSNR >= 35 dB."""
     from sd_utils.generation import load_pipeline
     from sd_utils.model_spec import Shape
     from sd_utils.providers import PROVIDERS
 
-    models = tmp_path / "models"
-    _optimize_tiny(models, "cuda", tiny_optimized.cache_dir)
-    shape = Shape(batch=2, height=128, width=96)
-    latents = torch.randn((2, 4, 16, 12), generator=torch.Generator().manual_seed(0))
-    call = {"prompt": ["a red circle"] * 2, "num_inference_steps": 10, "height": 128, "width": 96, "output_type": "np"}
-    fp32 = (
-        load_pipeline(
-            tiny_optimized.models_dir / "optimized/tiny",
-            tiny_spec,
-            provider=PROVIDERS["cpu"],
-            shape=shape,
-            model_label="tiny",
-        )
-        .pipeline(latents=latents.clone(), **call)
-        .images
-    )
-    fp16 = (
-        load_pipeline(models / "optimized/tiny", tiny_spec, provider=PROVIDERS["cuda"], shape=shape, model_label="tiny")
-        .pipeline(latents=latents.clone().cuda(), **call)
-        .images
-    )
+    fp32 = load_pipeline(
+        tiny_optimized.models_dir / "optimized/tiny",
+        tiny_spec,
+        provider=PROVIDERS["cpu"],
+        shape=Shape(**CUDA_SHAPE),
+        model_label="tiny",
+    ).pipeline(latents=_latents(0), **CUDA_CALL)
+    fp16 = _cuda_pipeline(cuda_build, tiny_spec)(latents=_latents(0).cuda(), **CUDA_CALL).images
     assert np.isfinite(fp16).all()
     assert fp16.std() > 0.01  # not a flat (black) image
-    assert psnr(fp32, fp16) >= 35
+    assert psnr(fp32.images, fp16) >= 35
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
+    """The UNet replayed as a CUDA graph gives the plain CUDA pipeline's images, run after run (new inputs are
+    copied into the captured buffers, not ignored)."""
+    import onnxruntime as ort
+
+    from sd_utils.cuda_graph import cuda_graph_providers, use_cuda_graph_unet
+    from sd_utils.model_spec import Shape, free_dimension_overrides
+    from sd_utils.providers import PROVIDERS, session_options
+
+    plain = _cuda_pipeline(cuda_build, tiny_spec)
+    graphed = _cuda_pipeline(cuda_build, tiny_spec)
+    options = session_options(PROVIDERS["cuda"], free_dimension_overrides(tiny_spec, Shape(**CUDA_SHAPE)))
+    session = ort.InferenceSession(
+        str(cuda_build / "unet" / "model.onnx"), sess_options=options, providers=cuda_graph_providers(0)
+    )
+    use_cuda_graph_unet(graphed, session)
+    for seed in (0, 1):
+        expected = plain(latents=_latents(seed).cuda(), **CUDA_CALL).images
+        actual = graphed(latents=_latents(seed).cuda(), **CUDA_CALL).images
+        assert psnr(expected, actual) >= 60, f"seed {seed}"
 
 
 def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_path):
