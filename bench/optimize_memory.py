@@ -2,8 +2,9 @@
 
     python bench/optimize_memory.py [--model_id random-sdxl-base,random-sdxl-refiner] [--provider cpu,dml,cuda]
 
-For each model x provider this runs the real command line, ``python stable_diffusion_xl.py --optimize --model_id M
---provider P`` (building the built-in model first when it is missing, as the tool does), in one process, and samples
+Each model is first built (when missing) in its own measured step. Then for each model x provider this runs the
+real command line, ``python stable_diffusion_xl.py --optimize --model_id M
+--provider P``, in one process, and samples
 the resident memory of that process and all its children (psutil, every 0.2 s). The tool's progress lines say which
 phase is running (build, each submodel's Olive workflow, assembling the folders), so each sample is charged to a
 phase. Prints one JSON document. Each run gets a fresh Olive cache (measure the work, not a cache hit), deleted after
@@ -29,6 +30,13 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 # "[2/5] unet: convert -> optimize_cpu" starts a submodel's workflow; "building the ..." the model build
 PHASE_PATTERNS = ((re.compile(r"\[\d+/\d+\] (\w+): convert"), None), (re.compile(r"building the "), "build"))
 DONE_PATTERN = re.compile(r"\[\d+/\d+\] \w+ done in")
+BUILD = """
+import logging, sys
+from pathlib import Path
+from sd_utils.models import resolve_model
+logging.basicConfig(level=logging.INFO)
+resolve_model(sys.argv[1], models_dir=Path(sys.argv[2]))
+"""
 
 
 class PhaseWatch:
@@ -108,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
         "runs": [],
     }
+    report["builds"] = {}
     for model_id in args.model_id.split(","):
+        # building a built-in model is its own step (the first --optimize of it would do it too)
+        build = [sys.executable, "-c", BUILD, model_id, str(args.models_dir)]
+        report["builds"][model_id] = measure(build)
+        print(json.dumps({"build": model_id, **report["builds"][model_id]}), file=sys.stderr, flush=True)
         for provider in args.provider.split(","):
             with tempfile.TemporaryDirectory(prefix="optimize-memory-", dir=args.models_dir.parent) as scratch:
                 command = [

@@ -66,14 +66,19 @@ class _ExternalDataWriter:
         self._file = open(onnx_file.parent / self.name, "wb")  # noqa: SIM115 - closed by close()
 
     def place(self, tensor: onnx.TensorProto, data: bytes) -> None:
+        # the bytes never go into the protobuf: upb allocates fields in the message's arena and frees nothing before
+        # the message, so setting and clearing raw_data per tensor would keep the whole model in memory anyway
         del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.raw_data = data
         if len(data) < SIZE_THRESHOLD:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = data
             return
         offset = self._file.tell()
         self._file.write(data)
-        onnx.external_data_helper.set_external_data(tensor, self.name, offset=offset, length=len(data))
+        for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
         tensor.ClearField("raw_data")
 
     def close(self) -> None:
@@ -185,8 +190,9 @@ def fold_and_attach(model: onnx.ModelProto, weights: dict[str, Callable[[], np.n
 
     def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
         array = np.ascontiguousarray(values[tensor.name]())
-        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-        return tensor.raw_data
+        tensor.dims.extend(array.shape)
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        return array.tobytes()
 
     _save(model, onnx_file, tensor_bytes)
 
@@ -310,13 +316,16 @@ def _fp16_conversion_loads_external_data() -> Iterator[None]:
     float16 = importlib.import_module("float16")
     convert = float16.convert_tensor_float_to_float16
 
-    def load_then_convert(tensor, *args, **kwargs):
-        if tensor.data_type == onnx.TensorProto.FLOAT and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            array = numpy_helper.to_array(tensor)
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = array.tobytes()
-        return convert(tensor, *args, **kwargs)
+    def load_then_convert(tensor, min_positive_val=5.96e-08, max_finite_val=65504.0):
+        if tensor.data_type != onnx.TensorProto.FLOAT or tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return convert(tensor, min_positive_val, max_finite_val)
+        # what convert() does to raw data, without putting the fp32 bytes into the message first (see place())
+        array = float16.convert_np_to_float16(numpy_helper.to_array(tensor), min_positive_val, max_finite_val)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.data_type = onnx.TensorProto.FLOAT16
+        tensor.raw_data = array.tobytes()
+        return tensor
 
     float16.convert_tensor_float_to_float16 = load_then_convert
     try:
