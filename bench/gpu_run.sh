@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full-size CUDA run on the lent H100 (../shared/gpu/README.md says how the machine gets onnxruntime-gpu):
 #   bash bench/gpu_run.sh start    copy the repo to /tmp/sdxl/repo, start build + --optimize --provider cuda + benchmark
-#                                  in the background (the UNet fusion alone takes ~10 min), run the gpu-marked tests
+#                                  in the background (the UNet fusion alone takes ~10 min)
+#   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
 #   bash bench/gpu_run.sh status   the background jobs' logs so far; copies results to $OUT
 # Everything lives under /tmp/sdxl, which survives between commands sent to the same warm machine.
@@ -18,6 +19,9 @@ case "${1:-}" in
     cd "$WORK/repo"
     python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
     setsid nohup bash bench/gpu_run.sh pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
+    ;;
+  tests)
+    cd "$WORK/repo"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
     ;;
   pipeline)
@@ -49,7 +53,7 @@ case "${1:-}" in
     true
     ;;
   *)
-    echo "usage: bash bench/gpu_run.sh start|train|status" >&2
+    echo "usage: bash bench/gpu_run.sh start|tests|train|status" >&2
     exit 2
     ;;
 esac

