@@ -73,6 +73,8 @@ class Architecture:
     unet: dict[str, Any]
     vae: dict[str, Any]
     description: str
+    # trained weights shipped with the project (sd_utils/demo_model/weights): <unet_weights>.safetensors + vae
+    unet_weights: str | None = None
 
     @property
     def cross_attention_dim(self) -> int:
@@ -135,6 +137,17 @@ def _vae_config(*, block_out_channels: list[int], layers_per_block: int, norm_nu
 _TINY_TE = TextEncoderSize(32, 64, 4, 3, "quick_gelu")
 _TINY_TE2 = TextEncoderSize(32, 64, 4, 3, "gelu")
 _TINY_VAE = _vae_config(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=128)
+_DEMO_VAE = _vae_config(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64)
+_DEMO_UNET = {
+    "blocks": ["plain", "attn", "attn"],
+    "block_out_channels": [32, 64, 64],
+    "attention_head_dim": [2, 4, 4],
+    "transformer_layers_per_block": 1,
+    "layers_per_block": 1,
+    "addition_time_embed_dim": 8,
+    "norm_num_groups": 16,
+    "sample_size": 16,
+}
 _REAL_TE = TextEncoderSize(768, 3072, 12, 12, "quick_gelu")
 _REAL_TE2 = TextEncoderSize(1280, 5120, 20, 32, "gelu")
 _REAL_VAE = _vae_config(
@@ -187,6 +200,36 @@ ARCHITECTURES: dict[str, Architecture] = {
             description="tiny SDXL refiner (toy width, random weights) for tests",
         ),
         Architecture(
+            name="demo",
+            refiner=False,
+            text_encoder=_TINY_TE,
+            text_encoder_2=_TINY_TE2,
+            unet=_unet_config(
+                **_DEMO_UNET,
+                time_ids_width=6,
+                cross_attention_dim=_TINY_TE.hidden_size + _TINY_TE2.hidden_size,
+                pooled_dim=_TINY_TE2.hidden_size,
+            ),
+            vae=_DEMO_VAE,
+            description="trained toy SDXL base that draws coloured shapes (sd_utils/demo_model)",
+            unet_weights="unet",
+        ),
+        Architecture(
+            name="demo-refiner",
+            refiner=True,
+            text_encoder=None,
+            text_encoder_2=_TINY_TE2,
+            unet=_unet_config(
+                **_DEMO_UNET,
+                time_ids_width=5,
+                cross_attention_dim=_TINY_TE2.hidden_size,
+                pooled_dim=_TINY_TE2.hidden_size,
+            ),
+            vae=_DEMO_VAE,
+            description="trained toy SDXL refiner for the demo model (sd_utils/demo_model)",
+            unet_weights="refiner_unet",
+        ),
+        Architecture(
             name="random-sdxl-base",
             refiner=False,
             text_encoder=_REAL_TE,
@@ -232,8 +275,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def build_pipeline(arch: Architecture, *, seed: int = 0):
-    """Instantiate the diffusers SDXL pipeline of ``arch`` with deterministic random weights (fp32, CPU)."""
+def build_pipeline(arch: Architecture, *, seed: int = 0, trained: bool = True):
+    """Instantiate the diffusers SDXL pipeline of ``arch`` with deterministic random weights (fp32, CPU); with
+    ``trained``, the UNet and VAE of an architecture that ships trained weights get them."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -255,6 +299,8 @@ def build_pipeline(arch: Architecture, *, seed: int = 0):
     if arch.text_encoder is not None:
         torch.manual_seed(seed + 3)
         text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder.config()))
+    if trained and arch.unet_weights:
+        _load_trained(unet, vae, arch.unet_weights)
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     common = {"unet": unet, "vae": vae, "text_encoder_2": text_encoder_2, "scheduler": scheduler}
     if arch.refiner:
@@ -267,6 +313,20 @@ def build_pipeline(arch: Architecture, *, seed: int = 0):
             **common,
         )
     return StableDiffusionXLPipeline(text_encoder=text_encoder, tokenizer=None, tokenizer_2=None, **common)
+
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_model" / "weights"
+
+
+def _load_trained(unet, vae, unet_weights: str) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    unet.load_state_dict({k: v.float() for k, v in load_file(DEMO_WEIGHTS / f"{unet_weights}.safetensors").items()})
+    vae.load_state_dict({k: v.float() for k, v in load_file(DEMO_WEIGHTS / "vae.safetensors").items()})
+    trained = json.loads((DEMO_WEIGHTS / "settings.json").read_text(encoding="utf-8"))
+    vae.register_to_config(scaling_factor=trained["vae"]["scaling_factor"])
 
 
 def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path:
@@ -283,7 +343,7 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
     try:
         logger.info("building the %s pipeline (%s)", arch.name, arch.description)
         pipeline = build_pipeline(arch, seed=seed)
-        if not arch.name.startswith("tiny"):
+        if arch.name.startswith("random-"):
             pipeline.to(torch.float16)
         pipeline.save_pretrained(staging, safe_serialization=True)
         save_sdxl_tokenizers(staging, names=("tokenizer_2",) if arch.refiner else ("tokenizer", "tokenizer_2"))
