@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ class _ExternalDataWriter:
             entry.key, entry.value = key, value
         tensor.data_location = onnx.TensorProto.EXTERNAL
         tensor.ClearField("raw_data")
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -283,11 +287,12 @@ def _working_directory(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-class _SourceData:
-    """Reads the bytes of the external tensors of the input model that the optimizer left as they were."""
+class _ExternalTensors:
+    """Reads the bytes of external tensors by their location, looked up in each folder in turn: the input model's
+    folder, then the folder where this pass spills the tensors it makes."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, *folders: Path):
+        self.folders = folders
         self._files: dict[str, Any] = {}
 
     def __call__(self, tensor: onnx.TensorProto) -> bytes | None:
@@ -296,19 +301,34 @@ class _SourceData:
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
         handle = self._files.get(info.location)
         if handle is None:
-            handle = self._files[info.location] = open(self.folder / info.location, "rb")  # noqa: SIM115
+            path = next((folder / info.location for folder in self.folders if (folder / info.location).is_file()), None)
+            if path is None:
+                folders = ", ".join(str(folder) for folder in self.folders)
+                raise FileNotFoundError(f"external data {info.location!r} of {tensor.name!r} is in none of {folders}")
+            handle = self._files[info.location] = open(path, "rb")  # noqa: SIM115 - closed by close()
         handle.seek(info.offset or 0)
         return handle.read(info.length) if info.length else handle.read()
 
     def close(self) -> None:
         for handle in self._files.values():
             handle.close()
+        self._files.clear()
+
+
+def _spill(model: onnx.ModelProto, writer: _ExternalDataWriter) -> None:
+    """Move the large tensors the fusions made in memory (packed QKV/KV weights, ...) to ``writer``'s file, so that
+    the copies of the model that shape inference makes during the fp16 conversion stay small."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) >= SIZE_THRESHOLD:
+            writer.place(tensor, tensor.raw_data)
+    writer.flush()
 
 
 @contextlib.contextmanager
-def _fp16_conversion_loads_external_data() -> Iterator[None]:
-    """ONNX Runtime's fp16 conversion retypes a tensor whose data is external without converting the data: load
-    each tensor (from the current directory) just before it is converted. Only the fp16 result stays in memory."""
+def _fp16_conversion_streams(read: _ExternalTensors, writer: _ExternalDataWriter) -> Iterator[None]:
+    """ONNX Runtime's fp16 conversion retypes a tensor whose data is external without converting the data, and puts
+    the fp16 bytes of the others into the protobuf. Instead, convert each external tensor as it comes: read its fp32
+    bytes, write the fp16 ones to ``writer``'s file. What stays in memory is the graph."""
     import importlib
 
     # onnx_model.py imports the module as top-level "float16" (ONNX Runtime puts its folder on sys.path), a module
@@ -316,22 +336,28 @@ def _fp16_conversion_loads_external_data() -> Iterator[None]:
     float16 = importlib.import_module("float16")
     convert = float16.convert_tensor_float_to_float16
 
-    def load_then_convert(tensor, min_positive_val=5.96e-08, max_finite_val=65504.0):
+    def stream_convert(tensor, min_positive_val=5.96e-08, max_finite_val=65504.0):
         if tensor.data_type != onnx.TensorProto.FLOAT or tensor.data_location != onnx.TensorProto.EXTERNAL:
             return convert(tensor, min_positive_val, max_finite_val)
-        # what convert() does to raw data, without putting the fp32 bytes into the message first (see place())
-        array = float16.convert_np_to_float16(numpy_helper.to_array(tensor), min_positive_val, max_finite_val)
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        # what convert() does to raw data (clamp to the fp16 range, keep tiny values from flushing to zero)
+        array = np.frombuffer(read(tensor), dtype=np.float32).reshape(tuple(tensor.dims))
+        array = float16.convert_np_to_float16(array, min_positive_val, max_finite_val)
         tensor.data_type = onnx.TensorProto.FLOAT16
-        tensor.raw_data = array.tobytes()
+        writer.place(tensor, array.tobytes())
         return tensor
 
-    float16.convert_tensor_float_to_float16 = load_then_convert
+    def value_info(tensor):  # float16.make_value_info_from_tensor reads the whole tensor for its shape
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    make_value_info = float16.make_value_info_from_tensor
+    float16.convert_tensor_float_to_float16 = stream_convert
+    float16.make_value_info_from_tensor = value_info
     try:
         yield
     finally:
         float16.convert_tensor_float_to_float16 = convert
+        float16.make_value_info_from_tensor = make_value_info
+        writer.flush()
 
 
 class StreamingTransformersOptimization(OrtTransformersOptimization):
@@ -365,20 +391,34 @@ class StreamingTransformersOptimization(OrtTransformersOptimization):
         source = Path(model.model_path)
         output = Path(resolve_onnx_path(output_model_path, source.name))
         graph = onnx.load(str(source), load_external_data=False)
-        reader = _SourceData(source.parent)
-        try:
-            with _working_directory(source.parent):
-                optimizer = transformers_optimizer.optimize_model(graph, **run_config)
-                if config.float16:
-                    with _fp16_conversion_loads_external_data():
-                        optimizer.convert_float_to_float16(
-                            keep_io_types=config.keep_io_types,
-                            op_block_list=config.force_fp32_ops,
-                            node_block_list=config.force_fp32_nodes,
-                            force_fp16_inputs=config.force_fp16_inputs,
-                        )
-                optimizer.topological_sort()
-            _save(optimizer.model, output, reader)
-        finally:
-            reader.close()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".spill-", dir=output.parent) as spill_folder:
+            spill_folder = Path(spill_folder)
+            read = _ExternalTensors(source.parent, spill_folder)
+            try:
+                with _working_directory(source.parent):
+                    optimizer = transformers_optimizer.optimize_model(graph, **run_config)
+                    if config.float16:
+                        self._convert_to_float16(optimizer, config, read, spill_folder)
+                    optimizer.topological_sort()
+                _save(optimizer.model, output, read)
+            finally:
+                read.close()
         return ONNXModelHandler(model_path=str(output.parent), onnx_file_name=output.name)
+
+    @staticmethod
+    def _convert_to_float16(optimizer, config, read: _ExternalTensors, spill_folder: Path) -> None:
+        fused = _ExternalDataWriter(spill_folder / "fused")
+        converted = _ExternalDataWriter(spill_folder / "float16")
+        try:
+            _spill(optimizer.model, fused)
+            with _fp16_conversion_streams(read, converted):
+                optimizer.convert_float_to_float16(
+                    keep_io_types=config.keep_io_types,
+                    op_block_list=config.force_fp32_ops,
+                    node_block_list=config.force_fp32_nodes,
+                    force_fp16_inputs=config.force_fp16_inputs,
+                )
+        finally:
+            fused.close()
+            converted.close()
