@@ -10,8 +10,10 @@ the weights kept out of the graph:
   tensors, one at a time, to the external data file. The module stays in the dtype it is stored in (fp16 for
   SDXL) and each tensor is cast to ``torch_dtype`` (fp32) only while it is written.
 * :class:`StreamingTransformersOptimization` runs ONNX Runtime's transformer optimizer on the graph loaded without
-  its external data: the fusions read the tensors they repack from the file on demand, and the fp16 conversion of
-  untouched tensors happens while they are copied to the output file.
+  its external data: the fusions read the tensors they repack from the file on demand and their results (packed
+  QKV/KV, NHWC conv weights) go to a spill file as they are made; the fp16 conversion reads each fp32 tensor and
+  writes its fp16 bytes there too. Symbolic shape inference, which copies the whole model before and after the
+  fp16 conversion, then copies a graph without weights.
 
 Both take the options of the pass they extend, so a config switches between stock and streaming by ``type`` alone
 (``tests/test_streaming_passes.py`` checks that both give the same fused graph and the same outputs).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,14 +78,12 @@ class _ExternalDataWriter:
             return
         offset = self._file.tell()
         self._file.write(data)
+        self._file.flush()  # readable at once through other handles (onnx's, _ExternalTensors')
         for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(len(data)))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         tensor.data_location = onnx.TensorProto.EXTERNAL
         tensor.ClearField("raw_data")
-
-    def flush(self) -> None:
-        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -288,11 +288,10 @@ def _working_directory(path: Path) -> Iterator[None]:
 
 
 class _ExternalTensors:
-    """Reads the bytes of external tensors by their location, looked up in each folder in turn: the input model's
-    folder, then the folder where this pass spills the tensors it makes."""
+    """Reads the bytes of a model's external tensors (locations relative to ``folder``)."""
 
-    def __init__(self, *folders: Path):
-        self.folders = folders
+    def __init__(self, folder: Path):
+        self.folder = folder
         self._files: dict[str, Any] = {}
 
     def __call__(self, tensor: onnx.TensorProto) -> bytes | None:
@@ -301,11 +300,7 @@ class _ExternalTensors:
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
         handle = self._files.get(info.location)
         if handle is None:
-            path = next((folder / info.location for folder in self.folders if (folder / info.location).is_file()), None)
-            if path is None:
-                folders = ", ".join(str(folder) for folder in self.folders)
-                raise FileNotFoundError(f"external data {info.location!r} of {tensor.name!r} is in none of {folders}")
-            handle = self._files[info.location] = open(path, "rb")  # noqa: SIM115 - closed by close()
+            handle = self._files[info.location] = open(self.folder / info.location, "rb")  # noqa: SIM115
         handle.seek(info.offset or 0)
         return handle.read(info.length) if info.length else handle.read()
 
@@ -315,13 +310,25 @@ class _ExternalTensors:
         self._files.clear()
 
 
-def _spill(model: onnx.ModelProto, writer: _ExternalDataWriter) -> None:
-    """Move the large tensors the fusions made in memory (packed QKV/KV weights, ...) to ``writer``'s file, so that
-    the copies of the model that shape inference makes during the fp16 conversion stay small."""
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) >= SIZE_THRESHOLD:
-            writer.place(tensor, tensor.raw_data)
-    writer.flush()
+@contextlib.contextmanager
+def _fusions_write_to(spill: _ExternalDataWriter) -> Iterator[None]:
+    """Every large tensor a fusion makes (packed QKV/KV weights, NHWC conv weights, ...) goes to ``spill``'s file
+    before it joins the graph: it never enters the protobuf, and the copies of the model that symbolic shape
+    inference makes stay small. A later fusion that reads it back finds it through the current directory."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    add_initializer = OnnxModel.add_initializer
+
+    def add_spilled(self, tensor, graph_name=None):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= SIZE_THRESHOLD:
+            spill.place(tensor, tensor.raw_data)
+        return add_initializer(self, tensor, graph_name)
+
+    OnnxModel.add_initializer = add_spilled
+    try:
+        yield
+    finally:
+        OnnxModel.add_initializer = add_initializer
 
 
 @contextlib.contextmanager
@@ -357,7 +364,6 @@ def _fp16_conversion_streams(read: _ExternalTensors, writer: _ExternalDataWriter
     finally:
         float16.convert_tensor_float_to_float16 = convert
         float16.make_value_info_from_tensor = make_value_info
-        writer.flush()
 
 
 class StreamingTransformersOptimization(OrtTransformersOptimization):
@@ -391,34 +397,26 @@ class StreamingTransformersOptimization(OrtTransformersOptimization):
         source = Path(model.model_path)
         output = Path(resolve_onnx_path(output_model_path, source.name))
         graph = onnx.load(str(source), load_external_data=False)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".spill-", dir=output.parent) as spill_folder:
-            spill_folder = Path(spill_folder)
-            read = _ExternalTensors(source.parent, spill_folder)
-            try:
-                with _working_directory(source.parent):
-                    optimizer = transformers_optimizer.optimize_model(graph, **run_config)
-                    if config.float16:
-                        self._convert_to_float16(optimizer, config, read, spill_folder)
-                    optimizer.topological_sort()
-                _save(optimizer.model, output, read)
-            finally:
-                read.close()
-        return ONNXModelHandler(model_path=str(output.parent), onnx_file_name=output.name)
-
-    @staticmethod
-    def _convert_to_float16(optimizer, config, read: _ExternalTensors, spill_folder: Path) -> None:
-        fused = _ExternalDataWriter(spill_folder / "fused")
-        converted = _ExternalDataWriter(spill_folder / "float16")
+        # what the fusions and the fp16 conversion make is spilled beside the input's data, where onnx (which resolves
+        # external data against the current directory, and refuses links) can read it back; deleted at the end
+        spill = _ExternalDataWriter(source.parent / f".spill-{uuid.uuid4().hex}")
+        read = _ExternalTensors(source.parent)
         try:
-            _spill(optimizer.model, fused)
-            with _fp16_conversion_streams(read, converted):
-                optimizer.convert_float_to_float16(
-                    keep_io_types=config.keep_io_types,
-                    op_block_list=config.force_fp32_ops,
-                    node_block_list=config.force_fp32_nodes,
-                    force_fp16_inputs=config.force_fp16_inputs,
-                )
+            with _working_directory(source.parent), _fusions_write_to(spill):
+                optimizer = transformers_optimizer.optimize_model(graph, **run_config)
+                if config.float16:
+                    with _fp16_conversion_streams(read, spill):
+                        optimizer.convert_float_to_float16(
+                            keep_io_types=config.keep_io_types,
+                            op_block_list=config.force_fp32_ops,
+                            node_block_list=config.force_fp32_nodes,
+                            force_fp16_inputs=config.force_fp16_inputs,
+                        )
+                optimizer.topological_sort()
+            spill.close()
+            _save(optimizer.model, output, read)
         finally:
-            fused.close()
-            converted.close()
+            read.close()
+            spill.close()
+            (source.parent / spill.name).unlink(missing_ok=True)
+        return ONNXModelHandler(model_path=str(output.parent), onnx_file_name=output.name)
