@@ -7,6 +7,11 @@ Each variant runs in its own process (clean GPU memory, fair peak figures) while
 memory with nvidia-smi. Prints one JSON document: per-submodel latency, UNet step latency (batch 2 = one image with
 classifier-free guidance), end-to-end image latency, and peak GPU memory per variant. Needs CUDA, torch with CUDA and
 onnxruntime-gpu; times are medians in milliseconds.
+
+A variant name may end in ``@key=value+key=value``: extra CUDA provider options for the UNet session, e.g.
+``ort_optimized_iobinding@sdpa_kernel=8`` (attention by cuDNN's flash kernel). ``--unet_only`` measures the UNet
+step alone; ``--profile`` adds the UNet step's GPU time by CUDA kernel (torch's
+profiler) to every variant without CUDA graph.
 """
 
 from __future__ import annotations
@@ -73,14 +78,14 @@ def run_torch(args) -> dict:
     with torch.inference_mode():
         inputs = _unet_inputs(spec, args.size, device="cuda", dtype=torch.float16)
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-        results["unet_step_ms"] = _median_ms(
-            lambda: pipe.unet(
-                inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added_cond_kwargs=added
-            ),
-            warmup=3,
-            runs=args.unet_runs,
-            synchronize=sync,
+        step = lambda: pipe.unet(  # noqa: E731
+            inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added_cond_kwargs=added
         )
+        results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
+        if args.profile:
+            results["unet_profile"] = _profile_kernels(step, runs=5)
+        if args.unet_only:
+            return results
         ids = torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")
         results["text_encoder_ms"] = _median_ms(
             lambda: pipe.text_encoder(ids, output_hidden_states=True), warmup=3, runs=10, synchronize=sync
@@ -103,7 +108,51 @@ def run_torch(args) -> dict:
     return results
 
 
-def run_ort(args, *, folder: str, io_binding: bool, cuda_graph: bool = False, nhwc: bool = False) -> dict:
+def _parse_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """``name@key=value+key=value`` -> (name, UNet provider options)."""
+    name, _, extra = variant.partition("@")
+    options = dict(item.split("=", 1) for item in extra.split("+") if item)
+    return name, options
+
+
+def _profile_kernels(step, *, runs: int, top: int = 30) -> dict:
+    """GPU time per UNet step by CUDA kernel (torch's CUPTI profiler sees ONNX Runtime's kernels too: ORT's own
+    profiler times kernel launches on the host, not the GPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            step()
+        torch.cuda.synchronize()
+    kernels = [
+        (event.key, event.device_time_total / 1000 / runs, event.count // runs)
+        for event in prof.key_averages()
+        if event.device_time_total > 0
+    ]
+    kernels.sort(key=lambda item: -item[1])
+    total = sum(ms for _, ms, _ in kernels)
+    return {
+        "gpu_ms_per_step": round(total, 2),
+        "kernels": [
+            {"name": name[:120], "ms": round(ms, 3), "calls": calls, "share": round(ms / total, 3)}
+            for name, ms, calls in kernels[:top]
+        ],
+    }
+
+
+def run_ort(
+    args,
+    *,
+    folder: str,
+    io_binding: bool,
+    cuda_graph: bool = False,
+    nhwc: bool = False,
+    unet_options: dict[str, str] | None = None,
+) -> dict:
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -123,9 +172,12 @@ def run_ort(args, *, folder: str, io_binding: bool, cuda_graph: bool = False, nh
 
     def session(name, *, graph: bool = False):
         providers = cuda_graph_providers(0) if graph else [("CUDAExecutionProvider", {})]
-        if nhwc and name == "unet":
-            providers[0][1]["prefer_nhwc"] = "1"
-        return ort.InferenceSession(str(Path(folder) / name / "model.onnx"), sess_options=options, providers=providers)
+        if name == "unet":
+            providers[0][1].update(unet_options or {})
+            if nhwc:
+                providers[0][1]["prefer_nhwc"] = "1"
+        path = str(Path(folder) / name / "model.onnx")
+        return ort.InferenceSession(path, sess_options=options, providers=providers)
 
     def bound(sess, feeds: dict):
         """Time ``sess`` on ``feeds`` (torch CUDA tensors): IO binding, or numpy in/out through ``run``."""
@@ -159,7 +211,11 @@ def run_ort(args, *, folder: str, io_binding: bool, cuda_graph: bool = False, nh
     else:
         step = bound(unet, feeds)
     results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
+    if args.profile and not cuda_graph:
+        results["unet_profile"] = _profile_kernels(step, runs=5)
     del unet, step
+    if args.unet_only:
+        return results
     for name in ("text_encoder", "text_encoder_2"):
         encoder = session(name)
         ids = {"input_ids": torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")}
@@ -219,21 +275,24 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--unet_runs", type=int, default=20)
     parser.add_argument("--image_runs", type=int, default=3)
+    parser.add_argument("--unet_only", action="store_true", help="measure the UNet step alone")
+    parser.add_argument("--profile", action="store_true", help="add the UNet step's GPU time by CUDA kernel")
     parser.add_argument("--run_variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.run_variant:  # child process: measure one variant, print its JSON
-        folder = args.unoptimized_dir if args.run_variant == "ort_unoptimized" else args.onnx_dir
-        if args.run_variant == "torch_fp16":
+        variant, unet_options = _parse_variant(args.run_variant)
+        folder = args.unoptimized_dir if variant == "ort_unoptimized" else args.onnx_dir
+        if variant == "torch_fp16":
             result = run_torch(args)
         else:
-            variant = args.run_variant
             result = run_ort(
                 args,
                 folder=folder,
                 io_binding="iobinding" in variant or "cudagraph" in variant,
                 cuda_graph="cudagraph" in variant,
                 nhwc=variant.endswith("nhwc"),
+                unet_options=unet_options,
             )
         print("RESULT " + json.dumps(result), flush=True)
         return 0

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The full-size CUDA run on the lent H100 (../shared/gpu/README.md says how the machine gets onnxruntime-gpu):
 #   bash bench/gpu_run.sh start    copy the repo to /tmp/sdxl/repo, start build + --optimize --provider cuda + benchmark
-#                                  in the background (the UNet fusion alone takes ~10 min)
+#                                  in the background (the UNet fusion alone takes ~10 min); VARIANTS=a,b picks the
+#                                  benchmark's variants, ATTENTION_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
+#   bash bench/gpu_run.sh cputrain the demo model's CPU recipe on this machine's CPU, then its quality check
 #   bash bench/gpu_run.sh status   the background jobs' logs so far; copies results to $OUT
 # Everything lives under /tmp/sdxl, which survives between commands sent to the same warm machine.
 set -euo pipefail
@@ -32,28 +34,45 @@ case "${1:-}" in
     $timer python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda \
       --models_dir "$WORK/models" --cache_dir "$WORK/cache" 2>&1 | grep -vE "TracerWarning|^\s+(if|assert) "
     python3 bench/fused_ops.py "$WORK/models/optimized/$MODEL" > "$WORK/fused_ops.json"
+    while pgrep -f sd_utils.demo_model.train > /dev/null; do sleep 5; done  # the GPU to itself
+    dirs=(--model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL"
+      --unoptimized_dir "$WORK/models/unoptimized/$MODEL")
     echo "== benchmark $(date +%T)"
-    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" \
-      --onnx_dir "$WORK/models/optimized/$MODEL" --unoptimized_dir "$WORK/models/unoptimized/$MODEL" \
-      > "$WORK/benchmark.json"
+    python3 bench/benchmark.py "${dirs[@]}" --profile ${VARIANTS:+--variants "$VARIANTS"} > "$WORK/benchmark.json"
+    if [ -n "${ATTENTION_VARIANTS:-}" ]; then
+      echo "== attention kernels $(date +%T)"
+      python3 bench/benchmark.py "${dirs[@]}" --unet_only --variants "$ATTENTION_VARIANTS" > "$WORK/attention.json"
+    fi
     echo "== DONE $(date +%T)"
     ;;
   train)
     cd "$WORK/repo"
-    setsid nohup python3 -m sd_utils.demo_model.train --device cuda --out "$WORK/demo_weights" \
+    setsid nohup python3 -m sd_utils.demo_model.train --recipe gpu --device cuda --out "$WORK/demo_weights" \
       > "$WORK/train.log" 2>&1 < /dev/null &
+    ;;
+  cputrain)
+    # the CPU recipe end to end on this machine's CPU (GPU hidden), then the quality check on what it made
+    rm -rf "$WORK/cpurepo" && mkdir -p "$WORK/cpurepo"
+    tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/cpurepo"
+    cd "$WORK/cpurepo"
+    CUDA_VISIBLE_DEVICES="" setsid nohup sh -c "python3 -m sd_utils.demo_model.train --recipe cpu \
+      --out sd_utils/demo_model/weights && python3 -m sd_utils.demo_model.quality --models_dir $WORK/cpu_models \
+      --cache_dir $WORK/cpu_cache --guidance_scale 9 > $WORK/cpu_quality.json" > "$WORK/cpu_train.log" 2>&1 < /dev/null &
     ;;
   status)
     tail -n "${LINES_SHOWN:-25}" "$WORK/pipeline.log" || true
     tail -n 3 "$WORK/train.log" 2>/dev/null || true
-    for f in pipeline.log fused_ops.json benchmark.json train.log; do
+    tail -n 3 "$WORK/cpu_train.log" 2>/dev/null || true
+    cp "$WORK/cpurepo/sd_utils/demo_model/weights/settings.json" "$WORK/cpu_settings.json" 2>/dev/null || true
+    for f in pipeline.log fused_ops.json benchmark.json attention.json train.log cpu_train.log cpu_quality.json \
+      cpu_settings.json; do
       [ -f "$WORK/$f" ] && [ -n "${OUT:-}" ] && cp "$WORK/$f" "$OUT/"
     done
     if [ -d "$WORK/demo_weights" ] && [ -n "${OUT:-}" ]; then cp -r "$WORK/demo_weights" "$OUT/"; fi
     true
     ;;
   *)
-    echo "usage: bash bench/gpu_run.sh start|tests|train|status" >&2
+    echo "usage: bash bench/gpu_run.sh start|tests|train|cputrain|status" >&2
     exit 2
     ;;
 esac
