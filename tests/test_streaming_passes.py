@@ -125,3 +125,25 @@ def test_submodels_load_in_their_stored_dtype(tiny_spec, tmp_path):
     UNet2DConditionModel.from_pretrained(tiny_spec.root / "unet").to(torch.float16).save_pretrained(tmp_path / "unet")
     assert stored_dtype(tmp_path / "unet") == torch.float16
     assert stored_dtype(tmp_path / "nothing-here") == torch.float32
+
+
+def test_tensors_a_fusion_makes_go_to_the_spill_file(tmp_path, monkeypatch):
+    """What a fusion adds never enters the protobuf, and a later fusion reads it back through the current directory."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from sd_utils.olive_passes import _ExternalDataWriter, _fusions_write_to
+
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    packed = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    small = np.ones(4, dtype=np.float32)
+    spill = _ExternalDataWriter(tmp_path / ".spill-test")
+    monkeypatch.chdir(tmp_path)
+    with _fusions_write_to(spill):
+        OnnxModel(model).add_initializer(numpy_helper.from_array(packed, "packed_qkv"))
+        OnnxModel(model).add_initializer(numpy_helper.from_array(small, "bias"))
+    spill.close()
+    stored, kept = model.graph.initializer
+    assert stored.data_location == onnx.TensorProto.EXTERNAL and not stored.HasField("raw_data")
+    assert kept.data_location == onnx.TensorProto.DEFAULT  # small tensors stay inline, as onnx.save_model keeps them
+    np.testing.assert_array_equal(numpy_helper.to_array(stored), packed)
+    assert OnnxModel.add_initializer.__name__ == "add_initializer"  # the patch is gone
