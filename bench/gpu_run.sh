@@ -5,7 +5,7 @@
 #                                  benchmark's variants, ATTENTION_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
-#   bash bench/gpu_run.sh cputrain the demo model's CPU recipe on this machine's CPU, then its quality check
+#   bash bench/gpu_run.sh cputrain train the demo model on this machine's CPU (GPU hidden), then its quality check
 #   bash bench/gpu_run.sh status   the background jobs' logs so far; copies results to $OUT
 # Everything lives under /tmp/sdxl, which survives between commands sent to the same warm machine.
 set -euo pipefail
@@ -47,15 +47,15 @@ case "${1:-}" in
     ;;
   train)
     cd "$WORK/repo"
-    setsid nohup python3 -m sd_utils.demo_model.train --recipe gpu --device cuda --out "$WORK/demo_weights" \
+    setsid nohup python3 -m sd_utils.demo_model.train --device cuda --out "$WORK/demo_weights" \
       > "$WORK/train.log" 2>&1 < /dev/null &
     ;;
   cputrain)
-    # the CPU recipe end to end on this machine's CPU (GPU hidden), then the quality check on what it made
+    # the training end to end on this machine's CPU (GPU hidden), then the quality check on what it made
     rm -rf "$WORK/cpurepo" && mkdir -p "$WORK/cpurepo"
     tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/cpurepo"
     cd "$WORK/cpurepo"
-    CUDA_VISIBLE_DEVICES="" setsid nohup sh -c "python3 -m sd_utils.demo_model.train --recipe cpu \
+    CUDA_VISIBLE_DEVICES="" setsid nohup sh -c "python3 -m sd_utils.demo_model.train \
       --out sd_utils/demo_model/weights && python3 -m sd_utils.demo_model.quality --models_dir $WORK/cpu_models \
       --cache_dir $WORK/cpu_cache --guidance_scale 9 > $WORK/cpu_quality.json" > "$WORK/cpu_train.log" 2>&1 < /dev/null &
     ;;
