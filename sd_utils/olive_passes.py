@@ -310,12 +310,24 @@ class _ExternalTensors:
         self._files.clear()
 
 
+def _transformers_module(name: str):
+    """The module of ONNX Runtime's transformer optimizer that its fusions use. They import each other by top-level
+    names (``from onnx_model import OnnxModel``: ``onnxruntime.transformers`` puts its folder on ``sys.path``), so
+    ``onnx_model`` and ``onnxruntime.transformers.onnx_model`` are two module objects with two ``OnnxModel`` classes;
+    patching the second changes nothing the optimizer runs."""
+    import importlib
+
+    import onnxruntime.transformers.optimizer  # noqa: F401 - puts the folder on sys.path
+
+    return importlib.import_module(name)
+
+
 @contextlib.contextmanager
 def _fusions_write_to(spill: _ExternalDataWriter) -> Iterator[None]:
     """Every large tensor a fusion makes (packed QKV/KV weights, NHWC conv weights, ...) goes to ``spill``'s file
     before it joins the graph: it never enters the protobuf, and the copies of the model that symbolic shape
     inference makes stay small. A later fusion that reads it back finds it through the current directory."""
-    from onnxruntime.transformers.onnx_model import OnnxModel
+    OnnxModel = _transformers_module("onnx_model").OnnxModel  # noqa: N806 - a class
 
     add_initializer = OnnxModel.add_initializer
 
@@ -336,11 +348,7 @@ def _fp16_conversion_streams(read: _ExternalTensors, writer: _ExternalDataWriter
     """ONNX Runtime's fp16 conversion retypes a tensor whose data is external without converting the data, and puts
     the fp16 bytes of the others into the protobuf. Instead, convert each external tensor as it comes: read its fp32
     bytes, write the fp16 ones to ``writer``'s file. What stays in memory is the graph."""
-    import importlib
-
-    # onnx_model.py imports the module as top-level "float16" (ONNX Runtime puts its folder on sys.path), a module
-    # object apart from onnxruntime.transformers.float16
-    float16 = importlib.import_module("float16")
+    float16 = _transformers_module("float16")
     convert = float16.convert_tensor_float_to_float16
 
     def stream_convert(tensor, min_positive_val=5.96e-08, max_finite_val=65504.0):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,13 @@ from onnx import numpy_helper
 
 from sd_utils.export_models import stored_dtype
 from sd_utils.model_spec import SUBMODELS, export_shape, submodel_io
-from sd_utils.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
+from sd_utils.olive_workflow import (
+    external_data_files,
+    load_template,
+    run_submodel,
+    unsupported_fusions,
+    workflow_config,
+)
 from sd_utils.providers import PROVIDERS
 
 STOCK_TYPES = {
@@ -36,7 +43,7 @@ def optimize(tiny_spec, tmp_path_factory):
     root = tmp_path_factory.mktemp("streaming")
     done = {}
 
-    def run(submodel: str, provider: str, stock: bool) -> Path:
+    def run(submodel: str, provider: str, stock: bool, *, converted: bool = False) -> Path:
         key = (submodel, provider, stock)
         if key not in done:
             row = PROVIDERS[provider]
@@ -53,8 +60,8 @@ def optimize(tiny_spec, tmp_path_factory):
             if stock:
                 for options in config["passes"].values():
                     options["type"] = STOCK_TYPES[options["type"]]
-            done[key] = run_submodel(config, submodel=submodel, tempdir=root / "tmp")[1]
-        return done[key]
+            done[key] = run_submodel(config, submodel=submodel, tempdir=root / "tmp")
+        return done[key][0 if converted else 1]
 
     return run
 
@@ -129,9 +136,10 @@ def test_submodels_load_in_their_stored_dtype(tiny_spec, tmp_path):
 
 def test_tensors_a_fusion_makes_go_to_the_spill_file(tmp_path, monkeypatch):
     """What a fusion adds never enters the protobuf, and a later fusion reads it back through the current directory."""
-    from onnxruntime.transformers.onnx_model import OnnxModel
+    from sd_utils.olive_passes import _ExternalDataWriter, _fusions_write_to, _transformers_module
 
-    from sd_utils.olive_passes import _ExternalDataWriter, _fusions_write_to
+    OnnxModel = _transformers_module("onnx_model").OnnxModel  # noqa: N806 - the class the fusions extend
+    assert issubclass(_transformers_module("onnx_model_unet").UnetOnnxModel, OnnxModel)
 
     model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     packed = np.arange(4096, dtype=np.float32).reshape(64, 64)
@@ -147,3 +155,36 @@ def test_tensors_a_fusion_makes_go_to_the_spill_file(tmp_path, monkeypatch):
     assert kept.data_location == onnx.TensorProto.DEFAULT  # small tensors stay inline, as onnx.save_model keeps them
     np.testing.assert_array_equal(numpy_helper.to_array(stored), packed)
     assert OnnxModel.add_initializer.__name__ == "add_initializer"  # the patch is gone
+
+
+def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path, monkeypatch):
+    """The whole CUDA fusion set on the tiny UNet, with every tensor external: afterwards no float tensor of the
+    optimizer's graph holds its bytes in memory (packed QKV/KV, NHWC conv, GroupNorm gamma/beta all went to disk)."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    from sd_utils import olive_passes
+
+    monkeypatch.setattr(olive_passes, "SIZE_THRESHOLD", 1)
+    source = optimize("unet", "cpu", False, converted=True)
+    exported = tmp_path / "model.onnx"
+    for name in (source.name, *external_data_files(source)):
+        shutil.copy2(source.parent / name, tmp_path / name)
+    options = FusionOptions("unet")
+    cuda = load_template("unet")["passes"]["optimize_cuda"]["optimization_options"]
+    for name, value in cuda.items():
+        setattr(options, name, value)
+    graph = onnx.load(str(exported), load_external_data=False)
+    spill = olive_passes._ExternalDataWriter(exported.parent / ".spill")
+    with olive_passes._working_directory(exported.parent), olive_passes._fusions_write_to(spill):
+        fused = optimizer.optimize_model(
+            graph, model_type="unet", opt_level=0, use_gpu=True, optimization_options=options
+        )
+    spill.close()
+    assert {"NhwcConv", "MultiHeadAttention", "GroupNorm"} <= {node.op_type for node in fused.model.graph.node}
+    inline = [
+        tensor.name
+        for tensor in fused.model.graph.initializer
+        if tensor.data_type == onnx.TensorProto.FLOAT and (tensor.raw_data or tensor.float_data)
+    ]
+    assert inline == []
