@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from .base_images import load_base_images
+from .builder import build_record
 from .errors import UserInputError
 from .generation import (
     GeneratedImage,
@@ -146,10 +147,17 @@ def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider)
     if options.use_fp16_fixed_vae:
         fp16_vae = composed_with_vae_path(model, options.use_fp16_fixed_vae, models_dir=options.models_dir)
     wants = str(fp16_vae / "vae") if fp16_vae else None
-    stale = marker is not None and marker.get("fp16_vae") != wants
+    other_vae = marker is not None and marker.get("fp16_vae") != wants
+    # a built-in model rebuilt from newer shipped weights (see models.resolve_model)
+    old_weights = marker is not None and marker.get("source_weights") != build_record(model.spec.root).get("weights")
+    stale = other_vae or old_weights
     if options.optimize or marker is None or stale or not (paths.unoptimized / "model_index.json").is_file():
         if not options.optimize:
-            reason = "it was built with another VAE" if stale else "none exists"
+            reason = "none exists"
+            if other_vae:
+                reason = "it was built with another VAE"
+            elif old_weights:
+                reason = "it was built from older shipped weights"
             logger.info("optimizing %s first: %s", paths.optimized, reason)
         if fp16_vae is not None:  # copied only when a build needs it, not on every run
             with_vae(model, options.use_fp16_fixed_vae, destination=fp16_vae)

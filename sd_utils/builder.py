@@ -316,6 +316,29 @@ def build_pipeline(arch: Architecture, *, seed: int = 0, trained: bool = True):
 
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_model" / "weights"
+# written into every built folder: which architecture, and which shipped weights it holds
+BUILD_RECORD = "sdxl_olive_builtin.json"
+
+
+def weights_fingerprint(arch: Architecture) -> str | None:
+    """A digest of the trained weights ``arch`` ships (None for random weights): a build made from older weights,
+    e.g. before an update of the project, is out of date when it differs."""
+    import hashlib
+
+    if not arch.unet_weights:
+        return None
+    digest = hashlib.sha256()
+    for name in (f"{arch.unet_weights}.safetensors", "vae.safetensors", "settings.json"):
+        digest.update((DEMO_WEIGHTS / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_record(folder: Path) -> dict[str, Any]:
+    """What :func:`materialize` recorded in ``folder`` ({} for any other diffusers folder)."""
+    import json
+
+    path = Path(folder) / BUILD_RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _load_trained(unet, vae, unet_weights: str) -> None:
@@ -335,6 +358,8 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
     Same code + same seed give the same files, byte for byte. Full-size weights are stored in fp16 to halve the
     download-free footprint; loaders upcast to fp32 before export.
     """
+    import json
+
     import torch
 
     destination = Path(destination)
@@ -348,6 +373,8 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
         pipeline.save_pretrained(staging, safe_serialization=True)
         save_sdxl_tokenizers(staging, names=("tokenizer_2",) if arch.refiner else ("tokenizer", "tokenizer_2"))
         _register_tokenizers(staging, refiner=arch.refiner)
+        record = {"architecture": arch.name, "weights": weights_fingerprint(arch)}
+        (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if destination.exists():
             shutil.rmtree(destination)
         staging.rename(destination)

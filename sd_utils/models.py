@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .builder import ARCHITECTURES, materialize
+from .builder import ARCHITECTURES, build_record, materialize, weights_fingerprint
 from .errors import ModelNotFoundError
 from .model_spec import ModelSpec
 
@@ -43,9 +43,13 @@ def builtin_path(models_dir: Path, name: str) -> Path:
 def resolve_model(model_id: str, *, models_dir: Path) -> ResolvedModel:
     """Find or create the diffusers folder of ``model_id``; raises :class:`ModelNotFoundError` with the fix."""
     if model_id in ARCHITECTURES:
+        arch = ARCHITECTURES[model_id]
         path = builtin_path(models_dir, model_id)
         if not (path / "model_index.json").is_file():
-            materialize(ARCHITECTURES[model_id], path)
+            materialize(arch, path)
+        elif build_record(path).get("weights") != weights_fingerprint(arch):
+            logger.info("the shipped %s weights changed since %s was built: rebuilding it", model_id, path)
+            materialize(arch, path)
     elif Path(model_id).expanduser().is_dir():
         path = Path(model_id).expanduser().resolve()
     elif Path(model_id).expanduser().exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:

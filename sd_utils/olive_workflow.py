@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .builder import build_record
 from .errors import OptimizationError
 from .model_spec import ModelSpec
 from .models import ResolvedModel
@@ -328,6 +329,7 @@ def optimize(
             "provider": provider.name,
             "source": str(model.spec.root),
             "fp16_vae": str(fp16_vae / "vae") if fp16_vae else None,
+            "source_weights": build_record(model.spec.root).get("weights"),
         }
         unoptimized_marker, optimized_marker = {**marker, "optimized": False}, {**marker, "optimized": True}
         _assemble(model.spec, converted, staging / "unoptimized", unoptimized_marker, move=False, roots=roots)

@@ -118,3 +118,22 @@ def test_free_dimension_overrides_pin_every_dim(specs):
             for dim in contract.dynamic_axes.get(input_name, {}).values():
                 assert dim in overrides, f"{name}.{input_name} dim {dim} is not pinned"
                 assert dim.startswith(name + "_")
+
+
+def test_a_build_from_older_shipped_weights_is_rebuilt(tmp_path):
+    """Updating the project (new demo weights) must not leave the old build, or its optimized models, in use."""
+    import json
+
+    from sd_utils.builder import BUILD_RECORD, build_record, weights_fingerprint
+    from sd_utils.models import resolve_model
+
+    folder = resolve_model("demo", models_dir=tmp_path).path
+    current = weights_fingerprint(ARCHITECTURES["demo"])
+    assert build_record(folder) == {"architecture": "demo", "weights": current}
+    assert weights_fingerprint(ARCHITECTURES["tiny"]) is None  # random weights: nothing to go stale
+
+    (folder / BUILD_RECORD).write_text(json.dumps({"architecture": "demo", "weights": "older"}), encoding="utf-8")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"old weights")
+    assert resolve_model("demo", models_dir=tmp_path).path == folder
+    assert build_record(folder)["weights"] == current
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 1000

@@ -125,6 +125,24 @@ def test_rerun_uses_the_olive_cache_and_swaps(tiny_optimized, capsys):
     assert f"Optimized model: {optimized}" in capsys.readouterr().out
 
 
+def test_a_model_optimized_from_older_shipped_weights_is_rebuilt(tiny_optimized, tmp_path, caplog):
+    """The optimized folder remembers the weights of the build it came from; generating with a stale one (older
+    shipped weights) re-optimizes first instead of drawing with the old model."""
+    import json
+    import logging
+
+    optimized = tiny_optimized.models_dir / "optimized" / "tiny"
+    marker = json.loads((optimized / "sdxl_olive.json").read_text(encoding="utf-8"))
+    assert marker["source_weights"] is None  # tiny: random weights
+    marker["source_weights"] = "older"
+    (optimized / "sdxl_olive.json").write_text(json.dumps(marker), encoding="utf-8")
+    caplog.set_level(logging.INFO)
+    args = ("--prompt", "x", "--num_inference_steps", "1", "--output_dir", str(tmp_path))
+    assert main(tiny_optimized.tiny("", *args)) == 0
+    assert "it was built from older shipped weights" in caplog.text
+    assert json.loads((optimized / "sdxl_olive.json").read_text(encoding="utf-8"))["source_weights"] is None
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
