@@ -50,19 +50,7 @@ def run_variant(name: str, settings: dict, *, device: str, steps: int, guidance_
     with torch.no_grad():
         means = torch.cat([pipeline.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
     latents = means * pipeline.vae.config.scaling_factor
-    conditions = train._conditions(pipeline, scenes, settings, refiner=False)
-    report = train.train_unet(
-        pipeline.unet,
-        latents,
-        conditions,
-        settings,
-        device,
-        generator,
-        steps=settings["unet_steps"],
-        max_timestep=1000,
-        snr_gamma=settings["unet_snr_gamma"],
-        what=name,
-    )
+    report = train.train_base_unet(pipeline, latents, scenes, settings, device, generator, what=name)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     everything = list(shapes.ALL_SCENES)

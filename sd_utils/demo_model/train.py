@@ -180,6 +180,22 @@ def train_unet(
     return {"final_loss": float(np.mean(losses[-100:])), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def train_base_unet(pipeline, latents, scenes, settings: dict, device, generator, *, what: str = "unet") -> dict:
+    """Train ``pipeline``'s (base) UNet on ``latents`` of ``scenes`` over the whole schedule, Min-SNR weighted."""
+    return train_unet(
+        pipeline.unet,
+        latents,
+        _conditions(pipeline, scenes, settings, refiner=False),
+        settings,
+        device,
+        generator,
+        steps=settings["unet_steps"],
+        max_timestep=1000,
+        snr_gamma=settings["unet_snr_gamma"],
+        what=what,
+    )
+
+
 def _timestep_weights(noise_schedule, gamma: float):
     """Loss weight per timestep: Min-SNR-gamma (Hang et al., 2023, for epsilon prediction min(SNR, gamma) / SNR) when
     ``gamma`` > 0, else 1. It lowers the weight of the nearly clean timesteps, whose easy denoising otherwise takes
@@ -277,19 +293,7 @@ def train(out_dir: Path, *, device: str = "cpu", settings: dict | None = None) -
     latents = means * scaling
     report["vae"]["scaling_factor"] = scaling
 
-    base_conditions = _conditions(base, scenes, settings, refiner=False)
-    report["unet"] = train_unet(
-        base.unet,
-        latents,
-        base_conditions,
-        settings,
-        device,
-        generator,
-        steps=settings["unet_steps"],
-        max_timestep=1000,
-        snr_gamma=settings["unet_snr_gamma"],
-        what="unet",
-    )
+    report["unet"] = train_base_unet(base, latents, scenes, settings, device, generator)
     refiner_conditions = _conditions(refiner, scenes, settings, refiner=True)
     report["refiner_unet"] = train_unet(
         refiner.unet,
