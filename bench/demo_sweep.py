@@ -25,14 +25,13 @@ sys.path.insert(0, str(PROJECT_DIR))
 from sd_utils.demo_model import quality, shapes, train  # noqa: E402
 
 
-def parse_overrides(text: str) -> dict:
-    overrides = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in train.SETTINGS:
-            raise SystemExit(f"unknown setting {key!r} in {text!r}; known: {', '.join(train.SETTINGS)}")
-        overrides[key] = type(train.SETTINGS[key])(value)
-    return overrides
+def parse_overrides(chunk: str) -> tuple[str, dict]:
+    """``name:key=value,...`` -> (name, settings)."""
+    name, _, text = chunk.partition(":")
+    try:
+        return name, {**train.SETTINGS, **dict(train.parse_setting(item) for item in filter(None, text.split(",")))}
+    except KeyError as error:
+        raise SystemExit(f"--variants {chunk}: {error.args[0]}") from None
 
 
 def run_variant(name: str, settings: dict, *, device: str, steps: int, guidance_scale: float) -> dict:
@@ -43,13 +42,10 @@ def run_variant(name: str, settings: dict, *, device: str, steps: int, guidance_
     torch.manual_seed(settings["seed"])
     torch.use_deterministic_algorithms(True, warn_only=True)
     generator = torch.Generator().manual_seed(settings["seed"])
-    images, scenes = shapes.dataset(settings["images"], seed=settings["seed"])
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    pixels, scenes = train.training_images(settings)
     pipeline = build_pipeline(ARCHITECTURES["demo"], seed=settings["seed"], trained=True)  # the shipped VAE
     pipeline.unet = build_pipeline(ARCHITECTURES["demo"], seed=settings["seed"], trained=False).unet
-    with torch.no_grad():
-        means = torch.cat([pipeline.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
-    latents = means * pipeline.vae.config.scaling_factor
+    latents = train.latent_means(pipeline.vae, pixels, "cpu") * pipeline.vae.config.scaling_factor
     report = train.train_base_unet(pipeline, latents, scenes, settings, device, generator, what=name)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -81,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: run this one variant, print its JSON
     args = parser.parse_args(argv)
 
-    variants = {}
-    for chunk in filter(None, args.variants.split(";")):
-        name, _, text = chunk.partition(":")
-        variants[name] = {**train.SETTINGS, **parse_overrides(text)}
+    variants = dict(parse_overrides(chunk) for chunk in filter(None, args.variants.split(";")))
     if args.one:
         result = run_variant(
             args.one, variants[args.one], device=args.device, steps=args.steps, guidance_scale=args.guidance_scale

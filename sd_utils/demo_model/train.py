@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -180,6 +181,22 @@ def train_unet(
     return {"final_loss": float(np.mean(losses[-100:])), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def training_images(settings: dict):
+    """The jittered training scenes: (pixels in [-1, 1], NCHW float tensor; their scenes)."""
+    import torch
+
+    images, scenes = shapes.dataset(settings["images"], seed=settings["seed"])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, scenes
+
+
+def latent_means(vae, pixels, device):
+    """The VAE's latent means of ``pixels`` (unscaled, on the CPU), encoded in chunks on ``device``."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([vae.encode(chunk.to(device)).latent_dist.mean.cpu() for chunk in pixels.split(256)])
+
+
 def train_base_unet(pipeline, latents, scenes, settings: dict, device, generator, *, what: str = "unet") -> dict:
     """Train ``pipeline``'s (base) UNet on ``latents`` of ``scenes`` over the whole schedule, Min-SNR weighted."""
     return train_unet(
@@ -279,15 +296,13 @@ def train(out_dir: Path, *, device: str = "cpu", settings: dict | None = None) -
     report = {"settings": settings, "device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     started = time.perf_counter()
 
-    images, scenes = shapes.dataset(settings["images"], seed=settings["seed"])
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    pixels, scenes = training_images(settings)
     base = build_pipeline(ARCHITECTURES["demo"], seed=settings["seed"], trained=False)
     refiner = build_pipeline(ARCHITECTURES["demo-refiner"], seed=settings["seed"], trained=False)
     refiner.text_encoder_2 = base.text_encoder_2  # the same frozen encoder, as in SDXL
 
     report["vae"] = train_vae(base.vae, pixels, settings, device, generator)
-    with torch.no_grad():
-        means = torch.cat([base.vae.encode(chunk.to(device)).latent_dist.mean.cpu() for chunk in pixels.split(256)])
+    means = latent_means(base.vae, pixels, device)
     scaling = float(1.0 / means.std())
     base.vae.register_to_config(scaling_factor=scaling)
     latents = means * scaling
@@ -318,6 +333,14 @@ def train(out_dir: Path, *, device: str = "cpu", settings: dict | None = None) -
     return report
 
 
+def parse_setting(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value in the type of the setting's default); KeyError for a key not in SETTINGS."""
+    key, _, value = item.partition("=")
+    if key not in SETTINGS:
+        raise KeyError(f"unknown setting {key!r}; known: {', '.join(SETTINGS)}")
+    return key, type(SETTINGS[key])(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -326,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in SETTINGS:
-            parser.error(f"--set {item}: unknown setting {key!r}; known: {', '.join(SETTINGS)}")
-        overrides[key] = type(SETTINGS[key])(value)
+        try:
+            key, value = parse_setting(item)
+        except KeyError as error:
+            parser.error(f"--set {item}: {error.args[0]}")
+        overrides[key] = value
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = train(args.out, device=args.device, settings=overrides)
     print(json.dumps(report, indent=2))
