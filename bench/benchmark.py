@@ -9,8 +9,8 @@ classifier-free guidance), end-to-end image latency, and peak GPU memory per var
 onnxruntime-gpu; times are medians in milliseconds.
 
 A variant name may end in ``@key=value+key=value``: extra CUDA provider options for the UNet session, e.g.
-``ort_optimized_iobinding@sdpa_kernel=8`` (attention by cuDNN's flash kernel). ``--unet_only`` measures the UNet
-step alone; ``--profile`` adds the UNet step's GPU time by CUDA kernel (torch's
+``ort_optimized_iobinding@sdpa_kernel=8`` (attention by cuDNN's flash kernel); such variants need ``--unet_only``,
+which measures the UNet step alone; ``--profile`` adds the UNet step's GPU time by CUDA kernel (torch's
 profiler) to every variant without CUDA graph.
 """
 
@@ -33,8 +33,8 @@ VARIANTS = (
     "ort_unoptimized",
     "ort_optimized",
     "ort_optimized_iobinding",
-    "ort_optimized_cudagraph",  # + the UNet replayed as a CUDA graph (sd_utils/cuda_graph.py)
-    "ort_optimized_cudagraph_nhwc",  # + the CUDA EP's prefer_nhwc layout for the UNet's remaining NCHW ops
+    "ort_optimized_cudagraph_hostwait",  # + the UNet replayed as a CUDA graph, the host waiting for every step
+    "ort_optimized_cudagraph",  # the tool's --provider cuda: CUDA graph, no host wait (sd_utils/cuda_graph.py)
 )
 
 
@@ -150,14 +150,14 @@ def run_ort(
     folder: str,
     io_binding: bool,
     cuda_graph: bool = False,
-    nhwc: bool = False,
+    host_wait: bool = False,
     unet_options: dict[str, str] | None = None,
 ) -> dict:
     import numpy as np
     import onnxruntime as ort
     import torch
 
-    from sd_utils.cuda_graph import CudaGraphUNet, cuda_graph_providers, use_cuda_graph_unet
+    from sd_utils.cuda_graph import CudaGraphUNet, cuda_graph_session
     from sd_utils.generation import load_pipeline
     from sd_utils.model_spec import ModelSpec, Shape, free_dimension_overrides
     from sd_utils.providers import PROVIDERS, session_options
@@ -167,16 +167,12 @@ def run_ort(
     cuda = PROVIDERS["cuda"]
     shape = Shape(batch=1, height=args.size, width=args.size)
     options = session_options(cuda, free_dimension_overrides(spec, shape))
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize  # the whole device: ORT's streams and ours
     results = {}
 
-    def session(name, *, graph: bool = False):
-        providers = cuda_graph_providers(0) if graph else [("CUDAExecutionProvider", {})]
-        if name == "unet":
-            providers[0][1].update(unet_options or {})
-            if nhwc:
-                providers[0][1]["prefer_nhwc"] = "1"
+    def session(name, *, extra=None):
         path = str(Path(folder) / name / "model.onnx")
+        providers = [("CUDAExecutionProvider", {**(extra or {})})]
         return ort.InferenceSession(path, sess_options=options, providers=providers)
 
     def bound(sess, feeds: dict):
@@ -203,12 +199,19 @@ def run_ort(
             if name in kinds
         }
 
-    unet = session("unet", graph=cuda_graph)
-    feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
     if cuda_graph:
-        runner = CudaGraphUNet(unet)
+        runner = CudaGraphUNet(
+            *cuda_graph_session(
+                Path(folder) / "unet" / "model.onnx", device_id=0, sess_options=options, extra_options=unet_options
+            )
+        )
+        runner.host_wait = host_wait
+        unet = runner.session
+        feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
         step = lambda: runner(feeds)  # noqa: E731
     else:
+        unet = session("unet", extra=unet_options)
+        feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
         step = bound(unet, feeds)
     results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
     if args.profile and not cuda_graph:
@@ -216,6 +219,8 @@ def run_ort(
     del unet, step
     if args.unet_only:
         return results
+    if unet_options:
+        raise SystemExit("UNet provider options apply to the UNet step only: add --unet_only")
     for name in ("text_encoder", "text_encoder_2"):
         encoder = session(name)
         ids = {"input_ids": torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")}
@@ -227,12 +232,22 @@ def run_ort(
     results["vae_decoder_ms"] = _median_ms(bound(decoder, typed(decoder, latents)), warmup=2, runs=5, synchronize=sync)
     del decoder
 
-    pipe = load_pipeline(
-        Path(folder), spec, provider=cuda, shape=shape, model_label="bench", use_io_binding=io_binding
-    ).pipeline
-    pipe.set_progress_bar_config(disable=True)
     if cuda_graph:
-        use_cuda_graph_unet(pipe, session("unet", graph=True))
+        del runner  # the pipeline makes its own
+    loaded = load_pipeline(
+        Path(folder),
+        spec,
+        provider=cuda,
+        shape=shape,
+        model_label="bench",
+        use_io_binding=io_binding,
+        cuda_graph=cuda_graph,
+    )
+    if cuda_graph:
+        assert loaded.unet_graph is not None, "the pipeline's UNet did not load as a CUDA graph"
+        loaded.unet_graph.host_wait = host_wait
+    pipe = loaded.pipeline
+    pipe.set_progress_bar_config(disable=True)
     results["image_ms"] = _median_ms(
         lambda: pipe("a photo", num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0),
         warmup=1,
@@ -291,7 +306,7 @@ def main(argv=None) -> int:
                 folder=folder,
                 io_binding="iobinding" in variant or "cudagraph" in variant,
                 cuda_graph="cudagraph" in variant,
-                nhwc=variant.endswith("nhwc"),
+                host_wait=variant.endswith("hostwait"),
                 unet_options=unet_options,
             )
         print("RESULT " + json.dumps(result), flush=True)

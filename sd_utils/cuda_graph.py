@@ -1,37 +1,68 @@
-"""The denoising UNet replayed as a CUDA graph (ONNX Runtime's CUDA EP ``enable_cuda_graph``).
+"""The denoising UNet replayed as a CUDA graph (ONNX Runtime's CUDA EP ``enable_cuda_graph``), without host waits.
 
-ONNX Runtime captures the whole UNet on its first run and replays it afterwards without launching its ~2,000 kernels
-one by one. That needs fixed device addresses for every input and output: :class:`CudaGraphUNet` allocates them once,
-binds them once, and copies each call's tensors into them (device to device). Shapes must be static, which the
-free-dimension overrides of ``load_pipeline`` guarantee, and every node must run on the CUDA EP.
+ONNX Runtime captures the whole UNet on its first runs and replays it afterwards without launching its ~2,000
+kernels one by one. That needs fixed device addresses for every input and output: :class:`CudaGraphUNet` allocates
+them once, binds them once, and copies each call's tensors into them (device to device). Shapes must be static, which
+the free-dimension overrides of ``load_pipeline`` guarantee, and every node must run on the CUDA EP (ONNX Runtime
+refuses to create the session otherwise).
+
+The session runs on a CUDA stream of our own (``user_compute_stream``), ordered against torch's stream with stream
+waits, and with ``disable_synchronize_execution_providers`` its ``run`` returns as soon as the replay is queued. So
+the pipeline's Python work for the next step (scheduler, guidance) overlaps the GPU's work for this one, instead of
+the host waiting for every step as optimum's I/O binding does (it synchronizes the device before and after each run).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-# ONNX tensor element types -> torch dtypes, for the session's inputs
+# ONNX tensor element types -> torch dtypes, for the session's inputs and output
 TORCH_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
-def cuda_graph_providers(device_id: int) -> list[Any]:
-    return [("CUDAExecutionProvider", {"device_id": str(device_id), "enable_cuda_graph": "1"})]
+def cuda_graph_session(
+    onnx_file: Path, *, device_id: int, sess_options, extra_options: dict[str, str] | None = None
+) -> tuple[Any, Any]:
+    """(ORT session replaying ``onnx_file`` as a CUDA graph, the torch CUDA stream it runs on)."""
+    import onnxruntime as ort
+    import torch
+
+    stream = torch.cuda.Stream(device=device_id)
+    options = {
+        "device_id": str(device_id),
+        "enable_cuda_graph": "1",
+        "user_compute_stream": str(stream.cuda_stream),
+        **(extra_options or {}),
+    }
+    session = ort.InferenceSession(
+        str(onnx_file), sess_options=sess_options, providers=[("CUDAExecutionProvider", options)]
+    )
+    return session, stream
 
 
 class CudaGraphUNet:
-    """Runs a UNet session (created with :func:`cuda_graph_providers`) on fixed, once-bound CUDA buffers.
+    """Runs a UNet session made by :func:`cuda_graph_session` on fixed, once-bound CUDA buffers.
 
-    ``__call__`` returns the output buffer itself: it is overwritten by the next call, which is what a denoising
-    loop needs (the scheduler reads it before the next step).
+    ``__call__`` returns the output buffer itself, ready for any later work queued on the caller's torch stream; it
+    is overwritten by the next call, which is what a denoising loop needs (the scheduler reads it before the next
+    step). Setting ``host_wait`` makes each call wait for the replay to finish, as a plain ``run`` does (benchmarks
+    compare the two).
     """
 
-    def __init__(self, session, *, device_id: int = 0, output_like: str = "sample"):
+    def __init__(self, session, stream, *, device_id: int = 0, output_like: str = "sample"):
+        import onnxruntime as ort
+
         self.session = session
+        self.stream = stream
         self.device_id = device_id
         self.output_like = output_like  # the UNet's prediction has the shape of its sample input
         self._binding = None
         self._inputs: dict[str, Any] = {}
         self._output = None
+        self.host_wait = False
+        self._no_wait = ort.RunOptions()
+        self._no_wait.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def _bind(self, feeds: dict[str, Any]) -> None:
         import torch
@@ -58,12 +89,17 @@ class CudaGraphUNet:
 
         if self._binding is None:
             self._bind(feeds)
+        caller = torch.cuda.current_stream(self.device_id)
+        # the caller's stream waited for the previous replay (below), so these copies cannot overtake it
         for name, buffer in self._inputs.items():
             value = feeds[name]
             if not isinstance(value, torch.Tensor):
                 value = torch.as_tensor(value)
-            buffer.copy_(value.reshape(buffer.shape))
-        self.session.run_with_iobinding(self._binding)
+            buffer.copy_(value.reshape(buffer.shape), non_blocking=True)
+        self.stream.wait_stream(caller)  # the replay starts after the copies
+        # queued on self.stream; returns without waiting for it unless host_wait
+        self.session.run_with_iobinding(self._binding, None if self.host_wait else self._no_wait)
+        caller.wait_stream(self.stream)  # whatever the caller queues next sees the prediction
         return self._output
 
 
@@ -73,9 +109,8 @@ def _numpy_dtype(dtype) -> Any:
     return np.dtype(str(dtype).removeprefix("torch."))
 
 
-def use_cuda_graph_unet(pipeline, session, *, device_id: int = 0) -> CudaGraphUNet:
-    """Make ``pipeline`` (an optimum ORT SDXL pipeline) denoise through ``session`` replayed as a CUDA graph."""
-    runner = CudaGraphUNet(session, device_id=device_id)
+def use_cuda_graph_unet(pipeline, runner: CudaGraphUNet) -> None:
+    """Make ``pipeline`` (an optimum ORT SDXL pipeline over ``runner.session``) denoise through ``runner``."""
 
     def forward(
         sample,
@@ -96,5 +131,3 @@ def use_cuda_graph_unet(pipeline, session, *, device_id: int = 0) -> CudaGraphUN
         return ModelOutput(sample=out)
 
     pipeline.unet.forward = forward
-    pipeline.unet.session = session  # releases optimum's own UNet session (and its copy of the weights)
-    return runner

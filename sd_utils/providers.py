@@ -27,6 +27,8 @@ class Provider:
     disable_mem_pattern: bool = False
     # optimum binds torch tensors of the session's device; torch has no DirectML device, so only CUDA binds
     io_binding: bool = False
+    # the UNet replayed as a CUDA graph where shapes are static (sd_utils/cuda_graph.py)
+    cuda_graph: bool = False
 
     def provider_options(self, device_id: int) -> dict[str, Any]:
         return {} if self.name == "cpu" else {"device_id": device_id}
@@ -45,7 +47,14 @@ PROVIDERS: dict[str, Provider] = {
             disable_mem_pattern=True,
         ),
         Provider(
-            "cuda", "CUDAExecutionProvider", "gpu", "optimize_cuda", "onnxruntime-gpu", fp16=True, io_binding=True
+            "cuda",
+            "CUDAExecutionProvider",
+            "gpu",
+            "optimize_cuda",
+            "onnxruntime-gpu",
+            fp16=True,
+            io_binding=True,
+            cuda_graph=True,
         ),
         Provider("cpu", "CPUExecutionProvider", "cpu", "optimize_cpu", "onnxruntime", fp16=False),
     )

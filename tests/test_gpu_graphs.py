@@ -110,14 +110,14 @@ def _latents(seed: int):
     return torch.randn((2, 4, 16, 12), generator=torch.Generator().manual_seed(seed))
 
 
-def _cuda_pipeline(folder, spec):
+def _cuda_pipeline(folder, spec, **options):
     from sd_utils.generation import load_pipeline
     from sd_utils.model_spec import Shape
     from sd_utils.providers import PROVIDERS
 
     return load_pipeline(
-        folder, spec, provider=PROVIDERS["cuda"], shape=Shape(**CUDA_SHAPE), model_label="tiny"
-    ).pipeline
+        folder, spec, provider=PROVIDERS["cuda"], shape=Shape(**CUDA_SHAPE), model_label="tiny", **options
+    )
 
 
 @pytest.mark.gpu
@@ -135,7 +135,7 @@ def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
         shape=Shape(**CUDA_SHAPE),
         model_label="tiny",
     ).pipeline(latents=_latents(0), **CUDA_CALL)
-    fp16 = _cuda_pipeline(cuda_build, tiny_spec)(latents=_latents(0).cuda(), **CUDA_CALL).images
+    fp16 = _cuda_pipeline(cuda_build, tiny_spec).pipeline(latents=_latents(0).cuda(), **CUDA_CALL).images
     assert np.isfinite(fp16).all()
     assert fp16.std() > 0.01  # not a flat (black) image
     assert psnr(fp32.images, fp16) >= 35
@@ -144,29 +144,24 @@ def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
 @pytest.mark.gpu
 @GPU_ONLY
 def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
-    """The UNet replayed as a CUDA graph gives the plain CUDA pipeline's images, run after run (new inputs are
-    copied into the captured buffers, not ignored). Not bit-identical: under capture cuDNN may pick other conv
-    algorithms, so the bar is the fp16 one (36 dB measured on the H100)."""
-    import onnxruntime as ort
-
-    from sd_utils.cuda_graph import cuda_graph_providers, use_cuda_graph_unet
-    from sd_utils.model_spec import Shape, free_dimension_overrides
-    from sd_utils.providers import PROVIDERS, session_options
-
-    plain = _cuda_pipeline(cuda_build, tiny_spec)
+    """``--provider cuda`` replays the UNet as a CUDA graph, queued without host waits, and gives the plain CUDA
+    pipeline's images, run after run (new inputs are copied into the captured buffers, not ignored). Not
+    bit-identical to the plain session: under capture cuDNN may pick other conv algorithms, so the bar is the fp16
+    one (36 dB measured on the H100). Against the same graph with the host waiting for every step, any race between
+    torch's stream and the replay's would show; none may."""
+    plain = _cuda_pipeline(cuda_build, tiny_spec, cuda_graph=False)
     graphed = _cuda_pipeline(cuda_build, tiny_spec)
-    options = session_options(PROVIDERS["cuda"], free_dimension_overrides(tiny_spec, Shape(**CUDA_SHAPE)))
-    session = ort.InferenceSession(
-        str(cuda_build / "unet" / "model.onnx"), sess_options=options, providers=cuda_graph_providers(0)
-    )
-    use_cuda_graph_unet(graphed, session)
+    assert plain.unet_graph is None and graphed.unet_graph is not None
     images = []
     for seed in (0, 1):
-        expected = plain(latents=_latents(seed).cuda(), **CUDA_CALL).images
-        images.append(graphed(latents=_latents(seed).cuda(), **CUDA_CALL).images)
+        expected = plain.pipeline(latents=_latents(seed).cuda(), **CUDA_CALL).images
+        images.append(graphed.pipeline(latents=_latents(seed).cuda(), **CUDA_CALL).images)
         assert np.isfinite(images[-1]).all()
         assert psnr(expected, images[-1]) >= 35, f"seed {seed}"
     assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"
+    graphed.unet_graph.host_wait = True
+    waited = graphed.pipeline(latents=_latents(1).cuda(), **CUDA_CALL).images
+    assert psnr(waited, images[1]) >= 50
 
 
 def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_path):
