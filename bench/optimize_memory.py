@@ -3,12 +3,13 @@
     python bench/optimize_memory.py [--model_id random-sdxl-base,random-sdxl-refiner] [--provider cpu,dml,cuda]
 
 Each model is first built (when missing) in its own measured step. Then for each model x provider this runs the
-real command line, ``python stable_diffusion_xl.py --optimize --model_id M
---provider P``, in one process, and samples
+real command line, ``python stable_diffusion_xl.py --optimize --model_id M --provider P --clean_cache``, in one
+process, and samples
 the resident memory of that process and all its children (psutil, every 0.2 s). The tool's progress lines say which
 phase is running (build, each submodel's Olive workflow, assembling the folders), so each sample is charged to a
-phase. Prints one JSON document. Each run gets a fresh Olive cache (measure the work, not a cache hit), deleted after
-it, and its outputs are deleted too unless ``--keep``: a full-size fp32 run writes ~40 GB.
+phase. Prints one JSON document. Each run gets a fresh Olive cache (measure the work, not a cache hit) that
+``--clean_cache`` gives back at the end; its outputs are deleted too unless ``--keep``: a full-size fp32 run needs
+~38 GB of disk.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     str(args.models_dir),
                     "--cache_dir",
                     str(Path(scratch) / "cache"),
+                    "--clean_cache",
                 ]
-                run = {"model_id": model_id, "provider": provider, **measure(command)}
+                run = {"model_id": model_id, "provider": provider, "command": command[1:], **measure(command)}
             if not args.keep:
                 for kind in ("optimized", "unoptimized"):
                     shutil.rmtree(args.models_dir / kind / model_id, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import shutil
 from pathlib import Path
 
 from .base_images import load_base_images
@@ -194,6 +195,8 @@ def prepare_models(options: Options, job: Job) -> ReadyModels:
                 cache_dir=options.cache_dir,
                 tempdir=options.tempdir,
             )
+            if options.clean_cache:  # as optimize() does for the models: leave no cache behind
+                shutil.rmtree(options.cache_dir, ignore_errors=True)
     return ReadyModels(model=model, refiner=refiner, checker=checker)
 
 

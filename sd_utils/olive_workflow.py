@@ -162,8 +162,14 @@ class _WithoutRunHistory(logging.Filter):
         return "run history" not in record.getMessage()
 
 
-def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None) -> tuple[Path, Path]:
-    """Run one workflow; return the ONNX files of the converted and the optimized model (both checked to exist)."""
+def run_submodel(
+    config: dict[str, Any], *, submodel: str, tempdir: Path | None, keep_cache: bool = True
+) -> tuple[Path, Path]:
+    """Run one workflow; return the ONNX files of the converted and the optimized model (both checked to exist).
+
+    Without ``keep_cache`` the cache's copy of the optimized model is deleted once Olive has copied it to the output
+    folder (the cache is then one this run deletes anyway): one copy of the weights less on disk.
+    """
     from olive.workflows import run as olive_run
 
     output_dir = Path(config["output_dir"])  # read first: Olive rearranges the dict it is given
@@ -196,9 +202,15 @@ def run_submodel(config: dict[str, Any], *, submodel: str, tempdir: Path | None)
             )
         found.append(onnx_file)
     # Olive also copies the last model of the flow into output_dir: hand that copy over (it can be moved), and
-    # leave the cache's files alone
+    # leave the cache's files alone unless the cache is to go
     final = output_dir / found[1].name
-    return found[0], final if final.is_file() else found[1]
+    if not final.is_file():
+        return found[0], found[1]
+    if not keep_cache:
+        for name in external_data_files(found[1]):
+            (found[1].parent / name).unlink()
+        found[1].unlink()
+    return found[0], final
 
 
 def external_data_files(onnx_file: Path) -> set[str]:
@@ -217,7 +229,8 @@ def external_data_files(onnx_file: Path) -> set[str]:
 
 def _place(source: Path, destination: Path, *, move: bool) -> None:
     """Move or copy one model file. Never hard-link: onnx refuses external data with several links (it takes them for
-    a hard-link attack), which would break the next run that reads the Olive cache."""
+    a hard-link attack), which would break the next run that reads the Olive cache (the optimize passes read the
+    cached export's tensors through onnx)."""
     if move:
         shutil.move(source, destination)
     else:
@@ -289,6 +302,10 @@ def optimize(
 ) -> OptimizedModel:
     """Convert and optimize every submodel of ``model`` with Olive; write ``models_dir/{unoptimized,optimized}``.
 
+    ``clean_cache`` starts from an empty Olive cache and leaves none behind, even when a submodel fails: the models are
+    then moved out of it instead of copied, and the cache's copy of each optimized model is deleted as soon as Olive
+    has copied it out, which saves two copies of the weights on disk (~28 GB for SDXL base in fp32).
+
     ``fp16_vae``: a diffusers folder whose ``vae`` is an fp16-fixed VAE (see ``models.with_vae``); the VAE graphs are
     exported from it and, on GPU providers, converted to fp16.
     """
@@ -322,7 +339,9 @@ def optimize(
                 output_dir=staging / "olive" / submodel,
                 project_dir=project_dir,
             )
-            converted[submodel], optimized[submodel] = run_submodel(config, submodel=submodel, tempdir=tempdir)
+            converted[submodel], optimized[submodel] = run_submodel(
+                config, submodel=submodel, tempdir=tempdir, keep_cache=not clean_cache
+            )
             logger.info("[%d/%d] %s done in %.1f s", index, len(submodels), submodel, time.perf_counter() - tick)
         marker = {
             "model_id": model.model_id,
@@ -332,7 +351,7 @@ def optimize(
             "source_weights": build_record(model.spec.root).get("weights"),
         }
         unoptimized_marker, optimized_marker = {**marker, "optimized": False}, {**marker, "optimized": True}
-        _assemble(model.spec, converted, staging / "unoptimized", unoptimized_marker, move=False, roots=roots)
+        _assemble(model.spec, converted, staging / "unoptimized", unoptimized_marker, move=clean_cache, roots=roots)
         _assemble(model.spec, optimized, staging / "optimized", optimized_marker, move=True, roots=roots)
         result = output_paths(model, models_dir)
         replace_folder(staging / "unoptimized", result.unoptimized)
@@ -347,3 +366,6 @@ def optimize(
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if clean_cache:  # its models were deleted or moved out above: no later run may find it
+            logger.info("deleting the Olive cache %s (--clean_cache)", cache_dir)
+            shutil.rmtree(cache_dir, ignore_errors=True)

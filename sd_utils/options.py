@@ -134,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=PROJECT_DIR / "cache",
         help="Olive cache; reruns reuse it (default: %(default)s)",
     )
-    optimize.add_argument("--clean_cache", action="store_true", help="delete the Olive cache before optimizing")
+    optimize.add_argument(
+        "--clean_cache",
+        action="store_true",
+        help="start from an empty Olive cache and delete it afterwards (needs less disk: results are moved out of it)",
+    )
     optimize.add_argument(
         "--use_fp16_fixed_vae",
         nargs="?",

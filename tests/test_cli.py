@@ -125,6 +125,24 @@ def test_rerun_uses_the_olive_cache_and_swaps(tiny_optimized, capsys):
     assert f"Optimized model: {optimized}" in capsys.readouterr().out
 
 
+def test_clean_cache_moves_the_results_out_and_leaves_no_cache(tiny_optimized, tmp_path):
+    """--clean_cache: both folders complete and loadable by onnx (no file shares its data with a cache: onnx refuses
+    hard-linked external data), and no Olive cache left behind to hold a second copy of the weights."""
+
+    from sd_utils.olive_workflow import external_data_files
+
+    models, cache = tmp_path / "models", tmp_path / "cache"
+    shutil.copytree(tiny_optimized.models_dir / "builtin", models / "builtin")
+    args = ["--optimize", "--model_id", "tiny", "--provider", "cpu", "--clean_cache"]
+    assert main([*args, "--models_dir", str(models), "--cache_dir", str(cache)]) == 0
+    assert not cache.exists()
+    for kind in ("unoptimized", "optimized"):
+        onnx_file = models / kind / "tiny" / "unet" / "model.onnx"
+        data = [onnx_file.parent / name for name in external_data_files(onnx_file)]
+        assert data and all(path.stat().st_nlink == 1 for path in data)
+        onnx.load(str(onnx_file))  # reads the external data
+
+
 def test_a_model_optimized_from_older_shipped_weights_is_rebuilt(tiny_optimized, tmp_path, caplog):
     """The optimized folder remembers the weights of the build it came from; generating with a stale one (older
     shipped weights) re-optimizes first instead of drawing with the old model."""
