@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -267,6 +268,23 @@ def _assemble(
     (destination / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
+STAGING = re.compile(r"^\.optimize-(?:[a-z]+-)?(\d+)-")  # .optimize-[label-]<pid>-<random>
+
+
+def staging_folder(parent: Path, label: str = "") -> Path:
+    """A new hidden staging folder in ``parent``, named after this process. Staging folders of processes that no
+    longer run (killed mid-run, so their clean-up never ran: a full-size one holds tens of GB) are deleted first."""
+    import psutil
+
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.iterdir():
+        match = STAGING.match(stale.name)
+        if match and stale.is_dir() and not psutil.pid_exists(int(match.group(1))):
+            logger.info("deleting %s, left behind by a run that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".optimize-{label}{os.getpid()}-", dir=parent))
+
+
 def replace_folder(new: Path, destination: Path) -> None:
     """Move ``new`` to ``destination``; an existing ``destination`` is removed only once ``new`` is in place."""
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +330,7 @@ def optimize(
     if clean_cache and cache_dir.exists():
         logger.info("deleting the Olive cache %s", cache_dir)
         shutil.rmtree(cache_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".optimize-", dir=models_dir))
+    staging = staging_folder(models_dir)
     try:
         converted, optimized = {}, {}
         submodels = model.spec.submodels

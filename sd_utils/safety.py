@@ -11,14 +11,20 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import ModelNotFoundError
 from .models import download_snapshot
-from .olive_workflow import external_data_files, load_template, replace_folder, run_submodel, workflow_config
+from .olive_workflow import (
+    external_data_files,
+    load_template,
+    replace_folder,
+    run_submodel,
+    staging_folder,
+    workflow_config,
+)
 from .providers import Provider, session_options, session_providers
 
 logger = logging.getLogger(__name__)
@@ -145,8 +151,7 @@ def optimize_checker(
 ) -> Path:
     """Convert and optimize the checker with its Olive workflow into ``models/optimized/safety_checker/<name>``."""
     destination = checker_folder(models_dir, source)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".optimize-checker-", dir=models_dir))
+    staging = staging_folder(models_dir, "checker-")
     try:
         logger.info("safety checker %s: convert -> %s", source.name, provider.optimize_pass)
         config = workflow_config(

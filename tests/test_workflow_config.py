@@ -217,3 +217,23 @@ def test_fp16_fixed_vae_switches_the_vae_to_fp16_on_gpu_only(spec, provider):
         assert optimize["float16"] is row.fp16
         if row.fp16:
             assert optimize["keep_io_types"] is True
+
+
+def test_staging_folders_of_killed_runs_are_deleted(tmp_path):
+    """A run killed mid-way (no clean-up ran) leaves its staging folder, tens of GB at full size; the next run deletes
+    it, but never a live process's folder or a folder it cannot attribute."""
+    import os
+
+    from sd_utils.olive_workflow import staging_folder
+
+    dead = tmp_path / ".optimize-999999999-abc"  # no such process
+    (dead / "olive").mkdir(parents=True)
+    (dead / "olive" / "model.onnx.data").write_bytes(b"x")
+    live = tmp_path / f".optimize-checker-{os.getpid()}-def"
+    unknown = tmp_path / ".optimize-old"
+    live.mkdir()
+    unknown.mkdir()
+    new = staging_folder(tmp_path)
+    assert new.name.startswith(f".optimize-{os.getpid()}-")
+    assert not dead.exists()
+    assert live.exists() and unknown.exists()
