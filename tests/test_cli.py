@@ -102,10 +102,10 @@ def test_failed_optimization_keeps_the_previous_model(tiny_optimized, monkeypatc
     optimized = tiny_optimized.models_dir / "optimized" / "tiny"
     before = {p.relative_to(optimized): p.stat().st_mtime_ns for p in optimized.rglob("*")}
 
-    def failing_run(config, *, submodel, tempdir):
+    def failing_run(config, *, submodel, **options):
         if submodel == "unet":
             raise OptimizationError("Olive produced no orttransformersoptimization model for unet")
-        return original(config, submodel=submodel, tempdir=tempdir)
+        return original(config, submodel=submodel, **options)
 
     original = olive_workflow.run_submodel
     monkeypatch.setattr(olive_workflow, "run_submodel", failing_run)
