@@ -172,7 +172,7 @@ def run_ort(
 
     def session(name, *, extra=None):
         path = str(Path(folder) / name / "model.onnx")
-        providers = [("CUDAExecutionProvider", {**(extra or {})})]
+        providers = [("CUDAExecutionProvider", extra or {})]
         return ort.InferenceSession(path, sess_options=options, providers=providers)
 
     def bound(sess, feeds: dict):
@@ -207,12 +207,10 @@ def run_ort(
         )
         runner.host_wait = host_wait
         unet = runner.session
-        feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
-        step = lambda: runner(feeds)  # noqa: E731
     else:
         unet = session("unet", extra=unet_options)
-        feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
-        step = bound(unet, feeds)
+    feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
+    step = (lambda: runner(feeds)) if cuda_graph else bound(unet, feeds)
     results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
     if args.profile and not cuda_graph:
         results["unet_profile"] = _profile_kernels(step, runs=5)

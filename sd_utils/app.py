@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-import shutil
 from pathlib import Path
 
 from .base_images import load_base_images
@@ -193,10 +192,9 @@ def prepare_models(options: Options, job: Job) -> ReadyModels:
                 provider=job.provider,
                 models_dir=options.models_dir,
                 cache_dir=options.cache_dir,
+                clean_cache=options.clean_cache,
                 tempdir=options.tempdir,
             )
-            if options.clean_cache:  # as optimize() does for the models: leave no cache behind
-                shutil.rmtree(options.cache_dir, ignore_errors=True)
     return ReadyModels(model=model, refiner=refiner, checker=checker)
 
 

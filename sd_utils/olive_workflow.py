@@ -8,6 +8,7 @@ never destroys a model that worked.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +287,32 @@ def staging_folder(parent: Path, label: str = "") -> Path:
     return Path(tempfile.mkdtemp(prefix=f".optimize-{label}{os.getpid()}-", dir=parent))
 
 
+@contextlib.contextmanager
+def staged(parent: Path, label: str = "") -> Iterator[Path]:
+    """A :func:`staging_folder` for the ``with`` block, deleted when it ends (what is to stay is moved out first)."""
+    staging = staging_folder(parent, label)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def olive_cache(cache_dir: Path, *, clean: bool) -> Iterator[Path]:
+    """``cache_dir`` for a run's Olive workflows. With ``clean`` (``--clean_cache``) the run starts from an empty cache
+    and leaves none behind, even after a failure: its models may have been moved or deleted out of it (see
+    ``optimize``), so no later run may find it."""
+    if clean and cache_dir.exists():
+        logger.info("deleting the Olive cache %s", cache_dir)
+        shutil.rmtree(cache_dir)
+    try:
+        yield cache_dir
+    finally:
+        if clean:
+            logger.info("deleting the Olive cache %s (--clean_cache)", cache_dir)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+
 def replace_folder(new: Path, destination: Path) -> None:
     """Move ``new`` to ``destination``; an existing ``destination`` is removed only once ``new`` is in place."""
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -327,11 +355,7 @@ def optimize(
     ``fp16_vae``: a diffusers folder whose ``vae`` is an fp16-fixed VAE (see ``models.with_vae``); the VAE graphs are
     exported from it and, on GPU providers, converted to fp16.
     """
-    if clean_cache and cache_dir.exists():
-        logger.info("deleting the Olive cache %s", cache_dir)
-        shutil.rmtree(cache_dir)
-    staging = staging_folder(models_dir)
-    try:
+    with olive_cache(cache_dir, clean=clean_cache), staged(models_dir) as staging:
         converted, optimized = {}, {}
         submodels = model.spec.submodels
         roots = {name: fp16_vae if fp16_vae and name.startswith("vae") else model.spec.root for name in submodels}
@@ -381,8 +405,3 @@ def optimize(
             result.optimized,
         )
         return result
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if clean_cache:  # its models were deleted or moved out above: no later run may find it
-            logger.info("deleting the Olive cache %s (--clean_cache)", cache_dir)
-            shutil.rmtree(cache_dir, ignore_errors=True)

@@ -20,9 +20,10 @@ from .models import download_snapshot
 from .olive_workflow import (
     external_data_files,
     load_template,
+    olive_cache,
     replace_folder,
     run_submodel,
-    staging_folder,
+    staged,
     workflow_config,
 )
 from .providers import Provider, session_options, session_providers
@@ -147,12 +148,18 @@ def checker_folder(models_dir: Path, source: CheckerSource) -> Path:
 
 
 def optimize_checker(
-    source: CheckerSource, *, provider: Provider, models_dir: Path, cache_dir: Path, tempdir: Path | None = None
+    source: CheckerSource,
+    *,
+    provider: Provider,
+    models_dir: Path,
+    cache_dir: Path,
+    clean_cache: bool = False,
+    tempdir: Path | None = None,
 ) -> Path:
-    """Convert and optimize the checker with its Olive workflow into ``models/optimized/safety_checker/<name>``."""
+    """Convert and optimize the checker with its Olive workflow into ``models/optimized/safety_checker/<name>``;
+    ``clean_cache`` as for the models (``olive_workflow.olive_cache``)."""
     destination = checker_folder(models_dir, source)
-    staging = staging_folder(models_dir, "checker-")
-    try:
+    with olive_cache(cache_dir, clean=clean_cache), staged(models_dir, "checker-") as staging:
         logger.info("safety checker %s: convert -> %s", source.name, provider.optimize_pass)
         config = workflow_config(
             load_template(SUBMODEL),
@@ -173,8 +180,6 @@ def optimize_checker(
         (folder / "sdxl_olive.json").write_text(json.dumps({"provider": provider.name, "source": str(source.weights)}))
         replace_folder(folder, destination)
         return destination
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 class OnnxSafetyChecker:

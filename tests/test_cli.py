@@ -128,7 +128,6 @@ def test_rerun_uses_the_olive_cache_and_swaps(tiny_optimized, capsys):
 def test_clean_cache_moves_the_results_out_and_leaves_no_cache(tiny_optimized, tmp_path):
     """--clean_cache: both folders complete and loadable by onnx (no file shares its data with a cache: onnx refuses
     hard-linked external data), and no Olive cache left behind to hold a second copy of the weights."""
-
     from sd_utils.olive_workflow import external_data_files
 
     models, cache = tmp_path / "models", tmp_path / "cache"
