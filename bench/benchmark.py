@@ -8,16 +8,18 @@ memory with nvidia-smi. Prints one JSON document: per-submodel latency, UNet ste
 classifier-free guidance), end-to-end image latency, and peak GPU memory per variant. Needs CUDA, torch with CUDA and
 onnxruntime-gpu; times are medians in milliseconds.
 
-A variant name may end in ``@key=value+key=value``: extra CUDA provider options for the UNet session, e.g.
-``ort_optimized_iobinding@sdpa_kernel=8`` (attention by cuDNN's flash kernel); such variants need ``--unet_only``,
-which measures the UNet step alone; ``--profile`` adds the UNet step's GPU time by CUDA kernel (torch's
-profiler) to every variant without CUDA graph.
+A variant name may end in ``@key=value+key=value``: extra settings for the UNet session, e.g.
+``ort_optimized_iobinding@sdpa_kernel=8`` (attention by cuDNN's flash kernel). A plain key is a CUDA provider option,
+a dotted key (``ep.cuda.enable_gemm_auto_tune``) a session config entry, and ``env.NAME`` an environment variable of
+the variant's process. Such variants need ``--unet_only``, which measures the UNet step alone; ``--profile`` adds the
+UNet step's GPU time by CUDA kernel (torch's profiler) to every variant without CUDA graph.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -83,7 +85,7 @@ def run_torch(args) -> dict:
         )
         results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
         if args.profile:
-            results["unet_profile"] = _profile_kernels(step, runs=5)
+            results["unet_profile"] = profile_kernels(step, runs=5)
         if args.unet_only:
             return results
         ids = torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")
@@ -109,13 +111,21 @@ def run_torch(args) -> dict:
 
 
 def _parse_variant(variant: str) -> tuple[str, dict[str, str]]:
-    """``name@key=value+key=value`` -> (name, UNet provider options)."""
+    """``name@key=value+key=value`` -> (name, UNet settings by key; see the module's docstring)."""
     name, _, extra = variant.partition("@")
-    options = dict(item.split("=", 1) for item in extra.split("+") if item)
-    return name, options
+    settings = dict(item.split("=", 1) for item in extra.split("+") if item)
+    return name, settings
 
 
-def _profile_kernels(step, *, runs: int, top: int = 30) -> dict:
+def _apply_env(settings: dict[str, str]) -> dict[str, str]:
+    """Export the ``env.NAME`` settings (before onnxruntime loads); return the others."""
+    for key, value in settings.items():
+        if key.startswith("env."):
+            os.environ[key.removeprefix("env.")] = value
+    return {key: value for key, value in settings.items() if not key.startswith("env.")}
+
+
+def profile_kernels(step, *, runs: int, top: int = 30) -> dict:
     """GPU time per UNet step by CUDA kernel (torch's CUPTI profiler sees ONNX Runtime's kernels too: ORT's own
     profiler times kernel launches on the host, not the GPU)."""
     import torch
@@ -170,10 +180,10 @@ def run_ort(
     sync = torch.cuda.synchronize  # the whole device: ORT's streams and ours
     results = {}
 
-    def session(name, *, extra=None):
+    def session(name, *, extra=None, sess_options=options):
         path = str(Path(folder) / name / "model.onnx")
-        providers = [("CUDAExecutionProvider", extra or {})]
-        return ort.InferenceSession(path, sess_options=options, providers=providers)
+        providers = [("CUDAExecutionProvider", {**dict(cuda.options), **(extra or {})})]
+        return ort.InferenceSession(path, sess_options=sess_options, providers=providers)
 
     def bound(sess, feeds: dict):
         """Time ``sess`` on ``feeds`` (torch CUDA tensors): IO binding, or numpy in/out through ``run``."""
@@ -199,26 +209,36 @@ def run_ort(
             if name in kinds
         }
 
+    unet_only_settings = bool(unet_options)
+    unet_options = dict(unet_options or {})
+    unet_session_options = options
+    if any("." in key for key in unet_options):
+        unet_session_options = session_options(cuda, free_dimension_overrides(spec, shape))
+        for key in [key for key in unet_options if "." in key]:
+            unet_session_options.add_session_config_entry(key, unet_options.pop(key))
     if cuda_graph:
         runner = CudaGraphUNet(
             *cuda_graph_session(
-                Path(folder) / "unet" / "model.onnx", device_id=0, sess_options=options, extra_options=unet_options
+                Path(folder) / "unet" / "model.onnx",
+                device_id=0,
+                sess_options=unet_session_options,
+                extra_options={**dict(cuda.options), **unet_options},
             )
         )
         runner.host_wait = host_wait
         unet = runner.session
     else:
-        unet = session("unet", extra=unet_options)
+        unet = session("unet", extra=unet_options, sess_options=unet_session_options)
     feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
     step = (lambda: runner(feeds)) if cuda_graph else bound(unet, feeds)
     results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
     if args.profile and not cuda_graph:
-        results["unet_profile"] = _profile_kernels(step, runs=5)
+        results["unet_profile"] = profile_kernels(step, runs=5)
     del unet, step
     if args.unet_only:
         return results
-    if unet_options:
-        raise SystemExit("UNet provider options apply to the UNet step only: add --unet_only")
+    if unet_only_settings:
+        raise SystemExit("UNet session settings apply to the UNet step only: add --unet_only")
     for name in ("text_encoder", "text_encoder_2"):
         encoder = session(name)
         ids = {"input_ids": torch.zeros((1, spec.text_length), dtype=torch.int64, device="cuda")}
@@ -294,7 +314,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.run_variant:  # child process: measure one variant, print its JSON
-        variant, unet_options = _parse_variant(args.run_variant)
+        variant, settings = _parse_variant(args.run_variant)
+        unet_options = _apply_env(settings)
         folder = args.unoptimized_dir if variant == "ort_unoptimized" else args.onnx_dir
         if variant == "torch_fp16":
             result = run_torch(args)

@@ -2,7 +2,9 @@
 # The full-size CUDA run on the lent H100 (../shared/gpu/README.md says how the machine gets onnxruntime-gpu):
 #   bash bench/gpu_run.sh start    copy the repo to /tmp/sdxl/repo, start build + --optimize --provider cuda + benchmark
 #                                  in the background (the UNet fusion alone takes ~10 min); VARIANTS=a,b picks the
-#                                  benchmark's variants, ATTENTION_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run
+#                                  benchmark's variants, UNET_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run after
+#                                  it, LAST_VARIANTS=c,d a last whole-pipeline run; while the CPU builds, the GPU runs
+#                                  the gpu-marked tests and bench/fp8_gemm.py ("side" job)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
 #   bash bench/gpu_run.sh cputrain train the demo model on this machine's CPU (GPU hidden), then its quality check
@@ -21,6 +23,16 @@ case "${1:-}" in
     cd "$WORK/repo"
     python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
     setsid nohup bash bench/gpu_run.sh pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
+    setsid nohup bash bench/gpu_run.sh side > "$WORK/side.log" 2>&1 < /dev/null &
+    ;;
+  side)
+    cd "$WORK/repo"
+    echo "== gpu tests $(date +%T)"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
+    echo "== fp8 GEMMs $(date +%T)"
+    until [ -f "$WORK/models/builtin/$MODEL/unet/config.json" ]; do sleep 5; done
+    python3 bench/fp8_gemm.py --model_dir "$WORK/models/builtin/$MODEL" > "$WORK/fp8_gemm.json"
+    echo "== side DONE $(date +%T)"
     ;;
   tests)
     cd "$WORK/repo"
@@ -32,16 +44,21 @@ case "${1:-}" in
     timer=""
     [ -x /usr/bin/time ] && timer="/usr/bin/time -v"
     $timer python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda \
-      --models_dir "$WORK/models" --cache_dir "$WORK/cache" 2>&1 | grep -vE "TracerWarning|^\s+(if|assert) "
+      --models_dir "$WORK/models" --cache_dir "$WORK/cache" 2>&1 | grep --line-buffered -vE "TracerWarning|^\s+(if|assert) "
     python3 bench/fused_ops.py "$WORK/models/optimized/$MODEL" > "$WORK/fused_ops.json"
-    while pgrep -f sd_utils.demo_model.train > /dev/null; do sleep 5; done  # the GPU to itself
+    # the GPU to itself
+    while pgrep -f "sd_utils.demo_model.train|gpu_run.sh side" > /dev/null; do sleep 5; done
     dirs=(--model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL"
       --unoptimized_dir "$WORK/models/unoptimized/$MODEL")
     echo "== benchmark $(date +%T)"
     python3 bench/benchmark.py "${dirs[@]}" --profile ${VARIANTS:+--variants "$VARIANTS"} > "$WORK/benchmark.json"
-    if [ -n "${ATTENTION_VARIANTS:-}" ]; then
-      echo "== attention kernels $(date +%T)"
-      python3 bench/benchmark.py "${dirs[@]}" --unet_only --variants "$ATTENTION_VARIANTS" > "$WORK/attention.json"
+    if [ -n "${UNET_VARIANTS:-}" ]; then
+      echo "== UNet-only variants $(date +%T)"
+      python3 bench/benchmark.py "${dirs[@]}" --unet_only --profile --variants "$UNET_VARIANTS" > "$WORK/unet_variants.json"
+    fi
+    if [ -n "${LAST_VARIANTS:-}" ]; then
+      echo "== last variants $(date +%T)"
+      python3 bench/benchmark.py "${dirs[@]}" --variants "$LAST_VARIANTS" > "$WORK/benchmark_last.json"
     fi
     echo "== DONE $(date +%T)"
     ;;
@@ -64,15 +81,16 @@ case "${1:-}" in
     tail -n 3 "$WORK/train.log" 2>/dev/null || true
     tail -n 3 "$WORK/cpu_train.log" 2>/dev/null || true
     cp "$WORK/cpurepo/sd_utils/demo_model/weights/settings.json" "$WORK/cpu_settings.json" 2>/dev/null || true
-    for f in pipeline.log fused_ops.json benchmark.json attention.json train.log cpu_train.log cpu_quality.json \
-      cpu_settings.json; do
+    tail -n "${LINES_SHOWN:-25}" "$WORK/side.log" 2>/dev/null || true
+    for f in pipeline.log side.log fused_ops.json benchmark.json unet_variants.json benchmark_last.json fp8_gemm.json \
+      train.log cpu_train.log cpu_quality.json cpu_settings.json; do
       [ -f "$WORK/$f" ] && [ -n "${OUT:-}" ] && cp "$WORK/$f" "$OUT/"
     done
     if [ -d "$WORK/demo_weights" ] && [ -n "${OUT:-}" ]; then cp -r "$WORK/demo_weights" "$OUT/"; fi
     true
     ;;
   *)
-    echo "usage: bash bench/gpu_run.sh start|tests|train|cputrain|status" >&2
+    echo "usage: bash bench/gpu_run.sh start|side|tests|train|cputrain|status" >&2
     exit 2
     ;;
 esac
