@@ -132,7 +132,7 @@ def load_pipeline(
     options = session_options(provider, overrides)
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
-    runner = _cuda_graph_unet(folder, device_id, options) if cuda_graph else None
+    runner = _cuda_graph_unet(folder, provider, device_id, options) if cuda_graph else None
     graphed = " (UNet as a CUDA graph)" if runner else ""
     logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)
     pipeline = cls.from_pretrained(
@@ -149,11 +149,16 @@ def load_pipeline(
     return LoadedPipeline(pipeline, spec, folder, provider, shape, model_label, unet_graph=runner)
 
 
-def _cuda_graph_unet(folder: Path, device_id: int, options) -> CudaGraphUNet | None:
+def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) -> CudaGraphUNet | None:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     try:
-        session, stream = cuda_graph_session(folder / "unet" / "model.onnx", device_id=device_id, sess_options=options)
+        session, stream = cuda_graph_session(
+            folder / "unet" / "model.onnx",
+            device_id=device_id,
+            sess_options=options,
+            extra_options=dict(provider.options),
+        )
     except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
         logger.warning("the UNet runs without a CUDA graph: %s", str(error).strip().splitlines()[0])
         return None
