@@ -120,6 +120,28 @@ def _cuda_pipeline(folder, spec, **options):
     )
 
 
+def test_cuda_sessions_get_the_provider_options(monkeypatch, tmp_path):
+    """Every CUDA session, the CUDA-graph UNet's included, fuses convolution biases (bench/NOTES.md, run 4)."""
+    from sd_utils import generation
+    from sd_utils.providers import PROVIDERS, session_providers
+
+    cuda = PROVIDERS["cuda"]
+    assert session_providers(cuda, 1) == (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        [{"device_id": 1, "fuse_conv_bias": "1"}, {}],
+    )
+    assert session_providers(PROVIDERS["cpu"], 0) == (["CPUExecutionProvider"], [{}])
+    seen = {}
+
+    def graph_session(onnx_file, **kwargs):
+        seen.update(kwargs)
+        return object(), object()
+
+    monkeypatch.setattr(generation, "cuda_graph_session", graph_session)
+    runner = generation._cuda_graph_unet(tmp_path, cuda, 1, None)
+    assert seen["extra_options"] == {"fuse_conv_bias": "1"} and seen["device_id"] == runner.device_id == 1
+
+
 @pytest.mark.gpu
 @GPU_ONLY
 def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
