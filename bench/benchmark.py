@@ -11,8 +11,9 @@ onnxruntime-gpu; times are medians in milliseconds.
 A variant name may end in ``@key=value+key=value``: extra settings for the UNet session, e.g.
 ``ort_optimized_iobinding@sdpa_kernel=8`` (attention by cuDNN's flash kernel). A plain key is a CUDA provider option,
 a dotted key (``ep.cuda.enable_gemm_auto_tune``) a session config entry, and ``env.NAME`` an environment variable of
-the variant's process. Such variants need ``--unet_only``, which measures the UNet step alone; ``--profile`` adds the
-UNet step's GPU time by CUDA kernel (torch's profiler) to every variant without CUDA graph.
+the variant's process (it applies to every session of the variant). Provider options and session entries need
+``--unet_only``, which measures the UNet step alone; ``--profile`` adds the UNet step's GPU time by CUDA kernel
+(torch's profiler) to every variant without CUDA graph.
 """
 
 from __future__ import annotations
