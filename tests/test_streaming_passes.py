@@ -191,3 +191,20 @@ def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path, monkeypatch):
         if tensor.data_type == onnx.TensorProto.FLOAT and (tensor.raw_data or tensor.float_data)
     ]
     assert inline == []
+
+
+def test_fp16_conversion_of_a_tensor_matches_onnxruntimes():
+    """The chunked fp16 conversion of external tensors gives ONNX Runtime's values bit for bit: clamped range, tiny
+    values kept off zero, zeros, infinities and NaNs unchanged; across chunk boundaries too."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from sd_utils.olive_passes import to_float16
+
+    edges = [0.0, -0.0, 1e-9, -1e-9, 3e-8, 5.96e-08, -5.96e-08, 1e-7, 6.1e-5, 1.0, -2.5, 65504.0, 65519.0, -7e4, 1e30]
+    edges += [np.inf, -np.inf, np.nan]
+    values = np.concatenate(
+        [np.array(edges, dtype=np.float32), np.random.default_rng(0).standard_normal(5008).astype(np.float32) * 1e4]
+    ).reshape(-1, 7)
+    ours = to_float16(values, 5.96e-08, 65504.0, chunk=1000)
+    assert ours.shape == values.shape
+    assert np.array_equal(ours.view(np.uint16), convert_np_to_float16(values).view(np.uint16))
