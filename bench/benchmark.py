@@ -54,7 +54,7 @@ def _median_ms(function, *, warmup: int, runs: int, synchronize) -> float:
     return round(statistics.median(times), 2)
 
 
-def _unet_inputs(spec, size: int, *, device, dtype):
+def unet_inputs(spec, size: int, *, device, dtype):
     import torch
 
     from sd_utils.model_spec import Shape, submodel_io
@@ -79,7 +79,7 @@ def run_torch(args) -> dict:
     sync = torch.cuda.synchronize
     results = {}
     with torch.inference_mode():
-        inputs = _unet_inputs(spec, args.size, device="cuda", dtype=torch.float16)
+        inputs = unet_inputs(spec, args.size, device="cuda", dtype=torch.float16)
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
         step = lambda: pipe.unet(  # noqa: E731
             inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added_cond_kwargs=added
@@ -210,27 +210,29 @@ def run_ort(
             if name in kinds
         }
 
-    unet_only_settings = bool(unet_options)
-    unet_options = dict(unet_options or {})
+    unet_options = unet_options or {}
+    # a dotted key is a session config entry, any other a provider option (see the module's docstring)
+    entries = {key: value for key, value in unet_options.items() if "." in key}
+    provider_extra = {key: value for key, value in unet_options.items() if "." not in key}
     unet_session_options = options
-    if any("." in key for key in unet_options):
+    if entries:
         unet_session_options = session_options(cuda, free_dimension_overrides(spec, shape))
-        for key in [key for key in unet_options if "." in key]:
-            unet_session_options.add_session_config_entry(key, unet_options.pop(key))
+        for key, value in entries.items():
+            unet_session_options.add_session_config_entry(key, value)
     if cuda_graph:
         runner = CudaGraphUNet(
             *cuda_graph_session(
                 Path(folder) / "unet" / "model.onnx",
                 device_id=0,
                 sess_options=unet_session_options,
-                extra_options={**dict(cuda.options), **unet_options},
+                extra_options={**dict(cuda.options), **provider_extra},
             )
         )
         runner.host_wait = host_wait
         unet = runner.session
     else:
-        unet = session("unet", extra=unet_options, sess_options=unet_session_options)
-    feeds = typed(unet, _unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
+        unet = session("unet", extra=provider_extra, sess_options=unet_session_options)
+    feeds = typed(unet, unet_inputs(spec, args.size, device="cuda", dtype=torch.float32))
     step = (lambda: runner(feeds)) if cuda_graph else bound(unet, feeds)
     results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
     if args.profile and not cuda_graph:
@@ -238,7 +240,7 @@ def run_ort(
     del unet, step
     if args.unet_only:
         return results
-    if unet_only_settings:
+    if unet_options:
         raise SystemExit("UNet session settings apply to the UNet step only: add --unet_only")
     for name in ("text_encoder", "text_encoder_2"):
         encoder = session(name)

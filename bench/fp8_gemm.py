@@ -42,14 +42,12 @@ def unet_gemms(model_dir: Path, size: int) -> collections.Counter:
     """(M, K, N) -> calls per UNet step (batch 2), from the linear layers of the UNet in the diffusers folder
     ``model_dir`` (its config only: the model is built and run on the meta device)."""
     import torch
+    from benchmark import unet_inputs
     from diffusers import UNet2DConditionModel
 
-    from sd_utils.model_spec import ModelSpec, Shape, submodel_io
+    from sd_utils.model_spec import ModelSpec
 
-    spec = ModelSpec.from_folder(model_dir)
-    contract = submodel_io(spec, "unet")
-    dummies = contract.dummy_inputs(Shape(batch=1, height=size, width=size))
-    inputs = dict(zip(contract.input_names, dummies, strict=True))
+    feeds = unet_inputs(ModelSpec.from_folder(model_dir), size, device="meta", dtype=torch.float32)
     seen: dict[str, tuple[int, int, int]] = {}
 
     def hook(name):
@@ -64,7 +62,6 @@ def unet_gemms(model_dir: Path, size: int) -> collections.Counter:
     for name, module in unet.named_modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(hook(name))
-    feeds = {name: tensor.to("meta") for name, tensor in inputs.items()}
     with torch.no_grad():
         unet(
             feeds["sample"],
