@@ -5,7 +5,8 @@
 
 Each variant runs in its own process (clean GPU memory, fair peak figures) while this process samples the GPU's
 memory with nvidia-smi. Prints one JSON document: per-submodel latency, UNet step latency (batch 2 = one image with
-classifier-free guidance), end-to-end image latency, and peak GPU memory per variant. Needs CUDA, torch with CUDA and
+classifier-free guidance), end-to-end image latency (and the same without the VAE decode, ``denoise_ms``), and peak
+GPU memory per variant. Needs CUDA, torch with CUDA and
 onnxruntime-gpu; times are medians in milliseconds.
 
 A variant name may end in ``@key=value+key=value``: extra settings for the UNet session, e.g.
@@ -19,6 +20,7 @@ the variant's process (it applies to every session of the variant). Provider opt
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -67,6 +69,21 @@ def unet_inputs(spec, size: int, *, device, dtype):
     }
 
 
+def image_times(pipe, args, *, synchronize) -> dict:
+    """End-to-end image latency, and the same call stopped before the VAE (``output_type="latent"``): the difference
+    is the decode and the image post-processing, the rest the prompt encoding and the denoising loop."""
+    call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0)
+    return {
+        key: _median_ms(
+            functools.partial(pipe, "a photo", output_type=output_type, **call),
+            warmup=1,
+            runs=args.image_runs,
+            synchronize=synchronize,
+        )
+        for key, output_type in (("image_ms", "pil"), ("denoise_ms", "latent"))
+    }
+
+
 def run_torch(args) -> dict:
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -101,12 +118,7 @@ def run_torch(args) -> dict:
         pipe.vae.to(torch.float32)  # SDXL's VAE config says force_upcast: diffusers decodes in fp32
         results["vae_decoder_ms"] = _median_ms(lambda: pipe.vae.decode(latents), warmup=2, runs=5, synchronize=sync)
         pipe.vae.to(torch.float16)
-    results["image_ms"] = _median_ms(
-        lambda: pipe("a photo", num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0),
-        warmup=1,
-        runs=args.image_runs,
-        synchronize=sync,
-    )
+    results.update(image_times(pipe, args, synchronize=sync))
     results["torch_max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return results
 
@@ -269,12 +281,7 @@ def run_ort(
         loaded.unet_graph.host_wait = host_wait
     pipe = loaded.pipeline
     pipe.set_progress_bar_config(disable=True)
-    results["image_ms"] = _median_ms(
-        lambda: pipe("a photo", num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0),
-        warmup=1,
-        runs=args.image_runs,
-        synchronize=sync,
-    )
+    results.update(image_times(pipe, args, synchronize=sync))
     return results
 
 

@@ -1,0 +1,72 @@
+"""An optimized pipeline folder whose VAE decoder runs in fp16, as ``--use_fp16_fixed_vae`` builds it, for the image
+benchmark, without a second full-size build:
+
+    python bench/fp16_vae.py --model_dir models/builtin/random-sdxl-base \
+        --onnx_dir models/optimized/random-sdxl-base --out /tmp/fp16-vae
+    python bench/benchmark.py ... --onnx_dir /tmp/fp16-vae --variants ort_optimized_cudagraph
+
+Runs the tool's own Olive workflow for the VAE decoder alone (``--provider cuda``, converted to fp16 as with an
+fp16-fixed VAE) from ``--model_dir``'s VAE, then writes ``--out``: ``--onnx_dir``'s components linked, not copied,
+and that decoder in place of the fp32 one. A random-weight VAE has the architecture of the fp16-fixed SDXL VAE
+(madebyollin/sdxl-vae-fp16-fix), so its speed is what a user of that option gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+
+def main(argv=None) -> int:
+    from sd_utils.model_spec import ModelSpec
+    from sd_utils.olive_workflow import (
+        external_data_files,
+        load_template,
+        run_submodel,
+        unsupported_fusions,
+        workflow_config,
+    )
+    from sd_utils.providers import PROVIDERS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", type=Path, required=True, help="diffusers folder the VAE is exported from")
+    parser.add_argument("--onnx_dir", type=Path, required=True, help="optimized pipeline folder (--provider cuda)")
+    parser.add_argument("--out", type=Path, required=True, help="new pipeline folder (must not exist)")
+    args = parser.parse_args(argv)
+
+    spec, cuda = ModelSpec.from_folder(args.model_dir), PROVIDERS["cuda"]
+    work = Path(tempfile.mkdtemp(prefix="fp16-vae-"))
+    config = workflow_config(
+        load_template("vae_decoder"),
+        submodel="vae_decoder",
+        provider=cuda,
+        model_path=args.model_dir,
+        disabled_fusions=unsupported_fusions(spec, provider=cuda, submodel="vae_decoder"),
+        vae_float16=True,
+        cache_dir=work / "cache",
+        output_dir=work / "out",
+    )
+    _, decoder = run_submodel(config, submodel="vae_decoder", tempdir=work / "tmp")
+
+    args.out.mkdir(parents=True)
+    for entry in args.onnx_dir.iterdir():
+        if entry.name != "vae_decoder":
+            (args.out / entry.name).symlink_to(entry.resolve())
+    (args.out / "vae_decoder").mkdir()
+    shutil.copy2(args.onnx_dir / "vae_decoder" / "config.json", args.out / "vae_decoder" / "config.json")
+    for name in external_data_files(decoder):
+        shutil.copy2(decoder.parent / name, args.out / "vae_decoder" / name)
+    shutil.copy2(decoder, args.out / "vae_decoder" / "model.onnx")
+    shutil.rmtree(work)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
