@@ -116,15 +116,6 @@ def test_fp16_graph_matches_the_stock_passes(optimize, submodel, provider):
     ]
 
 
-def test_cuda_attention_takes_separate_q_k_v(optimize):
-    """ORT's flash and cuDNN attention kernels read separate Q, K and V in place; packed QKV/KV inputs would first be
-    unpacked by a copy on every call (contrib_ops/cuda/bert/attention_prepare_qkv.cu, ORT 1.31)."""
-    graph = onnx.load(str(optimize("unet", "cuda", False)), load_external_data=False).graph
-    attention = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
-    assert attention
-    assert all(len(node.input) >= 3 and all(node.input[:3]) for node in attention)
-
-
 def test_large_tensors_live_in_one_external_file(optimize):
     model_file = optimize("unet", "cpu", False)
     graph = onnx.load(str(model_file), load_external_data=False).graph
@@ -183,7 +174,6 @@ def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path, monkeypatch):
     cuda = load_template("unet")["passes"]["optimize_cuda"]["optimization_options"]
     for name, value in cuda.items():
         setattr(options, name, value)
-    options.enable_packed_qkv = options.enable_packed_kv = True  # DirectML's packing makes the largest new tensors
     graph = onnx.load(str(exported), load_external_data=False)
     exported_names = {tensor.name for tensor in graph.graph.initializer}
     spill = olive_passes._ExternalDataWriter(exported.parent / ".spill")

@@ -111,9 +111,6 @@ def test_config_for_provider(spec, submodel, provider):
         assert not options["enable_skip_layer_norm"] and not options["enable_bias_add"]
         assert options["enable_packed_qkv"] and options["enable_packed_kv"]
         assert options["group_norm_channels_last"] is False
-    if provider == "cuda" and submodel == "unet":
-        # separate Q, K and V feed ORT's flash/cuDNN attention as they are; packed ones cost an unpacking copy
-        assert not options["enable_packed_qkv"] and not options["enable_packed_kv"]
     if submodel == "unet":
         assert convert["save_as_external_data"] and optimize["save_as_external_data"]
     if submodel.startswith("text_encoder"):
