@@ -5,9 +5,8 @@
 
 Each variant runs in its own process (clean GPU memory, fair peak figures) while this process samples the GPU's
 memory with nvidia-smi. Prints one JSON document: per-submodel latency, UNet step latency (batch 2 = one image with
-classifier-free guidance), end-to-end image latency (and the same without the VAE decode, ``denoise_ms``), and peak
-GPU memory per variant. Needs CUDA, torch with CUDA and
-onnxruntime-gpu; times are medians in milliseconds.
+classifier-free guidance), end-to-end image latency (see ``image_times``), and peak GPU memory per variant. Needs
+CUDA, torch with CUDA and onnxruntime-gpu; times are medians in milliseconds.
 
 A variant name may end in ``@key=value+key=value``: extra settings for the UNet session, e.g.
 ``ort_optimized_iobinding@sdpa_kernel=8`` (attention by cuDNN's flash kernel). A plain key is a CUDA provider option,
@@ -70,18 +69,19 @@ def unet_inputs(spec, size: int, *, device, dtype):
 
 
 def image_times(pipe, args, *, synchronize) -> dict:
-    """End-to-end image latency, and the same call stopped before the VAE (``output_type="latent"``): the difference
-    is the decode and the image post-processing, the rest the prompt encoding and the denoising loop."""
+    """End-to-end image latency to PIL images, three ways: as the tool makes them (``output_type="pt"``, then
+    ``generation.to_pil_images``: 8-bit rounding on the GPU), as diffusers' own ``output_type="pil"`` does (rounding
+    in numpy on the host; what runs 1-5 measured as ``image_ms``), and stopped before the VAE (``"latent"``): the
+    difference is the decode and post-processing, the rest the prompt encoding and the denoising loop."""
+    from sd_utils.generation import to_pil_images
+
     call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0)
-    return {
-        key: _median_ms(
-            functools.partial(pipe, "a photo", output_type=output_type, **call),
-            warmup=1,
-            runs=args.image_runs,
-            synchronize=synchronize,
-        )
-        for key, output_type in (("image_ms", "pil"), ("denoise_ms", "latent"))
+    ways = {
+        "image_ms": lambda: to_pil_images(pipe("a photo", output_type="pt", **call).images),
+        "image_diffusers_pil_ms": functools.partial(pipe, "a photo", output_type="pil", **call),
+        "denoise_ms": functools.partial(pipe, "a photo", output_type="latent", **call),
     }
+    return {key: _median_ms(way, warmup=1, runs=args.image_runs, synchronize=synchronize) for key, way in ways.items()}
 
 
 def run_torch(args) -> dict:
