@@ -42,17 +42,25 @@ VARIANTS = (
 )
 
 
-def _median_ms(function, *, warmup: int, runs: int, synchronize) -> float:
-    for _ in range(warmup):
-        function()
+def _medians_ms(functions: dict, *, warmup: int, runs: int, synchronize) -> dict:
+    """Median wall time (ms) of each function. The functions take turns run by run, so a drift of the machine
+    (clocks, a busy host) touches them alike, not whichever happens to be timed first."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
     synchronize()
-    times = []
+    times = {name: [] for name in functions}
     for _ in range(runs):
-        started = time.perf_counter()
-        function()
-        synchronize()
-        times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 2)
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            synchronize()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return {name: round(statistics.median(values), 2) for name, values in times.items()}
+
+
+def _median_ms(function, *, warmup: int, runs: int, synchronize) -> float:
+    return _medians_ms({"": function}, warmup=warmup, runs=runs, synchronize=synchronize)[""]
 
 
 def unet_inputs(spec, size: int, *, device, dtype):
@@ -69,19 +77,14 @@ def unet_inputs(spec, size: int, *, device, dtype):
 
 
 def image_times(pipe, args, *, synchronize) -> dict:
-    """End-to-end image latency to PIL images, three ways: as the tool makes them (``output_type="pt"``, then
-    ``generation.to_pil_images``: 8-bit rounding on the GPU), as diffusers' own ``output_type="pil"`` does (rounding
-    in numpy on the host; what runs 1-5 measured as ``image_ms``), and stopped before the VAE (``"latent"``): the
-    difference is the decode and post-processing, the rest the prompt encoding and the denoising loop."""
-    from sd_utils.generation import to_pil_images
-
+    """End-to-end image latency (to PIL images), and the same call stopped before the VAE (``output_type="latent"``):
+    the difference is the decode and the post-processing, the rest the prompt encoding and the denoising loop."""
     call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0)
     ways = {
-        "image_ms": lambda: to_pil_images(pipe("a photo", output_type="pt", **call).images),
-        "image_diffusers_pil_ms": functools.partial(pipe, "a photo", output_type="pil", **call),
+        "image_ms": functools.partial(pipe, "a photo", output_type="pil", **call),
         "denoise_ms": functools.partial(pipe, "a photo", output_type="latent", **call),
     }
-    return {key: _median_ms(way, warmup=1, runs=args.image_runs, synchronize=synchronize) for key, way in ways.items()}
+    return _medians_ms(ways, warmup=1, runs=args.image_runs, synchronize=synchronize)
 
 
 def run_torch(args) -> dict:
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--unet_runs", type=int, default=20)
-    parser.add_argument("--image_runs", type=int, default=3)
+    parser.add_argument("--image_runs", type=int, default=5)
     parser.add_argument("--unet_only", action="store_true", help="measure the UNet step alone")
     parser.add_argument("--profile", action="store_true", help="add the UNet step's GPU time by CUDA kernel")
     parser.add_argument("--run_variant", default=None, help=argparse.SUPPRESS)
