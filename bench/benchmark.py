@@ -13,7 +13,7 @@ A variant name may end in ``@key=value+key=value``: extra settings for the UNet 
 a dotted key (``ep.cuda.enable_gemm_auto_tune``) a session config entry, and ``env.NAME`` an environment variable of
 the variant's process (it applies to every session of the variant). Provider options and session entries need
 ``--unet_only``, which measures the UNet step alone; ``--profile`` adds the UNet step's GPU time by CUDA kernel
-(torch's profiler) to every variant without CUDA graph.
+(torch's profiler) to every variant without CUDA graph, and a host-side profile of one image call to every variant.
 """
 
 from __future__ import annotations
@@ -84,7 +84,29 @@ def image_times(pipe, args, *, synchronize) -> dict:
         "image_ms": functools.partial(pipe, "a photo", output_type="pil", **call),
         "denoise_ms": functools.partial(pipe, "a photo", output_type="latent", **call),
     }
-    return _medians_ms(ways, warmup=1, runs=args.image_runs, synchronize=synchronize)
+    times = _medians_ms(ways, warmup=1, runs=args.image_runs, synchronize=synchronize)
+    if args.profile:
+        times["image_host_profile"] = host_profile(ways["image_ms"], synchronize=synchronize)
+    return times
+
+
+def host_profile(function, *, synchronize, top: int = 15) -> list[dict]:
+    """Where the host's time goes in one call (cProfile, by own time): Python work and the waits inside native calls
+    (a session run, a device copy) that a GPU kernel profile does not show."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    function()
+    synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).sort_stats("tottime")
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [
+        {"function": f"{Path(file).name}:{line}({name})", "calls": calls, "own_ms": round(own * 1000, 2)}
+        for (file, line, name), (_, calls, own, _, _) in rows
+    ]
 
 
 def run_torch(args) -> dict:
