@@ -101,8 +101,8 @@ def host_profile(function, *, synchronize, top: int = 15) -> list[dict]:
     function()
     synchronize()
     profiler.disable()
-    stats = pstats.Stats(profiler).sort_stats("tottime")
-    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    # pstats' raw table: (file, line, function) -> (primitive calls, calls, own time, cumulative time, callers)
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
     return [
         {"function": f"{Path(file).name}:{line}({name})", "calls": calls, "own_ms": round(own * 1000, 2)}
         for (file, line, name), (_, calls, own, _, _) in rows
@@ -220,7 +220,7 @@ def run_ort(
 
     def session(name, *, extra=None, sess_options=options):
         path = str(Path(folder) / name / "model.onnx")
-        providers = [("CUDAExecutionProvider", {**dict(cuda.options), **(extra or {})})]
+        providers = [("CUDAExecutionProvider", {**cuda.provider_options(0), **(extra or {})})]
         return ort.InferenceSession(path, sess_options=sess_options, providers=providers)
 
     def bound(sess, feeds: dict):

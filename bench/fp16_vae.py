@@ -41,29 +41,29 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     spec, cuda = ModelSpec.from_folder(args.model_dir), PROVIDERS["cuda"]
-    work = Path(tempfile.mkdtemp(prefix="fp16-vae-"))
-    config = workflow_config(
-        load_template("vae_decoder"),
-        submodel="vae_decoder",
-        provider=cuda,
-        model_path=args.model_dir,
-        disabled_fusions=unsupported_fusions(spec, provider=cuda, submodel="vae_decoder"),
-        vae_float16=True,
-        cache_dir=work / "cache",
-        output_dir=work / "out",
-    )
-    _, decoder = run_submodel(config, submodel="vae_decoder", tempdir=work / "tmp")
+    with tempfile.TemporaryDirectory(prefix="fp16-vae-") as temporary:
+        work = Path(temporary)
+        config = workflow_config(
+            load_template("vae_decoder"),
+            submodel="vae_decoder",
+            provider=cuda,
+            model_path=args.model_dir,
+            disabled_fusions=unsupported_fusions(spec, provider=cuda, submodel="vae_decoder"),
+            vae_float16=True,
+            cache_dir=work / "cache",
+            output_dir=work / "out",
+        )
+        _, decoder = run_submodel(config, submodel="vae_decoder", tempdir=work / "tmp")
 
-    args.out.mkdir(parents=True)
-    for entry in args.onnx_dir.iterdir():
-        if entry.name != "vae_decoder":
-            (args.out / entry.name).symlink_to(entry.resolve())
-    (args.out / "vae_decoder").mkdir()
-    shutil.copy2(args.onnx_dir / "vae_decoder" / "config.json", args.out / "vae_decoder" / "config.json")
-    for name in external_data_files(decoder):
-        shutil.copy2(decoder.parent / name, args.out / "vae_decoder" / name)
-    shutil.copy2(decoder, args.out / "vae_decoder" / "model.onnx")
-    shutil.rmtree(work)
+        args.out.mkdir(parents=True)
+        for entry in args.onnx_dir.iterdir():
+            if entry.name != "vae_decoder":
+                (args.out / entry.name).symlink_to(entry.resolve())
+        (args.out / "vae_decoder").mkdir()
+        shutil.copy2(args.onnx_dir / "vae_decoder" / "config.json", args.out / "vae_decoder" / "config.json")
+        for name in external_data_files(decoder):
+            shutil.copy2(decoder.parent / name, args.out / "vae_decoder" / name)
+        shutil.copy2(decoder, args.out / "vae_decoder" / "model.onnx")
     print(args.out)
     return 0
 
