@@ -37,6 +37,7 @@ from olive.model.utils import resolve_onnx_path
 from olive.passes.onnx.common import get_external_data_config
 from olive.passes.onnx.conversion import OnnxConversion, _get_dummy_inputs
 from olive.passes.onnx.transformer_optimization import OrtTransformersOptimization
+from olive.passes.pass_config import PassConfigParam
 from onnx import numpy_helper
 
 # onnx.save_model's default: smaller tensors stay inside the .onnx file
@@ -394,8 +395,129 @@ def _fp16_conversion_streams(read: _ExternalTensors, writer: _ExternalDataWriter
         float16.make_value_info_from_tensor = make_value_info
 
 
+def island_inputs(graph: onnx.GraphProto, node_names: list[str]) -> list[str]:
+    """The tensors where the fp32 islands that start at the nodes ``node_names`` of ``graph`` begin: each node's first
+    input. Read before the fusions, which may replace the node itself (a Conv by Transpose + NhwcConv + Transpose) but
+    keep reading that input."""
+    nodes = {node.name: node for node in graph.node}
+    missing = [name for name in node_names if name not in nodes]
+    if missing:
+        raise ValueError(
+            f"force_fp32_from names {', '.join(repr(name) for name in missing)}, which is not a node of the model: "
+            "use the node names of the exported (unoptimized) graph"
+        )
+    return [nodes[name].input[0] for name in node_names]
+
+
+def downstream_nodes(graph: onnx.GraphProto, tensors: list[str]) -> list[onnx.NodeProto]:
+    """Every node of ``graph`` that reads one of ``tensors`` or, transitively, a tensor such a node makes."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[int, onnx.NodeProto] = {}
+    frontier = list(tensors)
+    while frontier:
+        for node in consumers.get(frontier.pop(), ()):
+            if id(node) not in found:
+                found[id(node)] = node
+                frontier.extend(node.output)
+    return list(found.values())
+
+
+def fp32_island(graph: onnx.GraphProto, tensors: list[str]) -> list[str]:
+    """Names of the nodes to keep in fp32 for islands beginning at ``tensors`` (see :func:`island_inputs`): the
+    nodes downstream of them (unnamed ones get a name, since the fp16 conversion blocks nodes by name) and the
+    output casts the fp16 conversion adds where an island reaches a graph output (``graph_output_cast<i>`` in ONNX
+    Runtime's ``float16.py``), so an island's output goes out as it is computed."""
+    island = downstream_nodes(graph, tensors)
+    inside = {id(node) for node in island}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    # constants only the island reads (e.g. a decomposed GroupNorm's scale): fp32 too, not converted and cast back
+    island += [
+        node
+        for node in graph.node
+        if node.op_type == "Constant"
+        and id(node) not in inside
+        and all(id(reader) in inside for name in node.output for reader in readers.get(name, [None]))
+    ]
+    for index, node in enumerate(node for node in island if not node.name):
+        node.name = f"fp32_island_{index}"
+    made = {name for node in island for name in node.output}
+    casts = [f"graph_output_cast{i}" for i, output in enumerate(graph.output) if output.name in made]
+    return [node.name for node in island] + casts
+
+
+def close_fp16_round_trips(graph: onnx.GraphProto, island: list[str]) -> int:
+    """Let the island's nodes read each other's results directly where the fp16 conversion left a round trip
+    through fp16 between them (``Cast`` to fp16, then ``Cast`` back to fp32: what would overflow is cut there).
+
+    ONNX Runtime's conversion puts such a pair on every tensor that joins two blocked nodes and has a type in the
+    graph's value_info, and its clean-up of cascaded casts misses some (seen after the NhwcConv fusion's Transposes).
+    Returns the number of round trips closed."""
+    members = set(island)
+    producer = {name: node for node in graph.node for name in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+
+    def cast_to(node) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next(attribute.i for attribute in node.attribute if attribute.name == "to")
+
+    closed = 0
+    for node in list(graph.node):
+        down = producer.get(node.input[0]) if node.op_type == "Cast" else None
+        if cast_to(node) != onnx.TensorProto.FLOAT or cast_to(down) != onnx.TensorProto.FLOAT16:
+            continue
+        source = producer.get(down.input[0])
+        if source is None or source.name not in members or node.output[0] in outputs:
+            continue
+        for reader in readers.get(node.output[0], []):
+            reader.input[:] = [down.input[0] if name == node.output[0] else name for name in reader.input]
+        closed += 1
+    used = {name for node in graph.node for name in node.input} | outputs
+    while True:  # the casts nothing reads any more
+        unused = [node for node in graph.node if node.op_type == "Cast" and node.output[0] not in used]
+        if not unused:
+            break
+        for node in unused:
+            graph.node.remove(node)
+        used = {name for node in graph.node for name in node.input} | outputs
+    made = {name for node in graph.node for name in node.output}
+    stale = [info for info in graph.value_info if info.name not in made]
+    for info in stale:
+        graph.value_info.remove(info)
+    return closed
+
+
 class StreamingTransformersOptimization(OrtTransformersOptimization):
-    """``OrtTransformersOptimization`` run on the graph without its weights (SDXL's clip, unet and vae types)."""
+    """``OrtTransformersOptimization`` run on the graph without its weights (SDXL's clip, unet and vae types).
+
+    One option more than the stock pass: ``force_fp32_from``, node names of the exported graph from which on the
+    model stays fp32 when ``float16`` is on, i.e. each named node (or what a fusion replaced it with) and every node
+    that depends on its result. SDXL's VAE decoder overflows fp16 in its last up-block; ``force_fp32_nodes`` cannot
+    name that region, because the fusions inside it (GroupNorm, NhwcConv) get their node names only when they run.
+    """
+
+    @classmethod
+    def _default_config(cls, accelerator_spec) -> dict[str, PassConfigParam]:
+        config = super()._default_config(accelerator_spec)
+        config["force_fp32_from"] = PassConfigParam(
+            type_=list[str],
+            default_value=None,
+            description=(
+                "Nodes of the input model (by name) from which on the model runs in float32: fp32 islands where "
+                "float16 overflows. Only used when float16 is True."
+            ),
+        )
+        return config
 
     def _run_for_config(self, model, config, output_model_path):
         from onnxruntime.transformers import optimizer as transformers_optimizer
@@ -414,6 +536,7 @@ class StreamingTransformersOptimization(OrtTransformersOptimization):
                 "force_fp32_ops",
                 "force_fp32_nodes",
                 "force_fp16_inputs",
+                "force_fp32_from",
                 "use_gqa",
                 "input_int32",
                 "num_key_value_heads",
@@ -425,6 +548,7 @@ class StreamingTransformersOptimization(OrtTransformersOptimization):
         source = Path(model.model_path)
         output = Path(resolve_onnx_path(output_model_path, source.name))
         graph = onnx.load(str(source), load_external_data=False)
+        island_starts = island_inputs(graph.graph, config.force_fp32_from or []) if config.float16 else []
         # what the fusions and the fp16 conversion make is spilled beside the input's data, where onnx (which resolves
         # external data against the current directory, and refuses links) can read it back; deleted at the end
         spill = _ExternalDataWriter(source.parent / f".spill-{uuid.uuid4().hex}")
@@ -433,13 +557,16 @@ class StreamingTransformersOptimization(OrtTransformersOptimization):
             with _working_directory(source.parent), _fusions_write_to(spill):
                 optimizer = transformers_optimizer.optimize_model(graph, **run_config)
                 if config.float16:
+                    island = fp32_island(optimizer.model.graph, island_starts)
                     with _fp16_conversion_streams(read, spill):
                         optimizer.convert_float_to_float16(
                             keep_io_types=config.keep_io_types,
                             op_block_list=config.force_fp32_ops,
-                            node_block_list=config.force_fp32_nodes,
+                            node_block_list=[*(config.force_fp32_nodes or []), *island],
                             force_fp16_inputs=config.force_fp16_inputs,
                         )
+                    if island:
+                        close_fp16_round_trips(optimizer.model.graph, island)
                 optimizer.topological_sort()
             spill.close()
             _save(optimizer.model, output, read)

@@ -85,7 +85,8 @@ def workflow_config(
     Keeps the ``convert`` pass and the provider's optimize pass (and nothing else), targets the provider's
     accelerator, points the input model at ``model_path`` and turns off the fusion options in
     ``disabled_fusions`` (option -> reason, see :func:`unsupported_fusions`). ``vae_float16`` (an fp16-fixed VAE
-    is in use) converts the VAE graphs to fp16 on GPU providers, like the other submodels; otherwise they stay fp32.
+    is in use) converts the VAE graphs to fp16 on GPU providers, like the other submodels; otherwise the templates
+    keep the VAE encoder fp32 and the decoder's last up-block an fp32 island (SDXL's VAE overflows fp16 there).
     """
     config = copy.deepcopy(template)
     passes = config.get("passes", {})
@@ -104,6 +105,7 @@ def workflow_config(
     optimize = config["passes"][provider.optimize_pass]
     if vae_float16 and provider.fp16 and submodel.startswith("vae"):
         optimize.update(float16=True, keep_io_types=True, force_fp32_ops=["RandomNormalLike"])
+        optimize.pop("force_fp32_from", None)  # the fixed VAE does not overflow: no fp32 island
     for option, reason in (disabled_fusions or {}).items():
         logger.info("%s: %s off (%s)", submodel, option, reason)
         optimize.setdefault("optimization_options", {})[option] = False

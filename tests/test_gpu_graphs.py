@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 
 import numpy as np
 import onnx
@@ -13,6 +14,8 @@ import torch
 
 from stable_diffusion_xl import main
 from tests.test_parity import psnr
+
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
 def _graph(folder, submodel):
@@ -74,13 +77,35 @@ def test_dml_text_encoders_are_fp16_with_fp32_io(dml_build):
         assert _io_types(graph) == {"FLOAT"}
 
 
-def test_dml_vae_stays_fp32(dml_build):
-    """SDXL's VAE overflows fp16 (black images): without an fp16-fixed VAE both VAE graphs keep fp32 weights."""
-    for vae in ("vae_encoder", "vae_decoder"):
-        graph = _graph(dml_build, vae)
-        assert _initializer_types(graph) == {"FLOAT"}
-        assert _io_types(graph) == {"FLOAT"}
-        assert _ops(graph)["GroupNorm"] > 0
+# the VAE decoder's weights that stay fp32: its last up-block, the upsampler before it, the output norm and conv
+FP32_ISLAND = re.compile(r"vae\.decoder\.(up_blocks\.3\.|up_blocks\.2\.upsamplers\.|conv_norm_out\.|conv_out\.)")
+
+
+def test_dml_vae_encoder_stays_fp32(dml_build):
+    """SDXL's VAE overflows fp16 (black images); img2img's encoder keeps fp32 weights without an fp16-fixed VAE."""
+    graph = _graph(dml_build, "vae_encoder")
+    assert _initializer_types(graph) == {"FLOAT"}
+    assert _io_types(graph) == {"FLOAT"}
+    assert _ops(graph)["GroupNorm"] > 0
+
+
+def test_dml_vae_decoder_is_fp16_with_an_fp32_last_up_block(dml_build):
+    """Where SDXL's decoder overflows fp16 (its last up-block) it stays fp32; the rest, most of its work, is fp16."""
+    from sd_utils.olive_passes import downstream_nodes
+
+    graph = _graph(dml_build, "vae_decoder")
+    assert _io_types(graph) == {"FLOAT"}
+    weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    convs = {node.input[1]: weights[node.input[1]] for node in graph.node if node.op_type == "Conv"}
+    expected = {name: FLOAT if FP32_ISLAND.match(name) else FLOAT16 for name in convs}
+    assert convs == expected
+    assert FLOAT in convs.values() and FLOAT16 in convs.values()
+    norms = collections.Counter(weights[node.input[1]] for node in graph.node if node.op_type == "GroupNorm")
+    assert norms[FLOAT] > 0 and norms[FLOAT16] > 0
+    # the island's one Cast is the one into it (to fp32): no round trip through fp16 inside
+    start = "/decoder/up_blocks.2/upsamplers.0/Resize_output_0"
+    casts = [node for node in downstream_nodes(graph, [start]) if node.op_type == "Cast"]
+    assert [(node.input[0], node.attribute[0].i) for node in casts] == [(start, FLOAT)]
 
 
 def _cuda_available() -> bool:
@@ -198,3 +223,58 @@ def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_
         assert _initializer_types(graph) == {"FLOAT16"}
         assert _io_types(graph) == {"FLOAT"}
     assert (models / "composed" / "tiny+vae" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def _overflowing_vae_model(spec, folder):
+    """The tiny model with its VAE changed so that fp16 overflows inside the decoder's last up-block only: the first
+    convolution there computes 1e6 x its output. The GroupNorm after it divides that out again, so in fp32 the decoded
+    images stay the same, as with SDXL's VAE, whose activations there exceed fp16's range by themselves."""
+    from diffusers import AutoencoderKL
+
+    folder.mkdir()
+    for item in spec.root.iterdir():
+        if item.name != "vae":
+            (folder / item.name).symlink_to(item.resolve())
+    vae = AutoencoderKL.from_pretrained(spec.root / "vae")
+    conv = vae.decoder.up_blocks[-1].resnets[0].conv1
+    with torch.no_grad():
+        conv.weight.mul_(1e6)
+        conv.bias.mul_(1e6)
+    vae.save_pretrained(folder / "vae")
+    return vae
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_the_fp32_island_keeps_an_overflowing_vae_decoder_finite(tiny_spec, tmp_path):
+    """The CUDA VAE decoder build (fp16, its last up-block an fp32 island) on a VAE that overflows fp16 there: finite
+    and as the fp32 decode (PSNR >= 35 dB). The same build without the island gives inf/NaN: the overflow is real."""
+    import onnxruntime as ort
+
+    from sd_utils.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
+    from sd_utils.providers import PROVIDERS
+
+    vae = _overflowing_vae_model(tiny_spec, tmp_path / "model")
+    latents = torch.randn((1, 4, 16, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vae.decode(latents).sample.numpy()
+    cuda = PROVIDERS["cuda"]
+    images = {}
+    for island in (True, False):
+        config = workflow_config(
+            load_template("vae_decoder"),
+            submodel="vae_decoder",
+            provider=cuda,
+            model_path=tmp_path / "model",
+            disabled_fusions=unsupported_fusions(tiny_spec, provider=cuda, submodel="vae_decoder"),
+            cache_dir=tmp_path / "cache",
+            output_dir=tmp_path / f"island-{island}",
+        )
+        if not island:
+            del config["passes"][cuda.optimize_pass]["force_fp32_from"]
+        _, onnx_file = run_submodel(config, submodel="vae_decoder", tempdir=tmp_path / "tmp")
+        session = ort.InferenceSession(str(onnx_file), providers=[("CUDAExecutionProvider", {"device_id": 0})])
+        (images[island],) = session.run(None, {"latent_sample": latents.numpy()})
+    assert not np.isfinite(images[False]).all()
+    assert np.isfinite(images[True]).all()
+    assert psnr(expected, images[True], peak=2.0) >= 35  # pixels in [-1, 1]

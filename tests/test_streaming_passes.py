@@ -33,7 +33,7 @@ STOCK_TYPES = {
     "StreamingTransformersOptimization": "OrtTransformersOptimization",
 }
 # fp16 graphs are compared by their contents only: their fused kernels (GroupNorm, NhwcConv, ...) have no CPU kernels
-# (the VAE stays fp32 on GPU providers unless an fp16-fixed VAE is given)
+# (the VAE decoder's fp32 island is an option of the streaming pass only: checked below)
 FP16_CASES = [("unet", "dml"), ("unet", "cuda"), ("text_encoder", "dml"), ("text_encoder_2", "cuda")]
 
 
@@ -208,3 +208,60 @@ def test_fp16_conversion_of_a_tensor_matches_onnxruntimes():
     ours = to_float16(values, 5.96e-08, 65504.0, chunk=1000)
     assert ours.shape == values.shape
     assert np.array_equal(ours.view(np.uint16), convert_np_to_float16(values).view(np.uint16))
+
+
+ISLAND_START = "/decoder/up_blocks.2/upsamplers.0/Resize_output_0"  # what the island's first node reads
+
+
+@pytest.mark.parametrize("provider", ["dml", "cuda"])
+def test_vae_decoder_island_stays_fp32_through_the_fusions(optimize, provider):
+    """From the last upsampler on, the decoder is fp32: its weights, and no tensor passes through fp16 on the way, also
+    after the CUDA fusions put NHWC Transposes between the nodes (ONNX Runtime's conversion left fp32 -> fp16 -> fp32
+    casts there)."""
+    from sd_utils.olive_passes import downstream_nodes
+
+    graph = onnx.load(str(optimize("vae_decoder", provider, False)), load_external_data=False).graph
+    weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    island = downstream_nodes(graph, [ISLAND_START])
+    assert {"Conv", "NhwcConv"} & {node.op_type for node in island}
+    island_types = {weights[name] for node in island for name in node.input if name in weights}
+    assert onnx.TensorProto.FLOAT16 not in island_types
+    assert onnx.TensorProto.FLOAT16 in {weights[name] for node in graph.node for name in node.input if name in weights}
+    casts = [(node.input[0], node.attribute[0].i) for node in island if node.op_type == "Cast"]
+    assert casts == [(ISLAND_START, onnx.TensorProto.FLOAT)]
+    assert [value.type.tensor_type.elem_type for value in graph.output] == [onnx.TensorProto.FLOAT]
+
+
+def test_fp32_island_needs_a_node_of_the_model():
+    from sd_utils.olive_passes import island_inputs
+
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [], [])
+    assert island_inputs(graph, ["relu"]) == ["x"]
+    with pytest.raises(ValueError, match=r"force_fp32_from names '/decoder/conv_out/Conv', which is not a node"):
+        island_inputs(graph, ["/decoder/conv_out/Conv"])
+
+
+def test_round_trips_through_fp16_inside_an_island_are_closed():
+    """a -> Cast(fp16) -> Cast(fp32) -> b, both island nodes: b reads a's fp32 result; a Cast from outside stays."""
+    from sd_utils.olive_passes import close_fp16_round_trips, fp32_island
+
+    make = onnx.helper.make_node
+    nodes = [
+        make("Cast", ["x16"], ["x"], to=onnx.TensorProto.FLOAT, name="into"),
+        make("Relu", ["x"], ["a"], name="a"),
+        make("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(1, np.float32)), name=""),
+        make("Cast", ["a"], ["a16"], to=onnx.TensorProto.FLOAT16, name="down"),
+        make("Cast", ["a16"], ["a32"], to=onnx.TensorProto.FLOAT, name="up"),
+        make("Mul", ["a32", "k"], ["y"], name="b"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]
+    )
+    island = fp32_island(graph, ["x"])
+    assert set(island) == {"a", "down", "up", "b", "fp32_island_0", "graph_output_cast0"}
+    assert close_fp16_round_trips(graph, island) == 1
+    assert [(node.name, list(node.input)) for node in graph.node if node.op_type != "Constant"] == [
+        ("into", ["x16"]),
+        ("a", ["x"]),
+        ("b", ["a", "k"]),
+    ]
