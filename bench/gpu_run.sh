@@ -3,9 +3,10 @@
 #   bash bench/gpu_run.sh start    copy the repo to /tmp/sdxl/repo, start build + --optimize --provider cuda + benchmark
 #                                  in the background (the UNet fusion alone takes ~10 min); VARIANTS=a,b picks the
 #                                  benchmark's variants, UNET_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run after
-#                                  it, LAST_VARIANTS=c,d a last whole-pipeline run, FP16_VAE_VARIANTS=e a run with the
-#                                  VAE decoder in fp16 (bench/fp16_vae.py); while the CPU builds, the GPU runs the
-#                                  gpu-marked tests (and bench/fp8_gemm.py with FP8=1: "side" job)
+#                                  it, LAST_VARIANTS=c,d a last whole-pipeline run, FP16_VAE_VARIANTS=e and
+#                                  FP32_VAE_VARIANTS=f runs with the whole VAE decoder in fp16 / fp32
+#                                  (bench/vae_variant.py); while the CPU builds, the GPU runs the gpu-marked tests
+#                                  (and bench/fp8_gemm.py with FP8=1: "side" job)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
 #   bash bench/gpu_run.sh cputrain train the demo model on this machine's CPU (GPU hidden), then its quality check
@@ -50,23 +51,28 @@ case "${1:-}" in
       --models_dir "$WORK/models" --cache_dir "$WORK/cache" 2>&1 | grep --line-buffered -vE "TracerWarning|^\s+(if|assert) "
     python3 bench/fused_ops.py "$WORK/models/optimized/$MODEL" > "$WORK/fused_ops.json"
     df -h "$WORK"
-    if [ -n "${FP16_VAE_VARIANTS:-}" ]; then
-      echo "== fp16 VAE decoder $(date +%T)"
-      rm -rf "$WORK/fp16vae"
-      python3 bench/fp16_vae.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL" \
-        --out "$WORK/fp16vae" 2>&1 | tail -n 2
-    fi
+    for precision in fp16 fp32; do
+      variants=FP${precision#fp}_VAE_VARIANTS
+      [ -n "${!variants:-}" ] || continue
+      echo "== $precision VAE decoder $(date +%T)"
+      rm -rf "$WORK/${precision}vae"
+      python3 bench/vae_variant.py --precision $precision --model_dir "$WORK/models/builtin/$MODEL" \
+        --onnx_dir "$WORK/models/optimized/$MODEL" --out "$WORK/${precision}vae" 2>&1 | tail -n 2
+    done
     # the GPU to itself
     while pgrep -f "sd_utils.demo_model.train|gpu_run.sh side" > /dev/null; do sleep 5; done
     dirs=(--model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL"
       --unoptimized_dir "$WORK/models/unoptimized/$MODEL")
     echo "== benchmark $(date +%T)"
     python3 bench/benchmark.py "${dirs[@]}" --profile ${VARIANTS:+--variants "$VARIANTS"} > "$WORK/benchmark.json"
-    if [ -n "${FP16_VAE_VARIANTS:-}" ]; then
-      echo "== fp16 VAE variants $(date +%T)"
-      python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/fp16vae" \
-        --unoptimized_dir "$WORK/models/unoptimized/$MODEL" --variants "$FP16_VAE_VARIANTS" > "$WORK/benchmark_fp16vae.json"
-    fi
+    for precision in fp16 fp32; do
+      variants=FP${precision#fp}_VAE_VARIANTS
+      [ -n "${!variants:-}" ] || continue
+      echo "== $precision VAE variants $(date +%T)"
+      python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/${precision}vae" \
+        --unoptimized_dir "$WORK/models/unoptimized/$MODEL" --variants "${!variants}" \
+        > "$WORK/benchmark_${precision}vae.json"
+    done
     if [ -n "${UNET_VARIANTS:-}" ]; then
       echo "== UNet-only variants $(date +%T)"
       python3 bench/benchmark.py "${dirs[@]}" --unet_only --profile --variants "$UNET_VARIANTS" > "$WORK/unet_variants.json"
@@ -97,7 +103,8 @@ case "${1:-}" in
     tail -n 3 "$WORK/cpu_train.log" 2>/dev/null || true
     cp "$WORK/cpurepo/sd_utils/demo_model/weights/settings.json" "$WORK/cpu_settings.json" 2>/dev/null || true
     tail -n "${LINES_SHOWN:-25}" "$WORK/side.log" 2>/dev/null || true
-    for f in pipeline.log side.log fused_ops.json benchmark.json benchmark_fp16vae.json unet_variants.json \
+    for f in pipeline.log side.log fused_ops.json benchmark.json benchmark_fp16vae.json benchmark_fp32vae.json \
+      unet_variants.json \
       benchmark_last.json fp8_gemm.json \
       train.log cpu_train.log cpu_quality.json cpu_settings.json; do
       [ -f "$WORK/$f" ] && [ -n "${OUT:-}" ] && cp "$WORK/$f" "$OUT/"

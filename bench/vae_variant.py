@@ -1,14 +1,14 @@
-"""An optimized pipeline folder whose VAE decoder runs in fp16, as ``--use_fp16_fixed_vae`` builds it, for the image
-benchmark, without a second full-size build:
+"""An optimized pipeline folder with another VAE decoder, for the image benchmark, without a second full-size build:
 
-    python bench/fp16_vae.py --model_dir models/builtin/random-sdxl-base \
+    python bench/vae_variant.py --precision fp16 --model_dir models/builtin/random-sdxl-base \
         --onnx_dir models/optimized/random-sdxl-base --out /tmp/fp16-vae
     python bench/benchmark.py ... --onnx_dir /tmp/fp16-vae --variants ort_optimized_cudagraph
 
-Runs the tool's own Olive workflow for the VAE decoder alone (``--provider cuda``, converted to fp16 as with an
-fp16-fixed VAE) from ``--model_dir``'s VAE, then writes ``--out``: ``--onnx_dir``'s components linked, not copied,
-and that decoder in place of the fp32 one. A random-weight VAE has the architecture of the fp16-fixed SDXL VAE
-(madebyollin/sdxl-vae-fp16-fix), so its speed is what a user of that option gets.
+Runs the tool's own Olive workflow for the VAE decoder alone (``--provider cuda``) from ``--model_dir``'s VAE, then
+writes ``--out``: ``--onnx_dir``'s components linked, not copied, and that decoder in place of the tool's (fp16 with
+its last up-block an fp32 island). ``--precision fp16``: all fp16, as ``--use_fp16_fixed_vae`` builds it (a
+random-weight VAE has the architecture of madebyollin/sdxl-vae-fp16-fix, so its speed is what a user of that option
+gets); ``fp32``: all fp32, as the tool built it before the island.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model_dir", type=Path, required=True, help="diffusers folder the VAE is exported from")
     parser.add_argument("--onnx_dir", type=Path, required=True, help="optimized pipeline folder (--provider cuda)")
     parser.add_argument("--out", type=Path, required=True, help="new pipeline folder (must not exist)")
+    parser.add_argument("--precision", choices=("fp16", "fp32"), required=True, help="of the whole decoder")
     args = parser.parse_args(argv)
 
     spec, cuda = ModelSpec.from_folder(args.model_dir), PROVIDERS["cuda"]
-    with tempfile.TemporaryDirectory(prefix="fp16-vae-") as temporary:
+    with tempfile.TemporaryDirectory(prefix="vae-variant-") as temporary:
         work = Path(temporary)
         config = workflow_config(
             load_template("vae_decoder"),
@@ -49,10 +50,14 @@ def main(argv=None) -> int:
             provider=cuda,
             model_path=args.model_dir,
             disabled_fusions=unsupported_fusions(spec, provider=cuda, submodel="vae_decoder"),
-            vae_float16=True,
+            vae_float16=args.precision == "fp16",
             cache_dir=work / "cache",
             output_dir=work / "out",
         )
+        if args.precision == "fp32":
+            optimize = config["passes"][cuda.optimize_pass]
+            optimize["float16"] = False
+            optimize.pop("force_fp32_from")
         _, decoder = run_submodel(config, submodel="vae_decoder", tempdir=work / "tmp")
 
         args.out.mkdir(parents=True)
