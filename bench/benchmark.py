@@ -37,8 +37,7 @@ VARIANTS = (
     "ort_unoptimized",
     "ort_optimized",
     "ort_optimized_iobinding",
-    "ort_optimized_cudagraph_hostwait",  # + the UNet replayed as a CUDA graph, the host waiting for every step
-    "ort_optimized_cudagraph",  # the tool's --provider cuda: CUDA graph, no host wait (sd_utils/cuda_graph.py)
+    "ort_optimized_cudagraph",  # the tool's --provider cuda: + the UNet as a CUDA graph (sd_utils/cuda_graph.py)
 )
 
 
@@ -198,7 +197,6 @@ def run_ort(
     folder: str,
     io_binding: bool,
     cuda_graph: bool = False,
-    host_wait: bool = False,
     unet_options: dict[str, str] | None = None,
 ) -> dict:
     import numpy as np
@@ -265,7 +263,6 @@ def run_ort(
                 extra_options={**dict(cuda.options), **provider_extra},
             )
         )
-        runner.host_wait = host_wait
         unet = runner.session
     else:
         unet = session("unet", extra=provider_extra, sess_options=unet_session_options)
@@ -303,7 +300,6 @@ def run_ort(
     )
     if cuda_graph:
         assert loaded.unet_graph is not None, "the pipeline's UNet did not load as a CUDA graph"
-        loaded.unet_graph.host_wait = host_wait
     pipe = loaded.pipeline
     pipe.set_progress_bar_config(disable=True)
     results.update(image_times(pipe, args, synchronize=sync))
@@ -360,7 +356,6 @@ def main(argv=None) -> int:
                 folder=folder,
                 io_binding="iobinding" in variant or "cudagraph" in variant,
                 cuda_graph="cudagraph" in variant,
-                host_wait=variant.endswith("hostwait"),
                 unet_options=unet_options,
             )
         print("RESULT " + json.dumps(result), flush=True)

@@ -1,4 +1,4 @@
-"""The denoising UNet replayed as a CUDA graph (ONNX Runtime's CUDA EP ``enable_cuda_graph``), without host waits.
+"""The denoising UNet replayed as a CUDA graph (ONNX Runtime's CUDA EP ``enable_cuda_graph``).
 
 ONNX Runtime captures the whole UNet on its first runs and replays it afterwards without launching its ~2,000
 kernels one by one. That needs fixed device addresses for every input and output: :class:`CudaGraphUNet` allocates
@@ -7,9 +7,10 @@ the free-dimension overrides of ``load_pipeline`` guarantee, and every node must
 refuses to create the session otherwise).
 
 The session runs on a CUDA stream of our own (``user_compute_stream``), ordered against torch's stream with stream
-waits, and with ``disable_synchronize_execution_providers`` its ``run`` returns as soon as the replay is queued. So
-the pipeline's Python work for the next step (scheduler, guidance) overlaps the GPU's work for this one, instead of
-the host waiting for every step as optimum's I/O binding does (it synchronizes the device before and after each run).
+waits, so the pipeline's tensors never need a device-wide synchronization. The host still waits for every step:
+ONNX Runtime's CUDA EP synchronizes its stream after each graph launch (``CUDAGraphManager::Replay``; no option
+turns that off in ORT 1.31), which the H100 profile shows as ~32 ms inside each ``run_with_iobinding``
+(bench/NOTES.md, run 7).
 """
 
 from __future__ import annotations
@@ -46,13 +47,10 @@ class CudaGraphUNet:
 
     ``__call__`` returns the output buffer itself, ready for any later work queued on the caller's torch stream; it
     is overwritten by the next call, which is what a denoising loop needs (the scheduler reads it before the next
-    step). Setting ``host_wait`` makes each call wait for the replay to finish, as a plain ``run`` does (benchmarks
-    compare the two).
+    step).
     """
 
     def __init__(self, session, stream, *, device_id: int = 0, output_like: str = "sample"):
-        import onnxruntime as ort
-
         self.session = session
         self.stream = stream
         self.device_id = device_id
@@ -60,9 +58,6 @@ class CudaGraphUNet:
         self._binding = None
         self._inputs: dict[str, Any] = {}
         self._output = None
-        self.host_wait = False
-        self._no_wait = ort.RunOptions()
-        self._no_wait.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def _bind(self, feeds: dict[str, Any]) -> None:
         import torch
@@ -97,8 +92,7 @@ class CudaGraphUNet:
                 value = torch.as_tensor(value)
             buffer.copy_(value.reshape(buffer.shape), non_blocking=True)
         self.stream.wait_stream(caller)  # the replay starts after the copies
-        # queued on self.stream; returns without waiting for it unless host_wait
-        self.session.run_with_iobinding(self._binding, None if self.host_wait else self._no_wait)
+        self.session.run_with_iobinding(self._binding)  # on self.stream
         caller.wait_stream(self.stream)  # whatever the caller queues next sees the prediction
         return self._output
 

@@ -121,8 +121,8 @@ def load_pipeline(
 
     ``use_io_binding`` (default: on for GPU providers that optimum can bind, i.e. CUDA) keeps the denoising loop's
     tensors on the device: no host round trip per step. ``cuda_graph`` (default: on for CUDA with static shapes)
-    replays the UNet as a CUDA graph with no host wait per step; a UNet that cannot be captured (some node not on
-    the CUDA EP) runs as usual, with a warning.
+    replays the UNet as a CUDA graph instead of launching its kernels one by one; a UNet that cannot be captured
+    (some node not on the CUDA EP) runs as usual, with a warning.
     """
     from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline, ORTStableDiffusionXLPipeline
 

@@ -191,11 +191,9 @@ def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
 @pytest.mark.gpu
 @GPU_ONLY
 def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
-    """``--provider cuda`` replays the UNet as a CUDA graph, queued without host waits, and gives the plain CUDA
-    pipeline's images, run after run (new inputs are copied into the captured buffers, not ignored). Not
-    bit-identical to the plain session: under capture cuDNN may pick other conv algorithms, so the bar is the fp16
-    one (36 dB measured on the H100). Against the same graph with the host waiting for every step, any race between
-    torch's stream and the replay's would show; none may."""
+    """``--provider cuda`` replays the UNet as a CUDA graph and gives the plain CUDA pipeline's images, run after run
+    (new inputs are copied into the captured buffers, not ignored). Not bit-identical to the plain session: under
+    capture cuDNN may pick other conv algorithms, so the bar is the fp16 one (36 dB measured on the H100)."""
     plain = _cuda_pipeline(cuda_build, tiny_spec, cuda_graph=False)
     graphed = _cuda_pipeline(cuda_build, tiny_spec)
     assert plain.unet_graph is None and graphed.unet_graph is not None
@@ -206,9 +204,6 @@ def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
         assert np.isfinite(images[-1]).all()
         assert psnr(expected, images[-1]) >= 35, f"seed {seed}"
     assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"
-    graphed.unet_graph.host_wait = True
-    waited = graphed.pipeline(latents=_latents(1).cuda(), **CUDA_CALL).images
-    assert psnr(waited, images[1]) >= 50
 
 
 def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_path):
