@@ -76,11 +76,17 @@ def unet_inputs(spec, size: int, *, device, dtype):
 
 
 def image_times(pipe, args, *, synchronize) -> dict:
-    """End-to-end image latency (to PIL images), and the same call stopped before the VAE (``output_type="latent"``):
-    the difference is the decode and the post-processing, the rest the prompt encoding and the denoising loop."""
+    """End-to-end image latency to PIL images as the tool makes them (``output_type="pt"``, then
+    ``generation.to_pil_images``: 8-bit rounding on the GPU), as diffusers' own ``output_type="pil"`` makes them
+    (rounding in numpy on the host: ``image_ms`` of runs 1-6), and the same call stopped before the VAE
+    (``"latent"``): the difference is the decode and the post-processing, the rest the prompt encoding and the
+    denoising loop."""
+    from sd_utils.generation import to_pil_images
+
     call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0)
     ways = {
-        "image_ms": functools.partial(pipe, "a photo", output_type="pil", **call),
+        "image_ms": lambda: to_pil_images(pipe("a photo", output_type="pt", **call).images),
+        "image_diffusers_pil_ms": functools.partial(pipe, "a photo", output_type="pil", **call),
         "denoise_ms": functools.partial(pipe, "a photo", output_type="latent", **call),
     }
     times = _medians_ms(ways, warmup=1, runs=args.image_runs, synchronize=synchronize)

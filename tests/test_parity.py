@@ -156,3 +156,22 @@ def test_saved_pngs_match_torch(tiny_optimized, tiny_spec, torch_pipeline, tmp_p
         ).images[0]
         actual = np.asarray(Image.open(image.path).convert("RGB"), dtype=np.float64) / 255
         assert psnr(np.round(expected * 255) / 255, actual) >= 60
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pil_images_are_diffusers_pil_images(dtype):
+    """``to_pil_images`` (8-bit rounding where the image is) gives the pixels of diffusers' ``output_type="pil"``,
+    rounding ties included, for fp32 and fp16 VAE outputs."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sd_utils.generation import to_pil_images
+
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    decoded = torch.randn((2, 3, 40, 24), generator=torch.Generator().manual_seed(3)) * 1.2
+    decoded[0, 0, 0, :12] = torch.tensor([(k + 0.5) / 255 * 2 - 1 for k in range(12)])  # ties of x255 rounding
+    decoded = decoded.to(dtype)
+    expected = processor.postprocess(decoded, output_type="pil")
+    actual = to_pil_images(processor.postprocess(decoded, output_type="pt"))
+    assert [image.mode for image in actual] == ["RGB", "RGB"]
+    for want, got in zip(expected, actual, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
