@@ -409,16 +409,22 @@ def island_inputs(graph: onnx.GraphProto, node_names: list[str]) -> list[str]:
     return [nodes[name].input[0] for name in node_names]
 
 
-def downstream_nodes(graph: onnx.GraphProto, tensors: list[str]) -> list[onnx.NodeProto]:
-    """Every node of ``graph`` that reads one of ``tensors`` or, transitively, a tensor such a node makes."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes of ``graph`` that read it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
-            consumers.setdefault(name, []).append(node)
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def downstream_nodes(graph: onnx.GraphProto, tensors: list[str]) -> list[onnx.NodeProto]:
+    """Every node of ``graph`` that reads one of ``tensors`` or, transitively, a tensor such a node makes."""
+    readers = _readers(graph)
     found: dict[int, onnx.NodeProto] = {}
     frontier = list(tensors)
     while frontier:
-        for node in consumers.get(frontier.pop(), ()):
+        for node in readers.get(frontier.pop(), ()):
             if id(node) not in found:
                 found[id(node)] = node
                 frontier.extend(node.output)
@@ -432,17 +438,16 @@ def fp32_island(graph: onnx.GraphProto, tensors: list[str]) -> list[str]:
     Runtime's ``float16.py``), so an island's output goes out as it is computed."""
     island = downstream_nodes(graph, tensors)
     inside = {id(node) for node in island}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
+
+    def read_by_island_only(node) -> bool:
+        return all(readers.get(name) and all(id(r) in inside for r in readers[name]) for name in node.output)
+
     # constants only the island reads (e.g. a decomposed GroupNorm's scale): fp32 too, not converted and cast back
     island += [
         node
         for node in graph.node
-        if node.op_type == "Constant"
-        and id(node) not in inside
-        and all(id(reader) in inside for name in node.output for reader in readers.get(name, [None]))
+        if node.op_type == "Constant" and id(node) not in inside and read_by_island_only(node)
     ]
     for index, node in enumerate(node for node in island if not node.name):
         node.name = f"fp32_island_{index}"
@@ -460,10 +465,7 @@ def close_fp16_round_trips(graph: onnx.GraphProto, island: list[str]) -> int:
     Returns the number of round trips closed."""
     members = set(island)
     producer = {name: node for node in graph.node for name in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     outputs = {output.name for output in graph.output}
 
     def cast_to(node) -> int | None:
