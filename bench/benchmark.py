@@ -346,7 +346,9 @@ def main(argv=None) -> int:
     parser.add_argument("--unet_runs", type=int, default=20)
     parser.add_argument("--image_runs", type=int, default=5)
     parser.add_argument("--unet_only", action="store_true", help="measure the UNet step alone")
-    parser.add_argument("--profile", action="store_true", help="add the UNet step's GPU time by CUDA kernel")
+    parser.add_argument(
+        "--profile", action="store_true", help="add the UNet step's GPU time by CUDA kernel and a host-side profile"
+    )
     parser.add_argument("--run_variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

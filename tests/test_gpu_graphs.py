@@ -14,6 +14,7 @@ import torch
 
 from stable_diffusion_xl import main
 from tests.test_parity import psnr
+from tests.test_streaming_passes import ISLAND_START
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
@@ -103,9 +104,8 @@ def test_dml_vae_decoder_is_fp16_with_an_fp32_last_up_block(dml_build):
     norms = collections.Counter(weights[node.input[1]] for node in graph.node if node.op_type == "GroupNorm")
     assert norms[FLOAT] > 0 and norms[FLOAT16] > 0
     # the island's one Cast is the one into it (to fp32): no round trip through fp16 inside
-    start = "/decoder/up_blocks.2/upsamplers.0/Resize_output_0"
-    casts = [node for node in downstream_nodes(graph, [start]) if node.op_type == "Cast"]
-    assert [(node.input[0], node.attribute[0].i) for node in casts] == [(start, FLOAT)]
+    casts = [node for node in downstream_nodes(graph, [ISLAND_START]) if node.op_type == "Cast"]
+    assert [(node.input[0], node.attribute[0].i) for node in casts] == [(ISLAND_START, FLOAT)]
 
 
 def _cuda_available() -> bool:
