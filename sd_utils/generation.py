@@ -25,7 +25,7 @@ from .base_images import BaseImage
 from .cuda_graph import CudaGraphUNet, cuda_graph_session, use_cuda_graph_unet
 from .errors import SafetyCheckError
 from .model_spec import ModelSpec, Shape, free_dimension_overrides
-from .providers import Provider, session_options, session_providers
+from .providers import Provider, check_session_provider, session_options, session_providers
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ def load_pipeline(
         use_io_binding=provider.io_binding if use_io_binding is None else use_io_binding,
         **({"unet_session": runner.session} if runner else {}),
     )
+    for part in pipeline.parts:
+        check_session_provider(part.session, provider, str(part.path.parent))
     if runner:
         use_cuda_graph_unet(pipeline, runner)
     return LoadedPipeline(pipeline, spec, folder, provider, shape, model_label, unet_graph=runner)
@@ -162,6 +164,7 @@ def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) 
     except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
         logger.warning("the UNet runs without a CUDA graph: %s", str(error).strip().splitlines()[0])
         return None
+    check_session_provider(session, provider, str(folder / "unet"))
     return CudaGraphUNet(session, stream, device_id=device_id)
 
 

@@ -31,6 +31,8 @@ class Provider:
     cuda_graph: bool = False
     # execution provider options of every session, beside the device
     options: tuple[tuple[str, str], ...] = ()
+    # what the provider needs beyond its package, for the error when it is installed but does not start
+    needs: str = ""
 
     def provider_options(self, device_id: int) -> dict[str, Any]:
         return dict(self.options) if self.name == "cpu" else {"device_id": device_id, **dict(self.options)}
@@ -47,6 +49,7 @@ PROVIDERS: dict[str, Provider] = {
             "onnxruntime-directml",
             fp16=True,
             disable_mem_pattern=True,
+            needs="onnxruntime-directml needs Windows 10 1903 or later and a DirectX 12 GPU with a current driver",
         ),
         Provider(
             "cuda",
@@ -60,6 +63,11 @@ PROVIDERS: dict[str, Provider] = {
             # cuDNN adds a convolution's bias in the convolution's own kernel instead of a second pass over its
             # output (51 such passes per SDXL UNet step, ~1.1 ms on an H100: bench/NOTES.md)
             options=(("fuse_conv_bias", "1"),),
+            needs=(
+                "onnxruntime-gpu needs an NVIDIA driver and the CUDA and cuDNN libraries of its build "
+                "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html; a CUDA build of torch "
+                "installed beside it provides them)"
+            ),
         ),
         Provider("cpu", "CPUExecutionProvider", "cpu", "optimize_cpu", "onnxruntime", fp16=False),
     )
@@ -100,6 +108,20 @@ def resolve_provider(name: str, *, for_inference: bool = True) -> Provider:
             "(one onnxruntime package per environment) or pick another --provider"
         )
     return row
+
+
+def check_session_provider(session, provider: Provider, what: str) -> None:
+    """Refuse a session that does not run on ``provider``. ONNX Runtime lists an installed GPU provider as available
+    even when its libraries cannot load (no cuDNN, a CUDA version it was not built for, no DirectX 12), and then
+    creates the session on the CPU with a log line at most: the run would be many times slower, and the fp16 GPU
+    graph may not run on the CPU at all."""
+    started = session.get_providers()[0]
+    if started != provider.execution_provider:
+        raise ProviderUnavailableError(
+            f"--provider {provider.name}: ONNX Runtime could not start {provider.execution_provider} for {what} and "
+            f"fell back to {started}; {provider.needs} (ONNX Runtime's log above names what failed to load), or "
+            "use --provider cpu with a model optimized for it"
+        )
 
 
 def session_providers(provider: Provider, device_id: int) -> tuple[list[str], list[dict[str, Any]]]:

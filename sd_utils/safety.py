@@ -26,7 +26,7 @@ from .olive_workflow import (
     staged,
     workflow_config,
 )
-from .providers import Provider, session_options, session_providers
+from .providers import Provider, check_session_provider, session_options, session_providers
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class OnnxSafetyChecker:
             providers=providers,
             provider_options=provider_options,
         )
+        check_session_provider(self.session, provider, str(folder))
         self.processor = CLIPImageProcessor.from_pretrained(folder)
         self.dtype = "float16" if self.session.get_inputs()[0].type == "tensor(float16)" else "float32"
 
