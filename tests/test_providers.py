@@ -16,7 +16,8 @@ def identity_model(tmp_path):
     value = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", value[:1], value[1:])
     path = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(graph), str(path))
+    # an IR version every supported onnxruntime reads (a newer onnx package writes one older runtimes refuse)
+    onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
 
