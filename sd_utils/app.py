@@ -56,7 +56,7 @@ def plan(options: Options) -> Job:
     if options.refiner_model_id:
         refiner = resolve_model(options.refiner_model_id, models_dir=options.models_dir)
         _check_hand_off(model, refiner)
-    provider = resolve_provider(options.provider, for_inference=options.runs_inference)
+    provider = resolve_provider(options.provider, for_inference=options.runs_inference, device_id=options.device_id)
     request = generation_request(options, model) if options.generates else None
     if options.interactive:  # the window builds its requests later: check sizes now, before optimizing
         generation_request(dataclasses.replace(options, prompt=options.prompt or "check"), model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 from .errors import ProviderUnavailableError
@@ -87,17 +88,22 @@ def available_execution_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def resolve_provider(name: str, *, for_inference: bool = True) -> Provider:
-    """The row for ``name``; ``auto`` picks DirectML, then CUDA, then CPU, whichever is installed.
+def resolve_provider(name: str, *, for_inference: bool = True, device_id: int = 0) -> Provider:
+    """The row for ``name``; ``auto`` picks DirectML, then CUDA, then CPU, the first that is installed and starts.
 
-    With ``for_inference`` the provider must be usable by this ONNX Runtime; optimizing for a GPU provider does not
-    need it (a DirectML build can be made on any machine).
+    With ``for_inference`` the provider must be usable by this ONNX Runtime, and is started once on a one-node model
+    before anything is optimized for it; optimizing for a GPU provider does not need it (a DirectML build can be made
+    on any machine).
     """
     available = available_execution_providers()
     if name == "auto":
         for row in PROVIDERS.values():
-            if row.execution_provider in available:
+            if row.execution_provider not in available:
+                continue
+            problem = start_problem(row, device_id) if for_inference else None
+            if problem is None:
                 return row
+            logger.warning("--provider auto: %s is installed but does not start (%s)", row.execution_provider, problem)
     row = PROVIDERS.get(name)
     if row is None:
         raise ProviderUnavailableError(f"unknown provider {name!r}; use one of {', '.join(PROVIDER_CHOICES)}")
@@ -107,21 +113,59 @@ def resolve_provider(name: str, *, for_inference: bool = True) -> Provider:
             f"(it has {', '.join(available)}); install it with 'pip install {row.package}' "
             "(one onnxruntime package per environment) or pick another --provider"
         )
+    problem = start_problem(row, device_id) if for_inference else None
+    if problem is not None:
+        raise _not_started(row, problem)
     return row
 
 
+def probe_model() -> bytes:
+    """A one-node model (Identity) to start a provider with, as serialized ONNX."""
+    from onnx import TensorProto, helper
+
+    value = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", value[:1], value[1:])
+    # an IR version every supported onnxruntime reads (a newer onnx package writes one older runtimes refuse)
+    return helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def start_problem(provider: Provider, device_id: int = 0) -> str | None:
+    """Why ``provider`` does not start here, or None when it does (a session on a one-node model). ONNX Runtime lists
+    an installed GPU provider as available even when its libraries cannot load (no cuDNN, a CUDA version its build
+    does not use, no DirectX 12), and then makes its sessions on the CPU with a log line at most."""
+    import onnxruntime as ort
+
+    if provider.name == "cpu":
+        return None
+    providers, provider_options = session_providers(provider, device_id)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ORT's own note that it is not in the list: the answer below says it
+            session = ort.InferenceSession(
+                probe_model(),
+                sess_options=session_options(provider),
+                providers=providers,
+                provider_options=provider_options,
+            )
+    except Exception as error:  # noqa: BLE001 - any failure to start is the answer, e.g. a device id not present
+        return str(error).strip().splitlines()[0]
+    started = session.get_providers()[0]
+    return None if started == provider.execution_provider else f"a session fell back to {started}"
+
+
+def _not_started(provider: Provider, problem: str) -> ProviderUnavailableError:
+    return ProviderUnavailableError(
+        f"--provider {provider.name}: ONNX Runtime could not start {provider.execution_provider} ({problem}); "
+        f"{provider.needs} (ONNX Runtime's log above names what failed to load), or use --provider cpu"
+    )
+
+
 def check_session_provider(session, provider: Provider, what: str) -> None:
-    """Refuse a session that does not run on ``provider``. ONNX Runtime lists an installed GPU provider as available
-    even when its libraries cannot load (no cuDNN, a CUDA version it was not built for, no DirectX 12), and then
-    creates the session on the CPU with a log line at most: the run would be many times slower, and the fp16 GPU
-    graph may not run on the CPU at all."""
+    """Refuse a session that does not run on ``provider`` (see :func:`start_problem`): the run would be many times
+    slower, and a GPU build's fp16 graph may not run on the CPU at all."""
     started = session.get_providers()[0]
     if started != provider.execution_provider:
-        raise ProviderUnavailableError(
-            f"--provider {provider.name}: ONNX Runtime could not start {provider.execution_provider} for {what} and "
-            f"fell back to {started}; {provider.needs} (ONNX Runtime's log above names what failed to load), or "
-            "use --provider cpu with a model optimized for it"
-        )
+        raise _not_started(provider, f"the session of {what} fell back to {started}")
 
 
 def session_providers(provider: Provider, device_id: int) -> tuple[list[str], list[dict[str, Any]]]:

@@ -1,40 +1,57 @@
-"""Sessions on the provider asked for: a GPU provider that is installed but cannot start is an error, not a CPU run."""
+"""Sessions on the provider asked for: a GPU provider that is installed but cannot start is an error (or, for
+``--provider auto``, the next provider), found before anything is optimized, never a quiet CPU run.
+
+ONNX Runtime's CPU build shows the behaviour a broken GPU install has: asked for CUDA or DirectML, it makes the session
+on the CPU with a warning. The CLI tests make ``available_execution_providers`` list CUDA as ``onnxruntime-gpu`` does
+without its CUDA libraries; the sessions are real.
+"""
 
 from __future__ import annotations
 
-import onnx
+import logging
+
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
+from sd_utils import providers
 from sd_utils.errors import ProviderUnavailableError
-from sd_utils.providers import PROVIDERS, check_session_provider, session_options, session_providers
+from sd_utils.providers import (
+    PROVIDERS,
+    check_session_provider,
+    probe_model,
+    session_options,
+    session_providers,
+    start_problem,
+)
+from stable_diffusion_xl import main
+
+GPU_PROVIDERS = ["cuda", "dml"]
+
+
+def _skip_if_it_starts(name: str) -> None:
+    if PROVIDERS[name].execution_provider in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime starts {PROVIDERS[name].execution_provider}")
 
 
 @pytest.fixture
 def identity_model(tmp_path):
-    value = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")]
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", value[:1], value[1:])
     path = tmp_path / "model.onnx"
-    # an IR version every supported onnxruntime reads (a newer onnx package writes one older runtimes refuse)
-    onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    path.write_bytes(probe_model())
     return path
 
 
 def _session(path, name: str):
     provider = PROVIDERS[name]
-    providers, provider_options = session_providers(provider, 0)
+    names, options = session_providers(provider, 0)
     return ort.InferenceSession(
-        str(path), sess_options=session_options(provider), providers=providers, provider_options=provider_options
+        str(path), sess_options=session_options(provider), providers=names, provider_options=options
     )
 
 
-@pytest.mark.parametrize("name", ["cuda", "dml"])
+@pytest.mark.parametrize("name", GPU_PROVIDERS)
 def test_a_session_that_fell_back_to_the_cpu_is_refused(identity_model, name):
+    _skip_if_it_starts(name)
     provider = PROVIDERS[name]
-    if provider.execution_provider in ort.get_available_providers():
-        pytest.skip(f"this onnxruntime starts {provider.execution_provider}")
-    # what ONNX Runtime does when a provider's libraries do not load: a warning, then a CPU session
     with pytest.warns(UserWarning, match="not in available provider names"):
         session = _session(identity_model, name)
     assert session.get_providers() == ["CPUExecutionProvider"]
@@ -44,10 +61,46 @@ def test_a_session_that_fell_back_to_the_cpu_is_refused(identity_model, name):
     message = str(error.value)
     assert "\n" not in message
     assert f"--provider {name}: ONNX Runtime could not start {provider.execution_provider}" in message
-    assert "for models/optimized/tiny/unet and fell back to CPUExecutionProvider" in message
+    assert "(the session of models/optimized/tiny/unet fell back to CPUExecutionProvider)" in message
     assert provider.needs in message
-    assert "use --provider cpu" in message
+    assert message.endswith("or use --provider cpu")
 
 
 def test_a_session_on_its_provider_passes(identity_model):
     check_session_provider(_session(identity_model, "cpu"), PROVIDERS["cpu"], "unet")
+
+
+@pytest.mark.parametrize("name", GPU_PROVIDERS)
+def test_start_problem_says_where_the_probe_session_went(name):
+    _skip_if_it_starts(name)
+    assert start_problem(PROVIDERS[name]) == "a session fell back to CPUExecutionProvider"
+    assert start_problem(PROVIDERS["cpu"]) is None
+
+
+@pytest.fixture
+def cuda_listed_but_broken(monkeypatch):
+    """What ``onnxruntime-gpu`` without the CUDA libraries it needs answers."""
+    _skip_if_it_starts("cuda")
+    monkeypatch.setattr(
+        providers, "available_execution_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+
+
+def test_a_provider_that_does_not_start_stops_the_run_before_optimizing(cuda_listed_but_broken, tmp_path, capsys):
+    models = tmp_path / "models"
+    args = ["--models_dir", str(models), "--cache_dir", str(tmp_path / "cache"), "--model_id", "tiny"]
+    code = main([*args, "--provider", "cuda", "--prompt", "x", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == ProviderUnavailableError.exit_code
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--provider cuda: ONNX Runtime could not start CUDAExecutionProvider (a session fell back to" in err
+    assert not (models / "optimized").exists()  # nothing was optimized for a provider that cannot run it
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_goes_on_past_a_provider_that_does_not_start(cuda_listed_but_broken, caplog):
+    with caplog.at_level(logging.WARNING, logger="sd_utils.providers"):
+        assert providers.resolve_provider("auto") is PROVIDERS["cpu"]
+    assert "--provider auto: CUDAExecutionProvider is installed but does not start (a session fell back" in caplog.text
+    # optimizing alone needs no running provider: auto still picks the installed one
+    assert providers.resolve_provider("auto", for_inference=False) is PROVIDERS["cuda"]
