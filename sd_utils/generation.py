@@ -164,7 +164,6 @@ def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) 
     except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
         logger.warning("the UNet runs without a CUDA graph: %s", str(error).strip().splitlines()[0])
         return None
-    check_session_provider(session, provider, str(folder / "unet"))
     return CudaGraphUNet(session, stream, device_id=device_id)
 
 

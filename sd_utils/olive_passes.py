@@ -484,14 +484,13 @@ def close_fp16_round_trips(graph: onnx.GraphProto, island: list[str]) -> int:
         for reader in readers.get(node.output[0], []):
             reader.input[:] = [down.input[0] if name == node.output[0] else name for name in reader.input]
         closed += 1
-    used = {name for node in graph.node for name in node.input} | outputs
     while True:  # the casts nothing reads any more
+        used = {name for node in graph.node for name in node.input} | outputs
         unused = [node for node in graph.node if node.op_type == "Cast" and node.output[0] not in used]
         if not unused:
             break
         for node in unused:
             graph.node.remove(node)
-        used = {name for node in graph.node for name in node.input} | outputs
     made = {name for node in graph.node for name in node.output}
     stale = [info for info in graph.value_info if info.name not in made]
     for info in stale:

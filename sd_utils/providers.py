@@ -133,24 +133,22 @@ def start_problem(provider: Provider, device_id: int = 0) -> str | None:
     """Why ``provider`` does not start here, or None when it does (a session on a one-node model). ONNX Runtime lists
     an installed GPU provider as available even when its libraries cannot load (no cuDNN, a CUDA version its build
     does not use, no DirectX 12), and then makes its sessions on the CPU with a log line at most."""
-    import onnxruntime as ort
-
     if provider.name == "cpu":
         return None
-    providers, provider_options = session_providers(provider, device_id)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ORT's own note that it is not in the list: the answer below says it
-            session = ort.InferenceSession(
-                probe_model(),
-                sess_options=session_options(provider),
-                providers=providers,
-                provider_options=provider_options,
-            )
+            session = new_session(probe_model(), provider, device_id)
     except Exception as error:  # noqa: BLE001 - any failure to start is the answer, e.g. a device id not present
         return str(error).strip().splitlines()[0]
+    started = _fell_back_to(session, provider)
+    return None if started is None else f"a session fell back to {started}"
+
+
+def _fell_back_to(session, provider: Provider) -> str | None:
+    """The provider ``session`` runs on instead of ``provider``, or None when it runs on ``provider``."""
     started = session.get_providers()[0]
-    return None if started == provider.execution_provider else f"a session fell back to {started}"
+    return None if started == provider.execution_provider else started
 
 
 def _not_started(provider: Provider, problem: str) -> ProviderUnavailableError:
@@ -163,8 +161,8 @@ def _not_started(provider: Provider, problem: str) -> ProviderUnavailableError:
 def check_session_provider(session, provider: Provider, what: str) -> None:
     """Refuse a session that does not run on ``provider`` (see :func:`start_problem`): the run would be many times
     slower, and a GPU build's fp16 graph may not run on the CPU at all."""
-    started = session.get_providers()[0]
-    if started != provider.execution_provider:
+    started = _fell_back_to(session, provider)
+    if started is not None:
         raise _not_started(provider, f"the session of {what} fell back to {started}")
 
 
@@ -176,6 +174,16 @@ def session_providers(provider: Provider, device_id: int) -> tuple[list[str], li
         providers.append("CPUExecutionProvider")
         options.append({})
     return providers, options
+
+
+def new_session(model: str | bytes, provider: Provider, device_id: int = 0):
+    """An ORT ``InferenceSession`` of ``model`` (a path or serialized ONNX) on ``provider``, CPU fallback included."""
+    import onnxruntime as ort
+
+    providers, provider_options = session_providers(provider, device_id)
+    return ort.InferenceSession(
+        model, sess_options=session_options(provider), providers=providers, provider_options=provider_options
+    )
 
 
 def session_options(provider: Provider, free_dimensions: dict[str, int] | None = None):

@@ -26,7 +26,7 @@ from .olive_workflow import (
     staged,
     workflow_config,
 )
-from .providers import Provider, check_session_provider, session_options, session_providers
+from .providers import Provider, check_session_provider, new_session
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +186,9 @@ class OnnxSafetyChecker:
     """Flags images with the ONNX checker: ``checker(images) -> [True if flagged, ...]``."""
 
     def __init__(self, folder: Path, *, provider: Provider, device_id: int = 0):
-        import onnxruntime as ort
         from transformers import CLIPImageProcessor
 
-        providers, provider_options = session_providers(provider, device_id)
-        self.session = ort.InferenceSession(
-            str(folder / "model.onnx"),
-            sess_options=session_options(provider),
-            providers=providers,
-            provider_options=provider_options,
-        )
+        self.session = new_session(str(folder / "model.onnx"), provider, device_id)
         check_session_provider(self.session, provider, str(folder))
         self.processor = CLIPImageProcessor.from_pretrained(folder)
         self.dtype = "float16" if self.session.get_inputs()[0].type == "tensor(float16)" else "float32"

@@ -18,9 +18,8 @@ from sd_utils.errors import ProviderUnavailableError
 from sd_utils.providers import (
     PROVIDERS,
     check_session_provider,
+    new_session,
     probe_model,
-    session_options,
-    session_providers,
     start_problem,
 )
 from stable_diffusion_xl import main
@@ -40,20 +39,12 @@ def identity_model(tmp_path):
     return path
 
 
-def _session(path, name: str):
-    provider = PROVIDERS[name]
-    names, options = session_providers(provider, 0)
-    return ort.InferenceSession(
-        str(path), sess_options=session_options(provider), providers=names, provider_options=options
-    )
-
-
 @pytest.mark.parametrize("name", GPU_PROVIDERS)
 def test_a_session_that_fell_back_to_the_cpu_is_refused(identity_model, name):
     _skip_if_it_starts(name)
     provider = PROVIDERS[name]
     with pytest.warns(UserWarning, match="not in available provider names"):
-        session = _session(identity_model, name)
+        session = new_session(str(identity_model), provider)
     assert session.get_providers() == ["CPUExecutionProvider"]
 
     with pytest.raises(ProviderUnavailableError) as error:
@@ -67,7 +58,7 @@ def test_a_session_that_fell_back_to_the_cpu_is_refused(identity_model, name):
 
 
 def test_a_session_on_its_provider_passes(identity_model):
-    check_session_provider(_session(identity_model, "cpu"), PROVIDERS["cpu"], "unet")
+    check_session_provider(new_session(str(identity_model), PROVIDERS["cpu"]), PROVIDERS["cpu"], "unet")
 
 
 @pytest.mark.parametrize("name", GPU_PROVIDERS)
