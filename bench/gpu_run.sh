@@ -5,8 +5,10 @@
 #                                  benchmark's variants, UNET_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run after
 #                                  it, LAST_VARIANTS=c,d a last whole-pipeline run, FP16_VAE_VARIANTS=e and
 #                                  FP32_VAE_VARIANTS=f runs with the whole VAE decoder in fp16 / fp32
-#                                  (bench/vae_variant.py); while the CPU builds, the GPU runs the gpu-marked tests
-#                                  (and bench/fp8_gemm.py with FP8=1: "side" job)
+#                                  (bench/vae_variant.py), VARIANTS=none no benchmark; MEMORY_FIT=g,h runs
+#                                  bench/memory_fit.py with those variants (budgets: MEMORY_BUDGETS); while the CPU
+#                                  builds, the GPU runs the gpu-marked tests, times the provider probe and tries
+#                                  memory_fit.py on the tiny model (and bench/fp8_gemm.py with FP8=1: "side" job)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
 #   bash bench/gpu_run.sh cputrain train the demo model on this machine's CPU (GPU hidden), then its quality check
@@ -31,6 +33,21 @@ case "${1:-}" in
     cd "$WORK/repo"
     echo "== gpu tests $(date +%T)"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
+    echo "== provider probe $(date +%T)"
+    python3 -c "
+import time, torch, onnxruntime
+onnxruntime.preload_dlls()
+from sd_utils.providers import PROVIDERS, start_problem
+for run in range(3):
+    started = time.perf_counter(); problem = start_problem(PROVIDERS['cuda'])
+    print('probe', run, problem, round(time.perf_counter() - started, 3), 's')"
+    if [ -n "${MEMORY_FIT:-}" ]; then
+      echo "== memory_fit.py on the tiny model $(date +%T)"
+      python3 stable_diffusion_xl.py --optimize --model_id tiny --provider cuda --models_dir "$WORK/tiny_models" \
+        --cache_dir "$WORK/tiny_cache" 2>&1 | tail -n 2
+      python3 bench/memory_fit.py --models_dir "$WORK/tiny_models" --model_id tiny --size 128 --budgets 4,0.05 \
+        --variants default > "$WORK/memory_fit_tiny.json"
+    fi
     if [ -n "${FP8:-}" ]; then
       echo "== fp8 GEMMs $(date +%T)"
       until [ -f "$WORK/models/builtin/$MODEL/unet/config.json" ]; do sleep 5; done
@@ -63,8 +80,15 @@ case "${1:-}" in
     while pgrep -f "sd_utils.demo_model.train|gpu_run.sh side" > /dev/null; do sleep 5; done
     dirs=(--model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL"
       --unoptimized_dir "$WORK/models/unoptimized/$MODEL")
-    echo "== benchmark $(date +%T)"
-    python3 bench/benchmark.py "${dirs[@]}" --profile ${VARIANTS:+--variants "$VARIANTS"} > "$WORK/benchmark.json"
+    if [ -n "${MEMORY_FIT:-}" ]; then
+      echo "== memory_fit.py $(date +%T)"
+      python3 bench/memory_fit.py --models_dir "$WORK/models" --model_id "$MODEL" --variants "$MEMORY_FIT" \
+        ${MEMORY_BUDGETS:+--budgets "$MEMORY_BUDGETS"} > "$WORK/memory_fit.json"
+    fi
+    if [ "${VARIANTS:-}" != none ]; then
+      echo "== benchmark $(date +%T)"
+      python3 bench/benchmark.py "${dirs[@]}" --profile ${VARIANTS:+--variants "$VARIANTS"} > "$WORK/benchmark.json"
+    fi
     for precision in fp16 fp32; do
       variants=FP${precision#fp}_VAE_VARIANTS
       [ -n "${!variants:-}" ] || continue
@@ -104,7 +128,7 @@ case "${1:-}" in
     cp "$WORK/cpurepo/sd_utils/demo_model/weights/settings.json" "$WORK/cpu_settings.json" 2>/dev/null || true
     tail -n "${LINES_SHOWN:-25}" "$WORK/side.log" 2>/dev/null || true
     for f in pipeline.log side.log fused_ops.json benchmark.json benchmark_fp16vae.json benchmark_fp32vae.json \
-      unet_variants.json \
+      unet_variants.json memory_fit.json memory_fit_tiny.json \
       benchmark_last.json fp8_gemm.json \
       train.log cpu_train.log cpu_quality.json cpu_settings.json; do
       [ -f "$WORK/$f" ] && [ -n "${OUT:-}" ] && cp "$WORK/$f" "$OUT/"

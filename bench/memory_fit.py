@@ -1,0 +1,155 @@
+"""Does ``--provider cuda`` make its images on a smaller card? The tool end to end with the GPU's free memory cut.
+
+    python bench/memory_fit.py --models_dir /tmp/sdxl/models --model_id random-sdxl-base \
+        --budgets 15,11,9,7 --variants default,arena_extend_strategy=kSameAsRequested
+
+Each trial is its own process. It takes all but ``budget`` GiB of the GPU's free memory (a torch tensor it holds
+until it exits, as another program or a smaller card would), then runs the tool's command line (``main`` of
+stable_diffusion_xl.py: the same code path as a user's, the model already optimized) for ``--num_images``
+images (1024² by default) of 30 steps, one per pipeline call. It reports whether the run finished, its exit code
+and last error line, the time from start to the first image and between later images (the steady state), and the
+most memory it used of its budget (``cudaMemGetInfo`` sampled every 20 ms). A budget is what is free after CUDA has
+started: a 12-GB card with a desktop on it leaves about 10.5-11 GiB.
+
+A variant sets what every CUDA session of the tool gets besides its defaults: ``key=value`` pairs joined by ``+``,
+a plain key a CUDA provider option, a dotted key a session config entry; ``default`` sets nothing. Budgets are tried
+from the largest down and the first that fails ends the variant. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+GIB = 2**30
+
+
+def _settings(variant: str) -> dict[str, str]:
+    return {} if variant == "default" else dict(item.split("=", 1) for item in variant.split("+"))
+
+
+def _use_settings(settings: dict[str, str]) -> None:
+    """Give every CUDA session the tool makes ``settings`` (provider options and session config entries)."""
+    from sd_utils import generation, providers
+
+    options = {key: value for key, value in settings.items() if "." not in key}
+    entries = {key: value for key, value in settings.items() if "." in key}
+    cuda = providers.PROVIDERS["cuda"]
+    providers.PROVIDERS["cuda"] = dataclasses.replace(cuda, options=(*cuda.options, *options.items()))
+    make_options = providers.session_options
+
+    def session_options(provider, free_dimensions=None):
+        made = make_options(provider, free_dimensions)
+        for key, value in entries.items():
+            made.add_session_config_entry(key, value)
+        return made
+
+    providers.session_options = generation.session_options = session_options
+
+
+class _SavedTimes(logging.Handler):
+    """Times of the tool's "saved <png>" log lines."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.times: list[float] = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("saved "):
+            self.times.append(time.perf_counter())
+
+
+def trial(args) -> dict:
+    """One run of the tool within ``args.budget`` GiB; the child process's work."""
+    import torch
+
+    import stable_diffusion_xl
+
+    free, _ = torch.cuda.mem_get_info()
+    budget = int(args.budget * GIB)
+    if free < budget:
+        return {"error": f"only {free / GIB:.1f} GiB free"}
+    held = torch.empty(free - budget, dtype=torch.uint8, device="cuda")  # noqa: F841 - held until the process ends
+    _use_settings(_settings(args.variant))
+    lowest = [torch.cuda.mem_get_info()[0]]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            lowest[0] = min(lowest[0], torch.cuda.mem_get_info()[0])
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    saved = _SavedTimes()
+    logging.getLogger("sd_utils.generation").addHandler(saved)
+    with tempfile.TemporaryDirectory(prefix="memory-fit-") as output:
+        argv = [
+            "--model_id", args.model_id, "--models_dir", args.models_dir, "--provider", "cuda",
+            "--prompt", "a photo of a lighthouse", "--seed", "1", "--num_images", str(args.num_images),
+            "--batch_size", "1", "--num_inference_steps", "30", "--width", str(args.size), "--height", str(args.size),
+            "--output_dir", output,
+        ]  # fmt: skip
+        sampler.start()
+        started = time.perf_counter()
+        code = stable_diffusion_xl.main(argv)
+        stop.set()
+        sampler.join()
+    result = {"exit_code": code, "images": len(saved.times), "used_gib": round((budget - lowest[0]) / GIB, 2)}
+    if saved.times:
+        result["first_image_s"] = round(saved.times[0] - started, 1)
+        gaps = [later - earlier for earlier, later in zip(saved.times, saved.times[1:], strict=False)]
+        if gaps:
+            result["image_s"] = round(min(gaps), 3)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models_dir", required=True)
+    parser.add_argument("--model_id", default="random-sdxl-base")
+    parser.add_argument("--budgets", default="15,11,9,7", help="free GiB per trial, tried from the largest down")
+    parser.add_argument("--variants", default="default")
+    parser.add_argument("--num_images", type=int, default=3)
+    parser.add_argument("--size", type=int, default=1024, help="image width and height")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.variant is not None:  # child process
+        print("RESULT " + json.dumps(trial(args)), flush=True)
+        return 0
+
+    report = {"settings": {"size": args.size, "steps": 30, "num_images": args.num_images}, "variants": {}}
+    for variant in args.variants.split(","):
+        trials = report["variants"][variant] = {}
+        for budget in sorted((float(b) for b in args.budgets.split(",")), reverse=True):
+            command = [sys.executable, __file__, "--models_dir", args.models_dir, "--model_id", args.model_id]
+            command += ["--num_images", str(args.num_images), "--size", str(args.size)]
+            command += ["--variant", variant, "--budget", str(budget)]
+            child = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+            result = json.loads(lines[-1][len("RESULT ") :]) if lines else {"exit_code": child.returncode}
+            if result.get("exit_code") != 0 or result.get("images") != args.num_images:
+                errors = [line for line in child.stderr.splitlines() if "error" in line.lower()]
+                result["error"] = (errors or child.stderr.splitlines() or ["(no output)"])[-1][-400:]
+            trials[f"{budget:g}"] = result
+            print(json.dumps({variant: {f"{budget:g}": result}}), file=sys.stderr, flush=True)
+            if "error" in result:
+                break
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
