@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             result = json.loads(lines[-1][len("RESULT ") :]) if lines else {"exit_code": child.returncode}
             if result.get("exit_code") != 0 or result.get("images") != args.num_images:
                 errors = [line for line in child.stderr.splitlines() if "error" in line.lower()]
-                result["error"] = (errors or child.stderr.splitlines() or ["(no output)"])[-1][-400:]
+                result["error"] = (errors or child.stderr.splitlines() or ["(no output)"])[-1][:600]
             trials[f"{budget:g}"] = result
             print(json.dumps({variant: {f"{budget:g}": result}}), file=sys.stderr, flush=True)
             if "error" in result:

@@ -61,9 +61,15 @@ PROVIDERS: dict[str, Provider] = {
             fp16=True,
             io_binding=True,
             cuda_graph=True,
-            # cuDNN adds a convolution's bias in the convolution's own kernel instead of a second pass over its
-            # output (51 such passes per SDXL UNet step, ~1.1 ms on an H100: bench/NOTES.md)
-            options=(("fuse_conv_bias", "1"),),
+            options=(
+                # cuDNN adds a convolution's bias in the convolution's own kernel instead of a second pass over its
+                # output (51 such passes per SDXL UNet step, ~1.1 ms on an H100: bench/NOTES.md)
+                ("fuse_conv_bias", "1"),
+                # ONNX Runtime's arena grows by what is asked, not by doubling regions: with doubling, a 1024² image
+                # did not fit 15 GiB of free GPU memory (a 16-GB card); this way it fits, using 14.4 GiB
+                # (bench/memory_fit.py, bench/NOTES.md)
+                ("arena_extend_strategy", "kSameAsRequested"),
+            ),
             needs=(
                 "onnxruntime-gpu needs an NVIDIA driver and the CUDA and cuDNN libraries of its build "
                 "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html; a CUDA build of torch "

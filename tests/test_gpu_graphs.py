@@ -145,15 +145,19 @@ def _cuda_pipeline(folder, spec, **options):
     )
 
 
+CUDA_OPTIONS = {"fuse_conv_bias": "1", "arena_extend_strategy": "kSameAsRequested"}
+
+
 def test_cuda_sessions_get_the_provider_options(monkeypatch, tmp_path):
-    """Every CUDA session, the CUDA-graph UNet's included, fuses convolution biases (bench/NOTES.md, run 4)."""
+    """Every CUDA session, the CUDA-graph UNet's included, fuses convolution biases (bench/NOTES.md, run 4) and grows
+    its memory arena by what it needs (bench/NOTES.md, bench/memory_fit.py)."""
     from sd_utils import generation
     from sd_utils.providers import PROVIDERS, session_providers
 
     cuda = PROVIDERS["cuda"]
     assert session_providers(cuda, 1) == (
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        [{"device_id": 1, "fuse_conv_bias": "1"}, {}],
+        [{"device_id": 1, **CUDA_OPTIONS}, {}],
     )
     assert session_providers(PROVIDERS["cpu"], 0) == (["CPUExecutionProvider"], [{}])
     seen = {}
@@ -164,7 +168,7 @@ def test_cuda_sessions_get_the_provider_options(monkeypatch, tmp_path):
 
     monkeypatch.setattr(generation, "cuda_graph_session", graph_session)
     runner = generation._cuda_graph_unet(tmp_path, cuda, 1, None)
-    assert seen["extra_options"] == {"fuse_conv_bias": "1"} and seen["device_id"] == runner.device_id == 1
+    assert seen["extra_options"] == CUDA_OPTIONS and seen["device_id"] == runner.device_id == 1
 
 
 @pytest.mark.gpu
