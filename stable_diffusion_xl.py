@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if debug:
             raise
+        text = " ".join(str(error).split())  # ONNX Runtime's messages end in a newline: keep to one line
         print(
-            f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr
+            f"error: unexpected {type(error).__name__}: {text} (rerun with --debug for the traceback)", file=sys.stderr
         )
         return 1
 

@@ -37,6 +37,12 @@ class OptimizationError(SdxlOliveError):
     exit_code = 4
 
 
+class OutOfMemoryError(SdxlOliveError):
+    """ONNX Runtime could not allocate the memory a session or a run needs; the message says how to need less."""
+
+    exit_code = 6
+
+
 class SafetyCheckError(SdxlOliveError):
     """The safety checker kept flagging some images past the retry cap."""
 

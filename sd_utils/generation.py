@@ -25,7 +25,14 @@ from .base_images import BaseImage
 from .cuda_graph import CudaGraphUNet, cuda_graph_session, use_cuda_graph_unet
 from .errors import SafetyCheckError
 from .model_spec import ModelSpec, Shape, free_dimension_overrides
-from .providers import Provider, check_session_provider, session_options, session_providers
+from .providers import (
+    Provider,
+    check_session_provider,
+    memory_errors,
+    out_of_memory,
+    session_options,
+    session_providers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,18 +139,19 @@ def load_pipeline(
     options = session_options(provider, overrides)
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
-    runner = _cuda_graph_unet(folder, provider, device_id, options) if cuda_graph else None
-    graphed = " (UNet as a CUDA graph)" if runner else ""
-    logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)
-    pipeline = cls.from_pretrained(
-        folder,
-        export=False,
-        providers=providers,
-        provider_options=provider_options,
-        session_options=options,
-        use_io_binding=provider.io_binding if use_io_binding is None else use_io_binding,
-        **({"unet_session": runner.session} if runner else {}),
-    )
+    with memory_errors(provider, f"loading {folder}", "use --provider cpu"):
+        runner = _cuda_graph_unet(folder, provider, device_id, options) if cuda_graph else None
+        graphed = " (UNet as a CUDA graph)" if runner else ""
+        logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)
+        pipeline = cls.from_pretrained(
+            folder,
+            export=False,
+            providers=providers,
+            provider_options=provider_options,
+            session_options=options,
+            use_io_binding=provider.io_binding if use_io_binding is None else use_io_binding,
+            **({"unet_session": runner.session} if runner else {}),
+        )
     for part in pipeline.parts:
         check_session_provider(part.session, provider, str(part.path.parent))
     if runner:
@@ -162,6 +170,8 @@ def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) 
             extra_options=dict(provider.options),
         )
     except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
+        if out_of_memory(error):
+            raise
         logger.warning("the UNet runs without a CUDA graph: %s", str(error).strip().splitlines()[0])
         return None
     return CudaGraphUNet(session, stream, device_id=device_id)
@@ -329,12 +339,18 @@ def generate_images(
             latents=call_latents,
             step_end=step_end,
         )
-        images = call_pipeline(call)[:count]
+        making = (
+            f"making {request.width}x{request.height} images in batches of {request.batch_size} "
+            f"(images saved so far: {len(saved)} of {request.num_images})"
+        )
+        with memory_errors(loaded.provider, making, "lower --width/--height or --batch_size"):
+            images = call_pipeline(call)[:count]
         calls_done += 1
         if should_stop is not None and should_stop():
             logger.info("stopped: the images of call %d are not saved", calls_done)
             break
-        flags = safety_checker(images) if safety_checker is not None else [False] * count
+        with memory_errors(loaded.provider, making, "lower --batch_size"):
+            flags = safety_checker(images) if safety_checker is not None else [False] * count
         for (index, seed), image, flagged in zip(batch, images, flags, strict=True):
             if flagged:
                 retries[index] += 1

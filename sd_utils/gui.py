@@ -115,6 +115,8 @@ class GenerationWindow:
                 should_stop=self.stop.is_set,
             )
             self.events.put(("done", len(images)))
+        except SdxlOliveError as error:  # says what to change, e.g. out of GPU memory: lower the size
+            self.events.put(("error", str(error)))
         except Exception as error:
             logger.exception("generation failed")
             self.events.put(("error", f"{type(error).__name__}: {error}"))

@@ -6,12 +6,15 @@ its options and the session-option hook. Every session gets the CPU provider app
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
-from .errors import ProviderUnavailableError
+from .errors import OutOfMemoryError, ProviderUnavailableError, SdxlOliveError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ class Provider:
     options: tuple[tuple[str, str], ...] = ()
     # what the provider needs beyond its package, for the error when it is installed but does not start
     needs: str = ""
+    # what the device holds and what a 1024² image needs of it, for the error when memory runs out
+    memory: str = "memory"
+    memory_needed: str = ""
 
     def provider_options(self, device_id: int) -> dict[str, Any]:
         return dict(self.options) if self.name == "cpu" else {"device_id": device_id, **dict(self.options)}
@@ -51,6 +57,7 @@ PROVIDERS: dict[str, Provider] = {
             fp16=True,
             disable_mem_pattern=True,
             needs="onnxruntime-directml needs Windows 10 1903 or later and a DirectX 12 GPU with a current driver",
+            memory="GPU memory",
         ),
         Provider(
             "cuda",
@@ -75,6 +82,9 @@ PROVIDERS: dict[str, Provider] = {
                 "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html; a CUDA build of torch "
                 "installed beside it provides them)"
             ),
+            memory="GPU memory",
+            # measured on an H100 with the rest of its memory held (bench/memory_fit.py, bench/NOTES.md run 9)
+            memory_needed="one 1024x1024 SDXL image takes about 14.4 GiB of free GPU memory with --provider cuda",
         ),
         Provider("cpu", "CPUExecutionProvider", "cpu", "optimize_cpu", "onnxruntime", fp16=False),
     )
@@ -157,7 +167,53 @@ def _fell_back_to(session, provider: Provider) -> str | None:
     return None if started == provider.execution_provider else started
 
 
-def _not_started(provider: Provider, problem: str) -> ProviderUnavailableError:
+# how ONNX Runtime (BFC arena, CUDA, cuBLAS/cuDNN, DirectML's HRESULT) and torch say that an allocation failed
+_OUT_OF_MEMORY = re.compile(
+    r"requested bytes of (?P<asked>\d+)|requested buffer of size (?P<size>\d+)|out of memory|ALLOC_FAILED"
+    r"|E_OUTOFMEMORY|8007000E|bad_alloc",
+    re.IGNORECASE,
+)
+
+
+def out_of_memory(error: BaseException | str) -> str | None:
+    """What could not be allocated, when ``error`` (an exception or its text) says that memory ran out; else None."""
+    found = _OUT_OF_MEMORY.search(str(error))
+    if found is None:
+        return None
+    size = found.group("asked") or found.group("size")
+    if size:
+        return f"ONNX Runtime could not allocate {int(size) / 2**20:,.0f} MiB more"
+    return " ".join(str(error).split())[:300]
+
+
+def out_of_memory_error(provider: Provider, doing: str, shortfall: str, fix: str) -> OutOfMemoryError:
+    """The one-line error for memory that ran out while ``doing``; ``fix`` says how to need less."""
+    needed = f" ({provider.memory_needed})" if provider.memory_needed else ""
+    return OutOfMemoryError(
+        f"--provider {provider.name} ran out of {provider.memory} {doing}: {shortfall}; {fix}, or close other "
+        f"programs to free {provider.memory}{needed}"
+    )
+
+
+@contextlib.contextmanager
+def memory_errors(provider: Provider, doing: str, fix: str) -> Iterator[None]:
+    """Turn an allocation failure inside the block into :func:`out_of_memory_error`'s one line (ONNX Runtime's own
+    is a multi-line status dump that names an internal file, not what to do)."""
+    try:
+        yield
+    except SdxlOliveError:
+        raise
+    except Exception as error:
+        shortfall = out_of_memory(error)
+        if shortfall is None:
+            raise
+        raise out_of_memory_error(provider, doing, shortfall, fix) from error
+
+
+def _not_started(provider: Provider, problem: str) -> ProviderUnavailableError | OutOfMemoryError:
+    shortfall = out_of_memory(problem)
+    if shortfall is not None:  # e.g. cuBLAS cannot allocate its handle's workspace: the GPU is full
+        return out_of_memory_error(provider, f"starting {provider.execution_provider}", shortfall, "use --provider cpu")
     return ProviderUnavailableError(
         f"--provider {provider.name}: ONNX Runtime could not start {provider.execution_provider} ({problem}); "
         f"{provider.needs} (ONNX Runtime's log above names what failed to load), or use --provider cpu"

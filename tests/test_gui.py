@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sd_utils import app
+from sd_utils.errors import OutOfMemoryError
 from sd_utils.options import parse_options
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -126,16 +127,24 @@ def _exists(root) -> bool:
         return False
 
 
-def test_failing_generation_shows_the_error_and_reenables(display, tiny_optimized, tmp_path):
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (RuntimeError("the GPU caught fire"), "Error: RuntimeError: the GPU caught fire"),
+        # the tool's own errors say what to change, without a class name
+        (OutOfMemoryError("--provider cuda ran out of GPU memory"), "Error: --provider cuda ran out of GPU memory"),
+    ],
+)
+def test_failing_generation_shows_the_error_and_reenables(display, tiny_optimized, tmp_path, error, shown):
     def broken(request, **callbacks):
         callbacks["on_step"](1, 3)
-        raise RuntimeError("the GPU caught fire")
+        raise error
 
     root, window, guard = _window(tiny_optimized, tmp_path, generate=broken)
     window.prompt.insert(0, "x")
     window.button.invoke()
     _pump(root, lambda: "Error" in window.status.cget("text"), timeout=30)
-    assert "RuntimeError: the GPU caught fire" in window.status.cget("text")
+    assert window.status.cget("text") == shown
     _pump(root, lambda: window.button.instate(["!disabled"]), timeout=10)
     assert guard.foreign_calls == []
     window.close()

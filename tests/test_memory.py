@@ -1,0 +1,124 @@
+"""Running out of memory is one line that says what to lower, and loses nothing.
+
+The end-to-end case is a real ONNX Runtime allocation failure: the CLI runs in a child process whose sessions allocate
+from an ONNX Runtime arena capped at 64 MiB (ORT's own ``create_and_register_allocator`` + ``use_env_allocators``),
+which a 512x512 image of the tiny model outgrows, as a 1024² SDXL image outgrows a 12-GB card (bench/NOTES.md, run 9).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sd_utils.errors import OutOfMemoryError, ProviderUnavailableError
+from sd_utils.providers import PROVIDERS, _not_started, out_of_memory
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+# what ONNX Runtime said on the H100 (bench/results/2026-11-27-h100-memory-fit-run9.json) and on this CPU build
+ARENA_FULL = (
+    "Non-zero status code returned while running Transpose node. Name:'Transpose_86' Status Message: "
+    "/onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal("
+    "size_t, bool, onnxruntime::Stream*) Failed to allocate memory for requested buffer of size 1073741824\n"
+)
+ARENA_CAPPED = (
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Attention node. Name:'Attention_1' "
+    "Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* onnxruntime::BFCArena::"
+    "AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Available memory of 14450944 is smaller than requested "
+    "bytes of 33554432\n"
+)
+CUBLAS_HANDLE = (
+    "CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED ; GPU=0 ; hostname=gpu ; file=/onnxruntime_src/onnxruntime/core/"
+    "providers/cuda/cuda_execution_provider.cc ; line=245 ; expr=cublasCreate(&cublas_handle_); "
+)
+
+# DirectML's HRESULT E_OUTOFMEMORY, in the form ONNX Runtime's DML provider reports failed HRESULTs
+DML_OUT_OF_MEMORY = (
+    "onnxruntime\\core\\providers\\dml\\DmlExecutionProvider\\src\\ExecutionProvider.cpp(563)\\"
+    "onnxruntime_pybind11_state.pyd!00007FFB1A2B3C4D: (caller: 00007FFB1A2B3C4E) Exception(3) tid(1f2c) 8007000E Not "
+    "enough memory resources are available to complete this operation."
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "shortfall"),
+    [
+        (ARENA_FULL, "ONNX Runtime could not allocate 1,024 MiB more"),
+        (ARENA_CAPPED, "ONNX Runtime could not allocate 32 MiB more"),
+        (CUBLAS_HANDLE, CUBLAS_HANDLE.strip()),
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA out of memory. Tried to allocate 2.00 GiB"),
+        (DML_OUT_OF_MEMORY, DML_OUT_OF_MEMORY),
+        ("Non-zero status code returned while running Conv node: Invalid input shape: {1,4,8}", None),
+    ],
+)
+def test_allocation_failures_are_recognised(message, shortfall):
+    assert out_of_memory(RuntimeError(message)) == shortfall
+
+
+def test_a_full_gpu_at_start_up_is_memory_not_a_broken_install():
+    """With the GPU full, cuBLAS cannot even make its handle: bench/NOTES.md run 9 saw the tool blame the install."""
+    error = _not_started(PROVIDERS["cuda"], CUBLAS_HANDLE.strip())
+    assert isinstance(error, OutOfMemoryError)
+    message = str(error)
+    assert message.startswith("--provider cuda ran out of GPU memory starting CUDAExecutionProvider: CUBLAS failure 3")
+    assert "use --provider cpu, or close other programs to free GPU memory" in message
+    assert "about 14.4 GiB of free GPU memory" in message
+    assert PROVIDERS["cuda"].needs not in message
+    assert isinstance(_not_started(PROVIDERS["cuda"], "libcudnn.so.9: cannot open"), ProviderUnavailableError)
+
+
+CAPPED_RUN = """
+import sys
+import onnxruntime as ort
+
+# every session of the tool allocates from one ONNX Runtime arena of 64 MiB
+ort.create_and_register_allocator(
+    ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+    ort.OrtArenaCfg(64 * 2**20, -1, -1, -1),
+)
+from sd_utils import generation, providers
+
+make_options = providers.session_options
+
+
+def session_options(provider, free_dimensions=None):
+    options = make_options(provider, free_dimensions)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
+providers.session_options = generation.session_options = session_options
+import stable_diffusion_xl
+
+sys.exit(stable_diffusion_xl.main(sys.argv[1:]))
+"""
+
+
+def test_running_out_of_memory_is_one_line_and_loses_nothing(tiny_optimized, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    earlier = output / "00000-7.png"
+    earlier.write_bytes(b"an image of an earlier run")
+    args = tiny_optimized.tiny("--width 512 --height 512 --num_inference_steps 2 --num_images 2 --prompt x")
+    child = subprocess.run(
+        [sys.executable, "-c", CAPPED_RUN, *args, "--output_dir", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_DIR,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)},
+        timeout=600,
+    )
+    assert child.returncode == OutOfMemoryError.exit_code, child.stderr[-3000:]
+    errors = [line for line in child.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: --provider cpu ran out of memory making 512x512 images in batches of 1 (images saved so far: 0 of 2): "
+        "ONNX Runtime could not allocate 32 MiB more; lower --width/--height or --batch_size, or close other programs "
+        "to free memory"
+    ], child.stderr[-3000:]
+    assert "Traceback" not in child.stderr
+    assert sorted(output.iterdir()) == [earlier]  # no partial PNG, and the earlier image untouched
+    assert earlier.read_bytes() == b"an image of an earlier run"
