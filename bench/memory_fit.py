@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -98,7 +99,7 @@ def trial(args) -> dict:
             "--model_id", args.model_id, "--models_dir", args.models_dir, "--provider", "cuda",
             "--prompt", "a photo of a lighthouse", "--seed", "1", "--num_images", str(args.num_images),
             "--batch_size", "1", "--num_inference_steps", "30", "--width", str(args.size), "--height", str(args.size),
-            "--output_dir", output,
+            "--output_dir", output, *shlex.split(args.tool_args),
         ]  # fmt: skip
         sampler.start()
         started = time.perf_counter()
@@ -122,6 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="default")
     parser.add_argument("--num_images", type=int, default=3)
     parser.add_argument("--size", type=int, default=1024, help="image width and height")
+    parser.add_argument(
+        "--tool_args", default="", help='more options for every trial\'s run, e.g. "--use_fp16_fixed_vae DIR"'
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
         trials = report["variants"][variant] = {}
         for budget in sorted((float(b) for b in args.budgets.split(",")), reverse=True):
             command = [sys.executable, __file__, "--models_dir", args.models_dir, "--model_id", args.model_id]
-            command += ["--num_images", str(args.num_images), "--size", str(args.size)]
+            command += ["--num_images", str(args.num_images), "--size", str(args.size), f"--tool_args={args.tool_args}"]
             command += ["--variant", variant, "--budget", str(budget)]
             child = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
