@@ -24,7 +24,7 @@ from typing import Any
 from .base_images import BaseImage
 from .cuda_graph import CudaGraphUNet, cuda_graph_session, use_cuda_graph_unet
 from .errors import SafetyCheckError
-from .model_spec import ModelSpec, Shape, free_dimension_overrides
+from .model_spec import ModelSpec, Shape, free_dimension_overrides, submodel_io
 from .providers import (
     Provider,
     check_session_provider,
@@ -33,6 +33,7 @@ from .providers import (
     session_options,
     session_providers,
 )
+from .vae_tiling import tiled_shape, use_tiled_vae_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class LoadedPipeline:
     shape: Shape | None  # the static shape the sessions are pinned to; None with --dynamic_dims
     model_label: str
     unet_graph: CudaGraphUNet | None = None  # the UNet replayed as a CUDA graph, when it is
+    vae_tiling: bool = False  # the VAE decoder decodes tile by tile (sd_utils/vae_tiling.py)
 
 
 def load_pipeline(
@@ -123,19 +125,23 @@ def load_pipeline(
     model_label: str,
     use_io_binding: bool | None = None,
     cuda_graph: bool | None = None,
+    vae_tiling: bool = False,
 ) -> LoadedPipeline:
     """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
 
     ``use_io_binding`` (default: on for GPU providers that optimum can bind, i.e. CUDA) keeps the denoising loop's
     tensors on the device: no host round trip per step. ``cuda_graph`` (default: on for CUDA with static shapes)
     replays the UNet as a CUDA graph instead of launching its kernels one by one; a UNet that cannot be captured
-    (some node not on the CUDA EP) runs as usual, with a warning.
+    (some node not on the CUDA EP) runs as usual, with a warning. ``vae_tiling`` decodes tile by tile, the
+    decoder's dims pinned to the tile's shape.
     """
     from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline, ORTStableDiffusionXLPipeline
 
     cls = ORTStableDiffusionXLImg2ImgPipeline if spec.is_refiner else ORTStableDiffusionXLPipeline
     providers, provider_options = session_providers(provider, device_id)
     overrides = free_dimension_overrides(spec, shape) if shape is not None else None
+    if overrides is not None and vae_tiling:
+        overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
     options = session_options(provider, overrides)
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
@@ -156,7 +162,11 @@ def load_pipeline(
         check_session_provider(part.session, provider, str(part.path.parent))
     if runner:
         use_cuda_graph_unet(pipeline, runner)
-    return LoadedPipeline(pipeline, spec, folder, provider, shape, model_label, unet_graph=runner)
+    if vae_tiling:
+        use_tiled_vae_decoder(pipeline, spec)
+    return LoadedPipeline(
+        pipeline, spec, folder, provider, shape, model_label, unet_graph=runner, vae_tiling=vae_tiling
+    )
 
 
 def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) -> CudaGraphUNet | None:
@@ -343,7 +353,8 @@ def generate_images(
             f"making {request.width}x{request.height} images in batches of {request.batch_size} "
             f"(images saved so far: {len(saved)} of {request.num_images})"
         )
-        with memory_errors(loaded.provider, making, "lower --width/--height or --batch_size"):
+        fix = "lower --width/--height or --batch_size" + ("" if loaded.vae_tiling else ", or add --vae_tiling")
+        with memory_errors(loaded.provider, making, fix):
             images = call_pipeline(call)[:count]
         calls_done += 1
         if should_stop is not None and should_stop():
@@ -396,6 +407,8 @@ def png_metadata(
         "provider": loaded.provider.name,
         "software": "sdxl-olive",
     }
+    if loaded.vae_tiling:
+        metadata["vae_tiling"] = "on"
     if request.refine is not None:
         refine = request.refine
         metadata.update(

@@ -30,6 +30,7 @@ class Options:
     clean_cache: bool
     test_unoptimized: bool
     dynamic_dims: bool
+    vae_tiling: bool
     prompt: str | None
     negative_prompt: str | None
     num_images: int
@@ -201,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic_dims",
         action="store_true",
         help="keep symbolic dims dynamic instead of pinning them to the run's shapes",
+    )
+    generate.add_argument(
+        "--vae_tiling",
+        action="store_true",
+        help="decode images in overlapping tiles of half the model's native size (512 px for SDXL): far less GPU "
+        "memory for the VAE decoder, for cards where a 1024x1024 image runs out of it; pixels differ slightly "
+        "where tiles meet",
     )
 
     refine = parser.add_argument_group("refiner")
