@@ -116,8 +116,8 @@ def test_running_out_of_memory_is_one_line_and_loses_nothing(tiny_optimized, tmp
     errors = [line for line in child.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: --provider cpu ran out of memory making 512x512 images in batches of 1 (images saved so far: 0 of 2): "
-        "ONNX Runtime could not allocate 32 MiB more; lower --width/--height or --batch_size, or close other programs "
-        "to free memory"
+        "ONNX Runtime could not allocate 32 MiB more; lower --width/--height or --batch_size, or add --vae_tiling, or "
+        "close other programs to free memory"
     ], child.stderr[-3000:]
     assert "Traceback" not in child.stderr
     assert sorted(output.iterdir()) == [earlier]  # no partial PNG, and the earlier image untouched
