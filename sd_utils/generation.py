@@ -145,7 +145,7 @@ def load_pipeline(
     options = session_options(provider, overrides)
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
-    with memory_errors(provider, f"loading {folder}", "use --provider cpu"):
+    with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         runner = _cuda_graph_unet(folder, provider, device_id, options) if cuda_graph else None
         graphed = " (UNet as a CUDA graph)" if runner else ""
         logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)

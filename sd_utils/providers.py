@@ -187,11 +187,12 @@ def out_of_memory(error: BaseException | str) -> str | None:
 
 
 def out_of_memory_error(provider: Provider, doing: str, shortfall: str, fix: str) -> OutOfMemoryError:
-    """The one-line error for memory that ran out while ``doing``; ``fix`` says how to need less."""
+    """The one-line error for memory that ran out while ``doing``; ``fix`` (may be empty) says how to need less."""
     needed = f" ({provider.memory_needed})" if provider.memory_needed else ""
+    fix = f"{fix}, or " if fix else ""
     return OutOfMemoryError(
-        f"--provider {provider.name} ran out of {provider.memory} {doing}: {shortfall}; {fix}, or close other "
-        f"programs to free {provider.memory}{needed}"
+        f"--provider {provider.name} ran out of {provider.memory} {doing}: {shortfall}; {fix}close other programs to "
+        f"free {provider.memory}{needed}"
     )
 
 

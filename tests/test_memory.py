@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sd_utils.errors import OutOfMemoryError, ProviderUnavailableError
-from sd_utils.providers import PROVIDERS, _not_started, out_of_memory
+from sd_utils.providers import PROVIDERS, _not_started, out_of_memory, out_of_memory_error
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -69,6 +69,15 @@ def test_a_full_gpu_at_start_up_is_memory_not_a_broken_install():
     assert "about 14.4 GiB of free GPU memory" in message
     assert PROVIDERS["cuda"].needs not in message
     assert isinstance(_not_started(PROVIDERS["cuda"], "libcudnn.so.9: cannot open"), ProviderUnavailableError)
+
+
+def test_without_a_fix_the_line_still_reads():
+    shortfall = "ONNX Runtime could not allocate 8 MiB more"
+    error = out_of_memory_error(PROVIDERS["cpu"], "loading models/optimized/tiny", shortfall, "")
+    assert str(error) == (
+        "--provider cpu ran out of memory loading models/optimized/tiny: ONNX Runtime could not allocate 8 MiB more; "
+        "close other programs to free memory"
+    )
 
 
 CAPPED_RUN = """
