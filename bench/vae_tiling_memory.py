@@ -63,20 +63,12 @@ def decode(args) -> dict:
 
 
 def build(model_dir: Path, work: Path) -> Path:
-    from sd_utils.model_spec import ModelSpec
-    from sd_utils.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
+    from vae_variant import decoder_workflow  # bench/, this script's folder
+
+    from sd_utils.olive_workflow import run_submodel
     from sd_utils.providers import PROVIDERS
 
-    spec, cpu = ModelSpec.from_folder(model_dir), PROVIDERS["cpu"]
-    config = workflow_config(
-        load_template("vae_decoder"),
-        submodel="vae_decoder",
-        provider=cpu,
-        model_path=model_dir,
-        disabled_fusions=unsupported_fusions(spec, provider=cpu, submodel="vae_decoder"),
-        cache_dir=work / "cache",
-        output_dir=work / "out",
-    )
+    config = decoder_workflow(model_dir, PROVIDERS["cpu"], work)
     return run_submodel(config, submodel="vae_decoder", tempdir=work / "tmp")[1]
 
 

@@ -23,15 +23,28 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
 
-def main(argv=None) -> int:
+def decoder_workflow(model_dir: Path, provider, work: Path, *, vae_float16: bool = False) -> dict:
+    """The tool's Olive workflow config for ``model_dir``'s VAE decoder alone on ``provider``, cache and output in
+    ``work``."""
     from sd_utils.model_spec import ModelSpec
-    from sd_utils.olive_workflow import (
-        external_data_files,
-        load_template,
-        run_submodel,
-        unsupported_fusions,
-        workflow_config,
+    from sd_utils.olive_workflow import load_template, unsupported_fusions, workflow_config
+
+    return workflow_config(
+        load_template("vae_decoder"),
+        submodel="vae_decoder",
+        provider=provider,
+        model_path=model_dir,
+        disabled_fusions=unsupported_fusions(
+            ModelSpec.from_folder(model_dir), provider=provider, submodel="vae_decoder"
+        ),
+        vae_float16=vae_float16,
+        cache_dir=work / "cache",
+        output_dir=work / "out",
     )
+
+
+def main(argv=None) -> int:
+    from sd_utils.olive_workflow import external_data_files, run_submodel
     from sd_utils.providers import PROVIDERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,19 +54,10 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("fp16", "fp32"), required=True, help="of the whole decoder")
     args = parser.parse_args(argv)
 
-    spec, cuda = ModelSpec.from_folder(args.model_dir), PROVIDERS["cuda"]
+    cuda = PROVIDERS["cuda"]
     with tempfile.TemporaryDirectory(prefix="vae-variant-") as temporary:
         work = Path(temporary)
-        config = workflow_config(
-            load_template("vae_decoder"),
-            submodel="vae_decoder",
-            provider=cuda,
-            model_path=args.model_dir,
-            disabled_fusions=unsupported_fusions(spec, provider=cuda, submodel="vae_decoder"),
-            vae_float16=args.precision == "fp16",
-            cache_dir=work / "cache",
-            output_dir=work / "out",
-        )
+        config = decoder_workflow(args.model_dir, cuda, work, vae_float16=args.precision == "fp16")
         if args.precision == "fp32":
             optimize = config["passes"][cuda.optimize_pass]
             optimize["float16"] = False

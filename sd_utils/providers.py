@@ -37,9 +37,13 @@ class Provider:
     options: tuple[tuple[str, str], ...] = ()
     # what the provider needs beyond its package, for the error when it is installed but does not start
     needs: str = ""
-    # what the device holds and what a 1024² image needs of it, for the error when memory runs out
-    memory: str = "memory"
+    # what a 1024² image needs of the device's memory, for the error when memory runs out
     memory_needed: str = ""
+
+    @property
+    def memory(self) -> str:
+        """The memory the provider's sessions allocate from, as the out-of-memory error names it."""
+        return "GPU memory" if self.olive_device == "gpu" else "memory"
 
     def provider_options(self, device_id: int) -> dict[str, Any]:
         return dict(self.options) if self.name == "cpu" else {"device_id": device_id, **dict(self.options)}
@@ -57,7 +61,6 @@ PROVIDERS: dict[str, Provider] = {
             fp16=True,
             disable_mem_pattern=True,
             needs="onnxruntime-directml needs Windows 10 1903 or later and a DirectX 12 GPU with a current driver",
-            memory="GPU memory",
         ),
         Provider(
             "cuda",
@@ -82,7 +85,6 @@ PROVIDERS: dict[str, Provider] = {
                 "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html; a CUDA build of torch "
                 "installed beside it provides them)"
             ),
-            memory="GPU memory",
             # measured on an H100 with the rest of its memory held (bench/memory_fit.py, bench/NOTES.md run 9)
             memory_needed="one 1024x1024 SDXL image takes about 14.4 GiB of free GPU memory with --provider cuda",
         ),

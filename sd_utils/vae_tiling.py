@@ -25,6 +25,11 @@ def tile_side(spec: ModelSpec) -> int:
     return max(1, spec.default_image_size // spec.vae_scale_factor // 2)
 
 
+def tile_length(spec: ModelSpec, latents: int) -> int:
+    """Latents per tile along an axis of ``latents``: the tile side, or the whole axis when shorter."""
+    return min(latents, tile_side(spec))
+
+
 def tile_starts(length: int, tile: int) -> list[int]:
     """Where the tiles of one axis start: evenly spread over ``length`` latents, each ``tile`` long (the axis itself
     when shorter), neighbours overlapping by at least a quarter tile."""
@@ -37,8 +42,8 @@ def tile_starts(length: int, tile: int) -> list[int]:
 
 def tiled_shape(spec: ModelSpec, shape: Shape) -> Shape:
     """The shape the tiled decoder runs at (its dims are pinned to it), for images of ``shape``."""
-    side, factor = tile_side(spec), spec.vae_scale_factor
-    height, width = (min(size // factor, side) * factor for size in (shape.height, shape.width))
+    factor = spec.vae_scale_factor
+    height, width = (tile_length(spec, size // factor) * factor for size in (shape.height, shape.width))
     return Shape(batch=shape.batch, height=height, width=width, classifier_free_guidance=shape.classifier_free_guidance)
 
 
@@ -66,9 +71,9 @@ def decode_tiled(decode, latents, spec: ModelSpec):
     the whole image (N, 3, H x factor, W x factor), on the latents' device."""
     import torch
 
-    side, factor = tile_side(spec), spec.vae_scale_factor
+    factor = spec.vae_scale_factor
     height, width = latents.shape[-2:]
-    tile_h, tile_w = min(height, side), min(width, side)
+    tile_h, tile_w = tile_length(spec, height), tile_length(spec, width)
     rows, columns = tile_starts(height, tile_h), tile_starts(width, tile_w)
     options = {"device": latents.device, "dtype": torch.float32}
     row_ramps, column_ramps = _ramps(rows, tile_h, factor, **options), _ramps(columns, tile_w, factor, **options)
