@@ -32,6 +32,7 @@ from .providers import (
     out_of_memory,
     session_options,
     session_providers,
+    share_arena,
 )
 from .vae_tiling import tiled_shape, use_tiled_vae_decoder
 
@@ -146,6 +147,7 @@ def load_pipeline(
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
+        share_arena(provider, device_id)
         runner = _cuda_graph_unet(folder, provider, device_id, options) if cuda_graph else None
         graphed = " (UNet as a CUDA graph)" if runner else ""
         logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)

@@ -35,6 +35,8 @@ class Provider:
     cuda_graph: bool = False
     # execution provider options of every session, beside the device
     options: tuple[tuple[str, str], ...] = ()
+    # the sessions of a process take their intermediate tensors from one arena per device (see share_arena)
+    shared_arena: bool = False
     # what the provider needs beyond its package, for the error when it is installed but does not start
     needs: str = ""
     # what a 1024² image needs of the device's memory, for the error when memory runs out
@@ -80,6 +82,7 @@ PROVIDERS: dict[str, Provider] = {
                 # (bench/memory_fit.py, bench/NOTES.md)
                 ("arena_extend_strategy", "kSameAsRequested"),
             ),
+            shared_arena=True,
             needs=(
                 "onnxruntime-gpu needs an NVIDIA driver and the CUDA and cuDNN libraries of its build "
                 "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html; a CUDA build of torch "
@@ -251,12 +254,42 @@ def new_session(model: str | bytes, provider: Provider, device_id: int = 0):
     )
 
 
+# devices whose shared arena this process has registered with ONNX Runtime (share_arena)
+_SHARED_ARENAS: set[int] = set()
+
+
+def share_arena(provider: Provider, device_id: int = 0) -> None:
+    """Give the sessions of this process one arena on ``device_id`` for their intermediate tensors, when the provider
+    wants it (``Provider.shared_arena``); call it before making the sessions, after the provider is known to start.
+
+    By default every ONNX Runtime session has an arena of its own, which keeps the most memory the session ever
+    needed: after the UNet's last step its activations stay reserved while the VAE decoder, last to run, reserves its
+    own (and the text encoders' and the safety checker's stay too). In one arena each stage reuses what the one
+    before it freed. This is ONNX Runtime's env allocator (``create_and_register_allocator_v2`` plus the session
+    entry ``session.use_env_allocators``, see :func:`session_options`). Stages never overlap: every ``run`` ends
+    with its stream synchronized, and the tool binds no output ONNX Runtime allocates (optimum binds torch buffers),
+    so nothing of one session outlives its run in the arena; that includes the CUDA-graph UNet, whose replays write
+    the addresses captured in its first runs.
+    """
+    if not provider.shared_arena or device_id in _SHARED_ARENAS:
+        return
+    import onnxruntime as ort
+
+    memory = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
+    # grown by what is asked, as the sessions' own arenas are (Provider.options)
+    arena = ort.OrtArenaCfg({"arena_extend_strategy": 1})  # 1: kSameAsRequested
+    ort.create_and_register_allocator_v2(provider.execution_provider, memory, {"device_id": str(device_id)}, arena)
+    _SHARED_ARENAS.add(device_id)
+
+
 def session_options(provider: Provider, free_dimensions: dict[str, int] | None = None):
     """ORT ``SessionOptions`` for ``provider``; ``free_dimensions`` pins symbolic dims by name (static shapes)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if provider.shared_arena:  # the arena of share_arena, once registered; until then each session's own
+        options.add_session_config_entry("session.use_env_allocators", "1")
     if provider.disable_mem_pattern:
         options.enable_mem_pattern = False
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

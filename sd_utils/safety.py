@@ -26,7 +26,7 @@ from .olive_workflow import (
     staged,
     workflow_config,
 )
-from .providers import Provider, check_session_provider, new_session
+from .providers import Provider, check_session_provider, new_session, share_arena
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class OnnxSafetyChecker:
     def __init__(self, folder: Path, *, provider: Provider, device_id: int = 0):
         from transformers import CLIPImageProcessor
 
+        share_arena(provider, device_id)
         self.session = new_session(str(folder / "model.onnx"), provider, device_id)
         check_session_provider(self.session, provider, str(folder))
         self.processor = CLIPImageProcessor.from_pretrained(folder)

@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sd_utils.errors import OutOfMemoryError, ProviderUnavailableError
 from sd_utils.providers import PROVIDERS, _not_started, out_of_memory, out_of_memory_error
+from tests.test_gpu_graphs import GPU_ONLY
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -131,3 +133,54 @@ def test_running_out_of_memory_is_one_line_and_loses_nothing(tiny_optimized, tmp
     assert "Traceback" not in child.stderr
     assert sorted(output.iterdir()) == [earlier]  # no partial PNG, and the earlier image untouched
     assert earlier.read_bytes() == b"an image of an earlier run"
+
+
+def _big_intermediate_model() -> bytes:
+    """x[1] -> Expand to 128 Mi floats (512 MiB) -> Add x -> ReduceMax -> y[1]: each run needs 1 GiB of scratch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([2**27], dtype=np.int64), "shape")
+    nodes = [
+        helper.make_node("Expand", ["x", "shape"], ["wide"]),
+        helper.make_node("Add", ["wide", "x"], ["sum"]),
+        helper.make_node("ReduceMax", ["sum"], ["y"], keepdims=1),
+    ]
+    value = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")]
+    graph = helper.make_graph(nodes, "big", value[:1], value[1:], initializer=[shape])
+    return helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_cuda_sessions_share_one_arena():
+    """With --provider cuda a session reuses the scratch memory an earlier session freed (providers.share_arena): one
+    session's 1 GiB of intermediates is reserved once, not once per session, as it is without the shared arena."""
+    import onnxruntime as ort
+    import torch
+
+    from sd_utils.providers import session_options, session_providers, share_arena
+
+    cuda = PROVIDERS["cuda"]
+    share_arena(cuda, 0)
+    model = _big_intermediate_model()
+    providers, provider_options = session_providers(cuda, 0)
+
+    def grown_by(options) -> float:
+        """GiB of device memory a new session's first run took and kept."""
+        torch.cuda.synchronize()
+        free = torch.cuda.mem_get_info()[0]
+        session = ort.InferenceSession(model, options, providers=providers, provider_options=provider_options)
+        (y,) = session.run(None, {"x": np.array([1.5], dtype=np.float32)})
+        assert y.tolist() == [3.0]
+        torch.cuda.synchronize()
+        sessions.append(session)  # kept alive, as a pipeline keeps its sessions
+        return (free - torch.cuda.mem_get_info()[0]) / 2**30
+
+    sessions = []
+    grown_by(session_options(cuda))  # the shared arena holds 1 GiB of scratch now (if earlier tests had not made it)
+    second = grown_by(session_options(cuda))
+    own = session_options(cuda)
+    own.add_session_config_entry("session.use_env_allocators", "0")
+    third = grown_by(own)
+    assert third >= 0.5, f"a session with an arena of its own took only {third:.2f} GiB (the check measures nothing)"
+    assert second < 0.25, f"a second session reserved {second:.2f} GiB more instead of reusing the shared arena"
