@@ -7,7 +7,8 @@
 #                                  FP32_VAE_VARIANTS=f runs with the whole VAE decoder in fp16 / fp32
 #                                  (bench/vae_variant.py), VARIANTS=none no benchmark; MEMORY_FIT=g,h runs
 #                                  bench/memory_fit.py with those variants (budgets: MEMORY_BUDGETS, more tool
-#                                  options for every trial: MEMORY_FIT_ARGS="--use_fp16_fixed_vae DIR"); while the CPU
+#                                  options for every trial: MEMORY_FIT_ARGS="--use_fp16_fixed_vae DIR"; first images
+#                                  kept in /tmp/sdxl/fit_images); while the CPU
 #                                  builds, the GPU runs the gpu-marked tests, times the provider probe and tries
 #                                  memory_fit.py on the tiny model (and bench/fp8_gemm.py with FP8=1: "side" job)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
@@ -33,7 +34,7 @@ case "${1:-}" in
   side)
     cd "$WORK/repo"
     echo "== gpu tests $(date +%T)"
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py tests/test_memory.py 2>&1 | tail -n 15
     echo "== provider probe $(date +%T)"
     python3 -c "
 import time, torch, onnxruntime
@@ -58,7 +59,7 @@ for run in range(3):
     ;;
   tests)
     cd "$WORK/repo"
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py tests/test_memory.py 2>&1 | tail -n 15
     ;;
   pipeline)
     cd "$WORK/repo"
@@ -88,7 +89,8 @@ for run in range(3):
       fi
       echo "== memory_fit.py $(date +%T)"
       python3 bench/memory_fit.py --models_dir "$WORK/models" --model_id "$MODEL" --variants "$MEMORY_FIT" \
-        ${MEMORY_BUDGETS:+--budgets "$MEMORY_BUDGETS"} --tool_args="${MEMORY_FIT_ARGS:-}" > "$WORK/memory_fit.json"
+        ${MEMORY_BUDGETS:+--budgets "$MEMORY_BUDGETS"} --tool_args="${MEMORY_FIT_ARGS:-}" \
+        --keep_images "$WORK/fit_images" > "$WORK/memory_fit.json"
     fi
     if [ "${VARIANTS:-}" != none ]; then
       echo "== benchmark $(date +%T)"

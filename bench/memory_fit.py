@@ -1,7 +1,7 @@
 """Does ``--provider cuda`` make its images on a smaller card? The tool end to end with the GPU's free memory cut.
 
     python bench/memory_fit.py --models_dir /tmp/sdxl/models --model_id random-sdxl-base \
-        --budgets 15,11,9,7 --variants default,arena_extend_strategy=kSameAsRequested
+        --budgets 15,11,9,7 --variants default,session.use_env_allocators=0
 
 Each trial is its own process. It takes all but ``budget`` GiB of the GPU's free memory (a torch tensor it holds
 until it exits, as another program or a smaller card would), then runs the tool's command line (``main`` of
@@ -12,8 +12,9 @@ most memory it used of its budget (``cudaMemGetInfo`` sampled every 20 ms). A bu
 started: a 12-GB card with a desktop on it leaves about 10.5-11 GiB.
 
 A variant sets what every CUDA session of the tool gets besides its defaults: ``key=value`` pairs joined by ``+``,
-a plain key a CUDA provider option, a dotted key a session config entry; ``default`` sets nothing. Budgets are tried
-from the largest down and the first that fails ends the variant. Prints one JSON document.
+a plain key a CUDA provider option, a dotted key a session config entry; ``default`` sets nothing
+(``session.use_env_allocators=0``: every session an arena of its own, as before ``providers.share_arena``). Budgets
+are tried from the largest down and the first that fails ends the variant. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,6 +109,10 @@ def trial(args) -> dict:
         code = stable_diffusion_xl.main(argv)
         stop.set()
         sampler.join()
+        if args.keep_images:  # the first image, to compare variants by
+            for png in sorted(Path(output).glob("*.png"))[:1]:
+                name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{args.variant}-{args.budget:g}GiB.png")
+                shutil.copy(png, Path(args.keep_images) / name)
     result = {"exit_code": code, "images": len(saved.times), "used_gib": round((budget - lowest[0]) / GIB, 2)}
     if saved.times:
         result["first_image_s"] = round(saved.times[0] - started, 1)
@@ -126,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tool_args", default="", help='more options for every trial\'s run, e.g. "--use_fp16_fixed_vae DIR"'
     )
+    parser.add_argument("--keep_images", help="a folder to copy each trial's first image into")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -141,6 +149,9 @@ def main(argv=None) -> int:
             command = [sys.executable, __file__, "--models_dir", args.models_dir, "--model_id", args.model_id]
             command += ["--num_images", str(args.num_images), "--size", str(args.size), f"--tool_args={args.tool_args}"]
             command += ["--variant", variant, "--budget", str(budget)]
+            if args.keep_images:
+                Path(args.keep_images).mkdir(parents=True, exist_ok=True)
+                command += ["--keep_images", args.keep_images]
             child = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             result = json.loads(lines[-1][len("RESULT ") :]) if lines else {"exit_code": child.returncode}
