@@ -157,7 +157,9 @@ def main(argv=None) -> int:
             result = json.loads(lines[-1][len("RESULT ") :]) if lines else {"exit_code": child.returncode}
             if result.get("exit_code") != 0 or result.get("images") != args.num_images:
                 errors = [line for line in child.stderr.splitlines() if "error" in line.lower()]
-                result["error"] = (errors or child.stderr.splitlines() or ["(no output)"])[-1][:600]
+                line = (errors or child.stderr.splitlines() or ["(no output)"])[-1]
+                # head and tail: ONNX Runtime's messages put the C++ location first and the cause last
+                result["error"] = line if len(line) <= 1200 else f"{line[:500]} [...] {line[-700:]}"
             trials[f"{budget:g}"] = result
             print(json.dumps({variant: {f"{budget:g}": result}}), file=sys.stderr, flush=True)
             if "error" in result:
