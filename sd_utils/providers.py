@@ -88,8 +88,11 @@ PROVIDERS: dict[str, Provider] = {
                 "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html; a CUDA build of torch "
                 "installed beside it provides them)"
             ),
-            # measured on an H100 with the rest of its memory held (bench/memory_fit.py, bench/NOTES.md run 9)
-            memory_needed="one 1024x1024 SDXL image takes about 14.4 GiB of free GPU memory with --provider cuda",
+            # measured on an H100 with the rest of its memory held (bench/memory_fit.py, bench/NOTES.md runs 11-12)
+            memory_needed=(
+                "one 1024x1024 SDXL image takes about 14.2 GiB of free GPU memory with --provider cuda, "
+                "10.5 GiB with --vae_tiling"
+            ),
         ),
         Provider("cpu", "CPUExecutionProvider", "cpu", "optimize_cpu", "onnxruntime", fp16=False),
     )
@@ -172,10 +175,13 @@ def _fell_back_to(session, provider: Provider) -> str | None:
     return None if started == provider.execution_provider else started
 
 
-# how ONNX Runtime (BFC arena, CUDA, cuBLAS/cuDNN, DirectML's HRESULT) and torch say that an allocation failed
+# how ONNX Runtime (BFC arena; CUDA, cuBLAS and cuDNN calls, whose statuses it words as "<LIB> failure <n>: <what>";
+# a CUDA graph capture that an allocation broke; DirectML's HRESULT) and torch say that an allocation failed
 _OUT_OF_MEMORY = re.compile(
-    r"requested bytes of (?P<asked>\d+)|requested buffer of size (?P<size>\d+)|out of memory|ALLOC_FAILED"
-    r"|E_OUTOFMEMORY|8007000E|bad_alloc",
+    r"requested bytes of (?P<asked>\d+)|requested buffer of size (?P<size>\d+)"
+    r"|(?:CUBLAS|CUDNN|CUDA) failure \d+: [^;\n]*(?:allocation failed|out of memory|ALLOC_FAILED)[^;\n]*"
+    r"|(?P<capture>CUDA failure 901): [^;\n]*during capture"
+    r"|CUDA out of memory[^\n]*|\w*ALLOC_FAILED|8007000E[^\n]*|E_OUTOFMEMORY|out of memory|bad_alloc",
     re.IGNORECASE,
 )
 
@@ -188,7 +194,12 @@ def out_of_memory(error: BaseException | str) -> str | None:
     size = found.group("asked") or found.group("size")
     if size:
         return f"ONNX Runtime could not allocate {int(size) / 2**20:,.0f} MiB more"
-    return " ".join(str(error).split())[:300]
+    if found.group("capture"):
+        # CUDA's "capture invalidated": some call inside the capture failed. For a UNet that captures with more free
+        # memory, that call is an allocation (bench/NOTES.md, run 12: 10 GiB free, --vae_tiling; the same run
+        # without the CUDA graph ran out of memory outright)
+        return f"capturing the UNet's CUDA graph failed ({found.group('capture')})"
+    return " ".join(found.group(0).split())[:200]
 
 
 def out_of_memory_error(provider: Provider, doing: str, shortfall: str, fix: str) -> OutOfMemoryError:
@@ -270,6 +281,11 @@ def share_arena(provider: Provider, device_id: int = 0) -> None:
     with its stream synchronized, and the tool binds no output ONNX Runtime allocates (optimum binds torch buffers),
     so nothing of one session outlives its run in the arena; that includes the CUDA-graph UNet, whose replays write
     the addresses captured in its first runs.
+
+    Measured on an H100 at 1024² (bench/NOTES.md, runs 11-12): with ``--vae_tiling`` it is what makes an image fit
+    11 GiB of free memory (a 12-GB card; with an arena per session the run took 10.47 GiB, then lacked 256 MiB); for
+    a whole-image decode it saves only 0.16 GiB (14.21 against 14.37), the decoder's 1-GiB tensors needing regions
+    of their own. Speed and images unchanged (1.406 against 1.394 s per image; 62 dB apart).
     """
     if not provider.shared_arena or device_id in _SHARED_ARENAS:
         return
