@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The full-size CUDA run on the lent H100 (../shared/gpu/README.md says how the machine gets onnxruntime-gpu):
+# The full-size CUDA run on the lent H100 (../shared/gpu/README.md says how the machine gets onnxruntime-gpu; prepare
+# with `bash ../shared/gpu/prepare_ortgpu.sh open-clip-torch==3.3.0`: the tokenizers' vocabulary comes from it):
 #   bash bench/gpu_run.sh start    copy the repo to /tmp/sdxl/repo, start build + --optimize --provider cuda + benchmark
 #                                  in the background (the UNet fusion alone takes ~10 min); VARIANTS=a,b picks the
 #                                  benchmark's variants, UNET_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run after

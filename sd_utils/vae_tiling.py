@@ -2,8 +2,9 @@
 
 The VAE decoder runs last and needs the most memory for its activations: at 1024² its mid-block attention alone
 holds a 16384 x 16384 score matrix, and its last up-block 1-GiB fp32 tensors. With ``--provider cuda`` a 1024²
-image took 14.4 GiB of free GPU memory and failed with 11 GiB, in the decoder (bench/NOTES.md, run 9). Tiles of half
-the model's native side (512 px for SDXL) need about a quarter of that at a time.
+image took 14.2 GiB of free GPU memory and failed with 11 GiB, in the decoder; tiles of half the model's native side
+(512 px for SDXL) need about a quarter of its activations at a time, and the image fits 11 GiB (10.5 GiB used, 1%
+slower on an H100; bench/NOTES.md, runs 9, 11 and 12).
 
 diffusers' ``AutoencoderKL.tiled_decode`` does this for its PyTorch VAE, with edge tiles smaller than the others;
 written again here because ONNX Runtime sessions are pinned to one input shape (static dims): every tile here has
