@@ -294,7 +294,11 @@ def share_arena(provider: Provider, device_id: int = 0) -> None:
     memory = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
     # grown by what is asked, as the sessions' own arenas are (Provider.options)
     arena = ort.OrtArenaCfg({"arena_extend_strategy": 1})  # 1: kSameAsRequested
-    ort.create_and_register_allocator_v2(provider.execution_provider, memory, {"device_id": str(device_id)}, arena)
+    try:
+        ort.create_and_register_allocator_v2(provider.execution_provider, memory, {"device_id": str(device_id)}, arena)
+    except (AttributeError, RuntimeError) as error:  # an onnxruntime without it, or whose build refuses it
+        logger.warning("ONNX Runtime sessions keep an arena each, which needs more GPU memory (%s)", error)
+        return
     _SHARED_ARENAS.add(device_id)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from sd_utils.errors import OutOfMemoryError, ProviderUnavailableError
 from sd_utils.providers import PROVIDERS, _not_started, out_of_memory, out_of_memory_error
-from tests.test_gpu_graphs import GPU_ONLY
+from tests.test_gpu_graphs import GPU_ONLY, _cuda_available
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -206,3 +206,19 @@ def test_cuda_sessions_share_one_arena():
     third = grown_by(own)
     assert third >= 0.5, f"a session with an arena of its own took only {third:.2f} GiB (the check measures nothing)"
     assert second < 0.25, f"a second session reserved {second:.2f} GiB more instead of reusing the shared arena"
+
+
+@pytest.mark.skipif(_cuda_available(), reason="needs an onnxruntime build without the CUDA provider")
+def test_an_onnxruntime_that_cannot_share_an_arena_still_runs(caplog):
+    """This CPU build of ONNX Runtime refuses a CUDA env allocator, as an older or unusual build might: the sessions
+    keep an arena each (a warning says so) instead of the run failing."""
+    import dataclasses
+
+    from sd_utils import providers
+
+    refused = dataclasses.replace(PROVIDERS["cuda"], name="cuda-test")
+    providers.share_arena(refused, 7)
+    assert 7 not in providers._SHARED_ARENAS
+    assert "ONNX Runtime sessions keep an arena each" in caplog.text
+    assert "CUDAExecutionProvider is not implemented" in caplog.text
+    assert providers.session_options(refused).get_session_config_entry("session.use_env_allocators") == "1"
