@@ -142,6 +142,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(trial(args)), flush=True)
         return 0
 
+    if args.keep_images:
+        Path(args.keep_images).mkdir(parents=True, exist_ok=True)
     report = {"settings": {"size": args.size, "steps": 30, "num_images": args.num_images}, "variants": {}}
     for variant in args.variants.split(","):
         trials = report["variants"][variant] = {}
@@ -150,7 +152,6 @@ def main(argv=None) -> int:
             command += ["--num_images", str(args.num_images), "--size", str(args.size), f"--tool_args={args.tool_args}"]
             command += ["--variant", variant, "--budget", str(budget)]
             if args.keep_images:
-                Path(args.keep_images).mkdir(parents=True, exist_ok=True)
                 command += ["--keep_images", args.keep_images]
             child = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]

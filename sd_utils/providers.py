@@ -265,6 +265,8 @@ def new_session(model: str | bytes, provider: Provider, device_id: int = 0):
     )
 
 
+# ONNX Runtime's arena growth strategies, in the order of their numbers (OrtArenaCfg's arena_extend_strategy)
+ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 # devices whose shared arena this process has registered with ONNX Runtime (share_arena)
 _SHARED_ARENAS: set[int] = set()
 
@@ -292,8 +294,9 @@ def share_arena(provider: Provider, device_id: int = 0) -> None:
     import onnxruntime as ort
 
     memory = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
-    # grown by what is asked, as the sessions' own arenas are (Provider.options)
-    arena = ort.OrtArenaCfg({"arena_extend_strategy": 1})  # 1: kSameAsRequested
+    # grown as the provider's options grow each session's own arena (the arena config takes the strategy's number)
+    strategy = dict(provider.options).get("arena_extend_strategy", "kNextPowerOfTwo")
+    arena = ort.OrtArenaCfg({"arena_extend_strategy": ARENA_EXTEND_STRATEGIES.index(strategy)})
     try:
         ort.create_and_register_allocator_v2(provider.execution_provider, memory, {"device_id": str(device_id)}, arena)
     except (AttributeError, RuntimeError) as error:  # an onnxruntime without it, or whose build refuses it
