@@ -8,8 +8,9 @@
 #                                  FP32_VAE_VARIANTS=f runs with the whole VAE decoder in fp16 / fp32
 #                                  (bench/vae_variant.py), VARIANTS=none no benchmark; MEMORY_FIT=g,h runs
 #                                  bench/memory_fit.py with those variants (budgets: MEMORY_BUDGETS, more tool
-#                                  options for every trial: MEMORY_FIT_ARGS="--use_fp16_fixed_vae DIR"; first images
-#                                  kept in /tmp/sdxl/fit_images); while the CPU
+#                                  options for every trial: MEMORY_FIT_ARGS="--use_fp16_fixed_vae DIR" or
+#                                  "--low_vram"; MEMORY_FIT_RUNS=2: two runs per process, as the window makes them;
+#                                  first images kept in /tmp/sdxl/fit_images); while the CPU
 #                                  builds, the GPU runs the gpu-marked tests, times the provider probe and tries
 #                                  memory_fit.py on the tiny model (and bench/fp8_gemm.py with FP8=1: "side" job)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
@@ -84,13 +85,13 @@ for run in range(3):
     dirs=(--model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL"
       --unoptimized_dir "$WORK/models/unoptimized/$MODEL")
     if [ -n "${MEMORY_FIT:-}" ]; then
-      if [ -n "${MEMORY_FIT_ARGS:-}" ]; then  # e.g. --use_fp16_fixed_vae DIR: rebuild (the cache has the rest) first
+      if [[ "${MEMORY_FIT_ARGS:-}" == *--use_fp16_fixed_vae* ]]; then  # rebuild (the cache has the rest) first
         python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" \
           --cache_dir "$WORK/cache" $MEMORY_FIT_ARGS 2>&1 | tail -n 3
       fi
       echo "== memory_fit.py $(date +%T)"
       python3 bench/memory_fit.py --models_dir "$WORK/models" --model_id "$MODEL" --variants "$MEMORY_FIT" \
-        ${MEMORY_BUDGETS:+--budgets "$MEMORY_BUDGETS"} --tool_args="${MEMORY_FIT_ARGS:-}" \
+        ${MEMORY_BUDGETS:+--budgets "$MEMORY_BUDGETS"} --tool_args="${MEMORY_FIT_ARGS:-}" --runs "${MEMORY_FIT_RUNS:-1}" \
         --keep_images "$WORK/fit_images" > "$WORK/memory_fit.json"
     fi
     if [ "${VARIANTS:-}" != none ]; then

@@ -14,7 +14,9 @@ started: a 12-GB card with a desktop on it leaves about 10.5-11 GiB.
 A variant sets what every CUDA session of the tool gets besides its defaults: ``key=value`` pairs joined by ``+``,
 a plain key a CUDA provider option, a dotted key a session config entry; ``default`` sets nothing
 (``session.use_env_allocators=0``: every session an arena of its own, as before ``providers.share_arena``). Budgets
-are tried from the largest down and the first that fails ends the variant. Prints one JSON document.
+are tried from the largest down and the first that fails ends the variant. ``--runs 2`` makes the images in two runs
+of one process with different prompts, as the window does (its second run makes ``--low_vram``'s text encoders again
+after the first has grown the arena). Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -74,6 +76,28 @@ class _SavedTimes(logging.Handler):
             self.times.append(time.perf_counter())
 
 
+def _window_runs(argv: list[str], runs: int) -> int:
+    """The run of ``argv`` made ``runs`` times in one process, each with another prompt, as the window makes them;
+    the CLI's exit code and error line."""
+    from sd_utils import app
+    from sd_utils.errors import SdxlOliveError
+    from sd_utils.options import parse_options
+    from stable_diffusion_xl import configure_logging
+
+    options = parse_options(argv)
+    configure_logging(debug=False)
+    try:
+        job = app.plan(options)
+        generator = app.Generator(options, job, app.prepare_models(options, job))
+        for run in range(runs):
+            prompt = job.request.prompt if run == 0 else f"{job.request.prompt}, run {run + 1}"
+            generator.generate(dataclasses.replace(job.request, prompt=prompt))
+    except SdxlOliveError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
 def trial(args) -> dict:
     """One run of the tool within ``args.budget`` GiB; the child process's work."""
     import torch
@@ -106,7 +130,7 @@ def trial(args) -> dict:
         ]  # fmt: skip
         sampler.start()
         started = time.perf_counter()
-        code = stable_diffusion_xl.main(argv)
+        code = stable_diffusion_xl.main(argv) if args.runs == 1 else _window_runs(argv, args.runs)
         stop.set()
         sampler.join()
         if args.keep_images:  # the first image, to compare variants by
@@ -134,6 +158,7 @@ def main(argv=None) -> int:
         "--tool_args", default="", help='more options for every trial\'s run, e.g. "--use_fp16_fixed_vae DIR"'
     )
     parser.add_argument("--keep_images", help="a folder to copy each trial's first image into")
+    parser.add_argument("--runs", type=int, default=1, help="runs of --num_images images each, in one process")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -144,19 +169,22 @@ def main(argv=None) -> int:
 
     if args.keep_images:
         Path(args.keep_images).mkdir(parents=True, exist_ok=True)
-    report = {"settings": {"size": args.size, "steps": 30, "num_images": args.num_images}, "variants": {}}
+    settings = {"size": args.size, "steps": 30, "num_images": args.num_images, "runs": args.runs}
+    settings["tool_args"] = args.tool_args
+    report = {"settings": settings, "variants": {}}
     for variant in args.variants.split(","):
         trials = report["variants"][variant] = {}
         for budget in sorted((float(b) for b in args.budgets.split(",")), reverse=True):
             command = [sys.executable, __file__, "--models_dir", args.models_dir, "--model_id", args.model_id]
             command += ["--num_images", str(args.num_images), "--size", str(args.size), f"--tool_args={args.tool_args}"]
+            command += ["--runs", str(args.runs)]
             command += ["--variant", variant, "--budget", str(budget)]
             if args.keep_images:
                 command += ["--keep_images", args.keep_images]
             child = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             result = json.loads(lines[-1][len("RESULT ") :]) if lines else {"exit_code": child.returncode}
-            if result.get("exit_code") != 0 or result.get("images") != args.num_images:
+            if result.get("exit_code") != 0 or result.get("images") != args.num_images * args.runs:
                 errors = [line for line in child.stderr.splitlines() if "error" in line.lower()]
                 line = (errors or child.stderr.splitlines() or ["(no output)"])[-1]
                 # head and tail: ONNX Runtime's messages put the C++ location first and the cause last

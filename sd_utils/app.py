@@ -209,7 +209,8 @@ def open_pipeline(
         device_id=options.device_id,
         shape=None if options.dynamic_dims else request.shape,
         model_label=model.model_id + (" (unoptimized)" if options.test_unoptimized else ""),
-        vae_tiling=options.vae_tiling,
+        vae_tiling=options.vae_tiling or options.low_vram,
+        low_vram=options.low_vram,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import itertools
 import logging
 import math
@@ -114,6 +115,11 @@ class LoadedPipeline:
     model_label: str
     unet_graph: CudaGraphUNet | None = None  # the UNet replayed as a CUDA graph, when it is
     vae_tiling: bool = False  # the VAE decoder decodes tile by tile (sd_utils/vae_tiling.py)
+    low_vram: bool = False  # the text encoders exist only while they encode a prompt (see encode_prompt)
+    # a new text encoder part (optimum's) of ``folder``, its session made as load_pipeline made the others
+    new_text_encoder: Callable[[str], Any] | None = None
+    # the last prompt's embeddings, by (prompt, negative prompt, images per call, CFG): see encode_prompt
+    prompt_embeddings: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def load_pipeline(
@@ -127,6 +133,7 @@ def load_pipeline(
     use_io_binding: bool | None = None,
     cuda_graph: bool | None = None,
     vae_tiling: bool = False,
+    low_vram: bool = False,
 ) -> LoadedPipeline:
     """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
 
@@ -134,7 +141,8 @@ def load_pipeline(
     tensors on the device: no host round trip per step. ``cuda_graph`` (default: on for CUDA with static shapes)
     replays the UNet as a CUDA graph instead of launching its kernels one by one; a UNet that cannot be captured
     (some node not on the CUDA EP) runs as usual, with a warning. ``vae_tiling`` decodes tile by tile, the
-    decoder's dims pinned to the tile's shape.
+    decoder's dims pinned to the tile's shape. ``low_vram`` frees the text encoders' memory after they have encoded
+    the prompt (:func:`encode_prompt`) and drops a base model's VAE encoder, which text-to-image never runs.
     """
     from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline, ORTStableDiffusionXLPipeline
 
@@ -144,6 +152,7 @@ def load_pipeline(
     if overrides is not None and vae_tiling:
         overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
     options = session_options(provider, overrides)
+    io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
@@ -157,7 +166,7 @@ def load_pipeline(
             providers=providers,
             provider_options=provider_options,
             session_options=options,
-            use_io_binding=provider.io_binding if use_io_binding is None else use_io_binding,
+            use_io_binding=io_binding,
             **({"unet_session": runner.session} if runner else {}),
         )
     for part in pipeline.parts:
@@ -166,9 +175,85 @@ def load_pipeline(
         use_cuda_graph_unet(pipeline, runner)
     if vae_tiling:
         use_tiled_vae_decoder(pipeline, spec)
+    if low_vram and not spec.is_refiner:
+        _drop_parts(pipeline, ["vae_encoder"])
+
+    def new_text_encoder(name: str):
+        import onnxruntime as ort
+        from optimum.onnxruntime.modeling_diffusion import ORTTextEncoder
+
+        path = folder / name / "model.onnx"
+        session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+        check_session_provider(session, provider, str(path.parent))
+        return ORTTextEncoder(session, pipeline, io_binding)
+
     return LoadedPipeline(
-        pipeline, spec, folder, provider, shape, model_label, unet_graph=runner, vae_tiling=vae_tiling
+        pipeline,
+        spec,
+        folder,
+        provider,
+        shape,
+        model_label,
+        unet_graph=runner,
+        vae_tiling=vae_tiling,
+        low_vram=low_vram,
+        new_text_encoder=new_text_encoder,
     )
+
+
+# the pipeline's text encoders, in the order diffusers runs them (a refiner has only the second)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# what diffusers' ``encode_prompt`` returns, by the names its pipelines take them under
+PROMPT_EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def encode_prompt(loaded: LoadedPipeline, request: GenerationRequest, count: int) -> dict[str, Any]:
+    """The embeddings of ``request``'s prompts for a pipeline call of ``count`` images, as the call's keyword arguments.
+
+    diffusers' own ``encode_prompt`` runs the text encoders; here it runs once per prompt, not in every call of a run
+    (and not again when a later run, in the window, has the same prompts). With ``low_vram`` the text encoders'
+    sessions are made for it and dropped after it, so their weights (1.5 GiB for SDXL in fp16) are free while the
+    UNet and the VAE decoder run; a new prompt makes them again.
+    """
+    key = (request.prompt, request.negative_prompt, count, request.uses_cfg)
+    if key not in loaded.prompt_embeddings:
+        loaded.prompt_embeddings.clear()
+        _open_text_encoders(loaded)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Accessing config attribute", category=FutureWarning)
+            embeddings = loaded.pipeline.encode_prompt(
+                prompt=[request.prompt] * count,
+                negative_prompt=[request.negative_prompt] * count if request.negative_prompt else None,
+                do_classifier_free_guidance=request.uses_cfg,
+            )
+        loaded.prompt_embeddings[key] = dict(zip(PROMPT_EMBEDDINGS, embeddings, strict=True))
+        if loaded.low_vram:
+            _drop_parts(loaded.pipeline, TEXT_ENCODERS)
+    return loaded.prompt_embeddings[key]
+
+
+def _open_text_encoders(loaded: LoadedPipeline) -> None:
+    """Make the text-encoder sessions that ``low_vram`` dropped after the last prompt."""
+    pipeline = loaded.pipeline
+    for name in TEXT_ENCODERS:
+        if name in loaded.spec.submodels and getattr(pipeline, name) is None:
+            part = loaded.new_text_encoder(name)
+            setattr(pipeline, name, part)
+            pipeline.parts.append(part)
+
+
+def _drop_parts(pipeline, names) -> None:
+    """Remove the sessions of the pipeline's parts ``names``, so that ONNX Runtime frees their memory now."""
+    for name in names:
+        part = getattr(pipeline, name)
+        if part is None:
+            continue
+        pipeline.parts.remove(part)
+        if part is pipeline.vae.encoder:  # optimum's VAE wraps both halves
+            pipeline.vae.parts.remove(part)
+            pipeline.vae.encoder = None
+        setattr(pipeline, name, None)
+    gc.collect()  # a part and its pipeline refer to each other
 
 
 def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) -> CudaGraphUNet | None:
@@ -203,11 +288,9 @@ class CallInputs:
     step_end: Callable
 
 
-def _common_arguments(request: GenerationRequest, call: CallInputs) -> dict[str, Any]:
-    count = len(call.indices)
+def _common_arguments(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> dict[str, Any]:
     return {
-        "prompt": [request.prompt] * count,
-        "negative_prompt": [request.negative_prompt] * count if request.negative_prompt else None,
+        **encode_prompt(loaded, request, len(call.indices)),
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": request.effective_guidance_scale,
         "generator": call.generators,
@@ -217,7 +300,11 @@ def _common_arguments(request: GenerationRequest, call: CallInputs) -> dict[str,
 
 def _text_to_image_call(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> list[Any]:
     return _run(
-        loaded, height=request.height, width=request.width, latents=call.latents, **_common_arguments(request, call)
+        loaded,
+        height=request.height,
+        width=request.width,
+        latents=call.latents,
+        **_common_arguments(loaded, request, call),
     )
 
 
@@ -230,7 +317,7 @@ def _refine_call(loaded: LoadedPipeline, request: GenerationRequest, call: CallI
         strength=refine.strength,
         aesthetic_score=refine.aesthetic_score,
         negative_aesthetic_score=refine.negative_aesthetic_score,
-        **_common_arguments(request, call),
+        **_common_arguments(loaded, request, call),
     )
 
 
@@ -244,9 +331,11 @@ def _ensemble_call(base: LoadedPipeline, refiner: LoadedPipeline, request: Gener
         latents=call.latents,
         output_type="latent",
         denoising_end=request.high_noise_frac,
-        **_common_arguments(request, call),
+        **_common_arguments(base, request, call),
     )
-    return _run(refiner, image=latents, denoising_start=request.high_noise_frac, **_common_arguments(request, call))
+    return _run(
+        refiner, image=latents, denoising_start=request.high_noise_frac, **_common_arguments(refiner, request, call)
+    )
 
 
 def _run(loaded: LoadedPipeline, **arguments) -> Any:
@@ -355,7 +444,11 @@ def generate_images(
             f"making {request.width}x{request.height} images in batches of {request.batch_size} "
             f"(images saved so far: {len(saved)} of {request.num_images})"
         )
-        fix = "lower --width/--height or --batch_size" + ("" if loaded.vae_tiling else ", or add --vae_tiling")
+        fix = "lower --width/--height or --batch_size"
+        if loaded.provider.memory == "GPU memory" and not loaded.low_vram:
+            fix += ", or add --low_vram"
+        elif not loaded.vae_tiling:
+            fix += ", or add --vae_tiling"
         with memory_errors(loaded.provider, making, fix):
             images = call_pipeline(call)[:count]
         calls_done += 1

@@ -31,6 +31,7 @@ class Options:
     test_unoptimized: bool
     dynamic_dims: bool
     vae_tiling: bool
+    low_vram: bool
     prompt: str | None
     negative_prompt: str | None
     num_images: int
@@ -209,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode images in overlapping tiles of half the model's native size (512 px for SDXL): far less GPU "
         "memory for the VAE decoder, for cards where a 1024x1024 image runs out of it; pixels differ slightly "
         "where tiles meet",
+    )
+    generate.add_argument(
+        "--low_vram",
+        action="store_true",
+        help="for GPUs with little memory: --vae_tiling, and the text encoders' weights (1.5 GiB for SDXL) freed "
+        "once the prompt is encoded; a new prompt loads them again",
     )
 
     refine = parser.add_argument_group("refiner")

@@ -59,6 +59,17 @@ def tiny_refiner_optimized(tiny_optimized):
 
 
 @pytest.fixture(scope="session")
+def cuda_build(tiny_optimized, tmp_path_factory):
+    """``--optimize --model_id tiny --provider cuda`` (for the gpu-marked tests); returns the optimized folder."""
+    from stable_diffusion_xl import main
+
+    models = tmp_path_factory.mktemp("cuda") / "models"
+    args = ["--optimize", "--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models)]
+    assert main([*args, "--cache_dir", str(tiny_optimized.cache_dir)]) == 0
+    return models / "optimized" / "tiny"
+
+
+@pytest.fixture(scope="session")
 def base_image_files(tmp_path_factory):
     """Base images as users have them: RGB, different sizes, grayscale, RGBA with transparency."""
     import numpy as np

@@ -124,13 +124,6 @@ CUDA_SHAPE = {"batch": 2, "height": 128, "width": 96}
 CUDA_CALL = {"prompt": ["a red circle"] * 2, "num_inference_steps": 10, "height": 128, "width": 96, "output_type": "np"}
 
 
-@pytest.fixture(scope="module")
-def cuda_build(tiny_optimized, tmp_path_factory):
-    models = tmp_path_factory.mktemp("cuda") / "models"
-    _optimize_tiny(models, "cuda", tiny_optimized.cache_dir)
-    return models / "optimized" / "tiny"
-
-
 def _latents(seed: int):
     return torch.randn((2, 4, 16, 12), generator=torch.Generator().manual_seed(seed))
 

@@ -222,3 +222,103 @@ def test_an_onnxruntime_that_cannot_share_an_arena_still_runs(caplog):
     assert "ONNX Runtime sessions keep an arena each" in caplog.text
     assert "CUDAExecutionProvider is not implemented" in caplog.text
     assert providers.session_options(refused).get_session_config_entry("session.use_env_allocators") == "1"
+
+
+def _low_vram_against_tiled(folder, spec, provider, shape, output_dir, monkeypatch, same):
+    """``--low_vram``: the prompt is encoded once per run, then the text encoders' sessions are dropped (freed, not
+    merely unused) and the base's VAE encoder, which text-to-image never runs, is not kept at all; a run with another
+    prompt makes the text encoders again. The images are ``same`` as those of ``--vae_tiling`` alone."""
+    import dataclasses
+    import gc
+    import weakref
+
+    from optimum.onnxruntime.modeling_diffusion import ORTTextEncoder
+    from PIL import Image
+
+    from sd_utils.generation import GenerationRequest, generate_images, load_pipeline
+
+    request = GenerationRequest(
+        prompt="a red circle",
+        negative_prompt="blue",
+        num_images=3,
+        batch_size=shape.batch,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        seed=11,
+        width=shape.width,
+        height=shape.height,
+    )
+    pipelines = {
+        name: load_pipeline(
+            folder, spec, provider=provider, shape=shape, model_label="tiny", vae_tiling=True, low_vram=low_vram
+        )
+        for name, low_vram in (("tiled", False), ("low_vram", True))
+    }
+    low = pipelines["low_vram"].pipeline
+    assert low.vae_encoder is None and low.vae.encoder is None and low.vae_decoder is not None
+    encoder_sessions = [weakref.ref(low.text_encoder.session), weakref.ref(low.text_encoder_2.session)]
+    encoded = []  # one entry per text encoder run, of either pipeline
+
+    def counted(self, *args, _forward=ORTTextEncoder.forward, **kwargs):
+        encoded.append(Path(self.session._model_path).parent.name)  # a name: keeps no part alive
+        return _forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ORTTextEncoder, "forward", counted)
+
+    def pixels(name: str, run: str, prompt: str) -> list[np.ndarray]:
+        ask = dataclasses.replace(request, prompt=prompt)
+        saved = generate_images(pipelines[name], ask, output_dir=output_dir / name / run)
+        return [np.asarray(Image.open(image.path)) for image in saved]
+
+    for run, prompt in (("first", "a red circle"), ("same prompt", "a red circle"), ("new prompt", "a green square")):
+        before = len(encoded)
+        low_images = pixels("low_vram", run, prompt)
+        assert low.text_encoder is None and low.text_encoder_2 is None
+        assert len(low.parts) == 2  # the UNet and the VAE decoder
+        tiled_images = pixels("tiled", run, prompt)
+        # per pipeline: both encoders, for the prompt and the negative prompt, once per run and not once per call
+        assert len(encoded) - before == (0 if run == "same prompt" else 2 * 2 * 2)
+        assert len(low_images) == 3
+        for low_image, tiled_image in zip(low_images, tiled_images, strict=True):
+            same(low_image, tiled_image)
+    gc.collect()
+    assert [ref() for ref in encoder_sessions] == [None, None]
+
+
+def test_low_vram_keeps_the_text_encoders_only_while_they_encode(tiny_optimized, tiny_spec, tmp_path, monkeypatch):
+    from sd_utils.model_spec import Shape
+
+    folder = tiny_optimized.models_dir / "optimized" / "tiny"
+    shape = Shape(batch=2, height=64, width=64)
+    _low_vram_against_tiled(
+        folder, tiny_spec, PROVIDERS["cpu"], shape, tmp_path, monkeypatch, np.testing.assert_array_equal
+    )
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_cuda_low_vram_makes_text_encoders_again_beside_a_captured_unet(cuda_build, tiny_spec, tmp_path, monkeypatch):
+    """The same on CUDA, where the text encoders of a new prompt are made while the UNet's CUDA graph, captured in the
+    first run, holds its buffers in the shared arena: its replays must not write into the new encoders' weights.
+    Two captures need not be bit-identical (cuDNN's algorithm choice), so the bar is the fp16 one."""
+    from sd_utils.model_spec import Shape
+    from tests.test_gpu_graphs import CUDA_SHAPE
+    from tests.test_parity import psnr
+
+    def same(low_image, tiled_image):
+        assert psnr(tiled_image, low_image, peak=255) >= 35
+
+    shape = Shape(**CUDA_SHAPE)
+    _low_vram_against_tiled(cuda_build, tiny_spec, PROVIDERS["cuda"], shape, tmp_path, monkeypatch, same)
+
+
+def test_cli_low_vram_tiles_the_decode(tiny_optimized, tmp_path):
+    from PIL import Image
+
+    from stable_diffusion_xl import main
+
+    out = tmp_path / "out"
+    args = tiny_optimized.tiny("--low_vram --width 128 --height 64 --num_inference_steps 2 --prompt x --seed 2")
+    assert main([*args, "--output_dir", str(out)]) == 0
+    (png,) = out.glob("*.png")
+    assert Image.open(png).text["vae_tiling"] == "on"
