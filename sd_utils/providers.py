@@ -88,10 +88,10 @@ PROVIDERS: dict[str, Provider] = {
                 "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html; a CUDA build of torch "
                 "installed beside it provides them)"
             ),
-            # measured on an H100 with the rest of its memory held (bench/memory_fit.py, bench/NOTES.md runs 11-12)
+            # measured on an H100 with the rest of its memory held (bench/memory_fit.py, bench/NOTES.md runs 11-13)
             memory_needed=(
                 "one 1024x1024 SDXL image takes about 14.2 GiB of free GPU memory with --provider cuda, "
-                "10.5 GiB with --vae_tiling"
+                "10.5 GiB with --vae_tiling, 8.9 GiB with --low_vram"
             ),
         ),
         Provider("cpu", "CPUExecutionProvider", "cpu", "optimize_cpu", "onnxruntime", fp16=False),
