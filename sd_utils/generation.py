@@ -2,8 +2,9 @@
 
 The denoising loops themselves are optimum's ``ORTStableDiffusionXL(Img2Img)Pipeline`` (diffusers' SDXL pipelines
 over ORT sessions), so scheduler maths, prompt encoding and time ids are the reference ones. This module adds what a
-tool needs around them: batching into exactly ``num_images`` files, per-image seeds, static shapes, progress and
-stop callbacks, and safe PNG writing with the parameters as metadata.
+tool needs around them: batching into exactly ``num_images`` files, per-image seeds, static shapes, prompts encoded
+once per run (and the text encoders dropped after it with ``low_vram``), progress and stop callbacks, and safe PNG
+writing with the parameters as metadata.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ def encode_prompt(loaded: LoadedPipeline, request: GenerationRequest, count: int
         loaded.prompt_embeddings.clear()
         _open_text_encoders(loaded)
         with warnings.catch_warnings():
+            # optimum's text encoder reads its config through the attribute diffusers deprecates
             warnings.filterwarnings("ignore", message="Accessing config attribute", category=FutureWarning)
             embeddings = loaded.pipeline.encode_prompt(
                 prompt=[request.prompt] * count,
@@ -343,10 +345,7 @@ def _run(loaded: LoadedPipeline, **arguments) -> Any:
     decode = "output_type" not in arguments
     if decode:
         arguments["output_type"] = "pt"  # the decoded image, still where the VAE left it: see to_pil_images
-    with warnings.catch_warnings():
-        # optimum's text encoder reads its config through the attribute diffusers deprecates
-        warnings.filterwarnings("ignore", message="Accessing config attribute", category=FutureWarning)
-        images = loaded.pipeline(**arguments).images
+    images = loaded.pipeline(**arguments).images
     return to_pil_images(images) if decode else images
 
 
