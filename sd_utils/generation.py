@@ -217,8 +217,10 @@ def encode_prompt(loaded: LoadedPipeline, request: GenerationRequest, count: int
     UNet and the VAE decoder run; a new prompt makes them again.
     """
     key = (request.prompt, request.negative_prompt, count, request.uses_cfg)
-    if key not in loaded.prompt_embeddings:
-        loaded.prompt_embeddings.clear()
+    if key in loaded.prompt_embeddings:
+        return loaded.prompt_embeddings[key]
+    loaded.prompt_embeddings.clear()
+    try:
         _open_text_encoders(loaded)
         with warnings.catch_warnings():
             # optimum's text encoder reads its config through the attribute diffusers deprecates
@@ -228,17 +230,24 @@ def encode_prompt(loaded: LoadedPipeline, request: GenerationRequest, count: int
                 negative_prompt=[request.negative_prompt] * count if request.negative_prompt else None,
                 do_classifier_free_guidance=request.uses_cfg,
             )
-        loaded.prompt_embeddings[key] = dict(zip(PROMPT_EMBEDDINGS, embeddings, strict=True))
-        if loaded.low_vram:
+    finally:
+        if loaded.low_vram:  # also after a failure: what was made for it goes again
             _drop_parts(loaded.pipeline, TEXT_ENCODERS)
+    loaded.prompt_embeddings[key] = dict(zip(PROMPT_EMBEDDINGS, embeddings, strict=True))
     return loaded.prompt_embeddings[key]
 
 
 def _open_text_encoders(loaded: LoadedPipeline) -> None:
     """Make the text-encoder sessions that ``low_vram`` dropped after the last prompt."""
     pipeline = loaded.pipeline
-    for name in TEXT_ENCODERS:
-        if name in loaded.spec.submodels and getattr(pipeline, name) is None:
+    missing = [name for name in TEXT_ENCODERS if name in loaded.spec.submodels and getattr(pipeline, name) is None]
+    if not missing:
+        return
+    # the memory the last images' tensors took stays with ONNX Runtime, and each new session needs some beside it:
+    # with 9 GiB free the second prompt of a 1024² window ran out here (bench/NOTES.md, run 13)
+    doing = "loading the text encoders again for a new prompt (--low_vram)"
+    with memory_errors(loaded.provider, doing, "keep the last prompt, or restart to start from free memory"):
+        for name in missing:
             part = loaded.new_text_encoder(name)
             setattr(pipeline, name, part)
             pipeline.parts.append(part)

@@ -322,3 +322,53 @@ def test_cli_low_vram_tiles_the_decode(tiny_optimized, tmp_path):
     assert main([*args, "--output_dir", str(out)]) == 0
     (png,) = out.glob("*.png")
     assert Image.open(png).text["vae_tiling"] == "on"
+
+
+def test_low_vram_running_out_making_the_text_encoders_again(tiny_optimized, tiny_spec, tmp_path):
+    """A new prompt with ``--low_vram`` makes the text encoders again, which is where a small card runs out in the
+    window (bench/NOTES.md, run 13): one line that says so, nothing written, and whatever was made for it dropped
+    again, so a retry starts from the same state. The failure is ONNX Runtime's own text (H100, run 9)."""
+    import dataclasses
+
+    from sd_utils.generation import GenerationRequest, generate_images, load_pipeline
+    from sd_utils.model_spec import Shape
+
+    loaded = load_pipeline(
+        tiny_optimized.models_dir / "optimized" / "tiny",
+        tiny_spec,
+        provider=PROVIDERS["cpu"],
+        shape=Shape(batch=1, height=64, width=64),
+        model_label="tiny",
+        vae_tiling=True,
+        low_vram=True,
+    )
+    request = GenerationRequest(
+        prompt="a red circle",
+        negative_prompt=None,
+        num_images=1,
+        batch_size=1,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        seed=3,
+        width=64,
+        height=64,
+    )
+    assert len(generate_images(loaded, request, output_dir=tmp_path / "first")) == 1
+
+    def second_fails(name: str):
+        if name == "text_encoder_2":
+            raise RuntimeError(ARENA_FULL)
+        return loaded.new_text_encoder(name)
+
+    short = dataclasses.replace(loaded, new_text_encoder=second_fails)
+    new_prompt = dataclasses.replace(request, prompt="a green square")
+    with pytest.raises(OutOfMemoryError) as error:
+        generate_images(short, new_prompt, output_dir=tmp_path / "second")
+    assert str(error.value) == (
+        "--provider cpu ran out of memory loading the text encoders again for a new prompt (--low_vram): ONNX Runtime "
+        "could not allocate 1,024 MiB more; keep the last prompt, or restart to start from free memory, or close other "
+        "programs to free memory"
+    )
+    assert loaded.pipeline.text_encoder is None and loaded.pipeline.text_encoder_2 is None
+    assert list((tmp_path / "second").glob("*.png")) == []
+    assert len(generate_images(loaded, new_prompt, output_dir=tmp_path / "second")) == 1
