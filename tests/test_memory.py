@@ -224,6 +224,15 @@ def test_an_onnxruntime_that_cannot_share_an_arena_still_runs(caplog):
     assert providers.session_options(refused).get_session_config_entry("session.use_env_allocators") == "1"
 
 
+def _request(shape, **changes):
+    """A short run of the tiny model at ``shape`` (its batch the run's batch size)."""
+    from sd_utils.generation import GenerationRequest
+
+    run = dict(prompt="a red circle", negative_prompt=None, num_images=1, num_inference_steps=2, guidance_scale=5.0)
+    run.update(seed=11, batch_size=shape.batch, width=shape.width, height=shape.height)
+    return GenerationRequest(**{**run, **changes})
+
+
 def _low_vram_against_tiled(folder, spec, provider, shape, output_dir, monkeypatch, same):
     """``--low_vram``: the prompt is encoded once per run, then the text encoders' sessions are dropped (freed, not
     merely unused) and the base's VAE encoder, which text-to-image never runs, is not kept at all; a run with another
@@ -235,19 +244,9 @@ def _low_vram_against_tiled(folder, spec, provider, shape, output_dir, monkeypat
     from optimum.onnxruntime.modeling_diffusion import ORTTextEncoder
     from PIL import Image
 
-    from sd_utils.generation import GenerationRequest, generate_images, load_pipeline
+    from sd_utils.generation import generate_images, load_pipeline
 
-    request = GenerationRequest(
-        prompt="a red circle",
-        negative_prompt="blue",
-        num_images=3,
-        batch_size=shape.batch,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        seed=11,
-        width=shape.width,
-        height=shape.height,
-    )
+    request = _request(shape, negative_prompt="blue", num_images=3)
     pipelines = {
         name: load_pipeline(
             folder, spec, provider=provider, shape=shape, model_label="tiny", vae_tiling=True, low_vram=low_vram
@@ -330,7 +329,7 @@ def test_low_vram_running_out_making_the_text_encoders_again(tiny_optimized, tin
     again, so a retry starts from the same state. The failure is ONNX Runtime's own text (H100, run 9)."""
     import dataclasses
 
-    from sd_utils.generation import GenerationRequest, generate_images, load_pipeline
+    from sd_utils.generation import generate_images, load_pipeline
     from sd_utils.model_spec import Shape
 
     loaded = load_pipeline(
@@ -342,17 +341,7 @@ def test_low_vram_running_out_making_the_text_encoders_again(tiny_optimized, tin
         vae_tiling=True,
         low_vram=True,
     )
-    request = GenerationRequest(
-        prompt="a red circle",
-        negative_prompt=None,
-        num_images=1,
-        batch_size=1,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        seed=3,
-        width=64,
-        height=64,
-    )
+    request = _request(Shape(batch=1, height=64, width=64))
     assert len(generate_images(loaded, request, output_dir=tmp_path / "first")) == 1
 
     def second_fails(name: str):
