@@ -120,6 +120,24 @@ def test_window_generates_into_the_grid(display, tiny_optimized, tmp_path):
     assert not _exists(root)
 
 
+def test_window_with_low_vram_takes_a_new_prompt(display, tiny_optimized, tmp_path):
+    """``--low_vram`` in the window: the text encoders are dropped after each prompt and made again for a new one."""
+    from PIL import Image
+
+    root, window, guard = _window(tiny_optimized, tmp_path, extra="--low_vram --num_images 1")
+    for prompt in ("a red circle on the left", "a green square"):
+        window.prompt.delete(0, "end")
+        window.prompt.insert(0, prompt)
+        window.button.invoke()
+        _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
+        assert window.status.cget("text").startswith("Done: 1 image(s)")
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert [Image.open(png).text["prompt"] for png in pngs] == ["a red circle on the left", "a green square"]
+    assert all(Image.open(png).text["vae_tiling"] == "on" for png in pngs)
+    assert guard.foreign_calls == []
+    window.close()
+
+
 def _exists(root) -> bool:
     try:
         return bool(root.winfo_exists())
