@@ -115,11 +115,17 @@ def test_pipeline_images_match_torch(tiny_optimized, tiny_spec, torch_pipeline, 
     assert psnr(expected, actual) >= 60
 
 
-def test_saved_pngs_match_torch(tiny_optimized, tiny_spec, torch_pipeline, tmp_path):
-    """The PNG files ``generate_images`` writes (3 images in calls of 2) equal diffusers' images, image by image."""
+@pytest.mark.parametrize(
+    ("negative_prompt", "classifier_free_guidance"), [(None, True), ("blurry", True), (None, False)]
+)
+def test_saved_pngs_match_torch(
+    tiny_optimized, tiny_spec, torch_pipeline, tmp_path, negative_prompt, classifier_free_guidance
+):
+    """The PNG files ``generate_images`` writes (3 images in calls of 2, the prompts encoded once for the run) equal
+    diffusers' images, image by image: with and without a negative prompt, and without guidance."""
     request = GenerationRequest(
         prompt="a green star",
-        negative_prompt=None,
+        negative_prompt=negative_prompt,
         num_images=3,
         batch_size=2,
         num_inference_steps=3,
@@ -127,6 +133,7 @@ def test_saved_pngs_match_torch(tiny_optimized, tiny_spec, torch_pipeline, tmp_p
         seed=11,
         width=96,
         height=64,
+        classifier_free_guidance=classifier_free_guidance,
     )
     latents = torch.randn(
         (3, tiny_spec.latent_channels, 64 // tiny_spec.vae_scale_factor, 96 // tiny_spec.vae_scale_factor),
@@ -147,10 +154,11 @@ def test_saved_pngs_match_torch(tiny_optimized, tiny_spec, torch_pipeline, tmp_p
     for image, initial in zip(saved, latents, strict=True):
         expected = torch_pipeline(
             prompt="a green star",
+            negative_prompt=negative_prompt,
             width=96,
             height=64,
             num_inference_steps=3,
-            guidance_scale=4.0,
+            guidance_scale=request.effective_guidance_scale,
             latents=initial[None].clone(),
             output_type="np",
         ).images[0]
