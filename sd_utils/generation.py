@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import gc
 import itertools
 import logging
 import math
@@ -263,8 +262,7 @@ def _drop_parts(pipeline, names) -> None:
         if part is pipeline.vae.encoder:  # optimum's VAE wraps both halves
             pipeline.vae.parts.remove(part)
             pipeline.vae.encoder = None
-        setattr(pipeline, name, None)
-    gc.collect()  # a part and its pipeline refer to each other
+        setattr(pipeline, name, None)  # the last reference: the session goes now (a test checks it)
 
 
 def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) -> CudaGraphUNet | None:

@@ -271,7 +271,12 @@ def _low_vram_against_tiled(folder, spec, provider, shape, output_dir, monkeypat
 
     for run, prompt in (("first", "a red circle"), ("same prompt", "a red circle"), ("new prompt", "a green square")):
         before = len(encoded)
-        low_images = pixels("low_vram", run, prompt)
+        gc.disable()  # dropped means freed at once, not at the next garbage collection
+        try:
+            low_images = pixels("low_vram", run, prompt)
+            assert [ref() for ref in encoder_sessions] == [None, None]
+        finally:
+            gc.enable()
         assert low.text_encoder is None and low.text_encoder_2 is None
         assert len(low.parts) == 2  # the UNet and the VAE decoder
         tiled_images = pixels("tiled", run, prompt)
@@ -280,8 +285,6 @@ def _low_vram_against_tiled(folder, spec, provider, shape, output_dir, monkeypat
         assert len(low_images) == 3
         for low_image, tiled_image in zip(low_images, tiled_images, strict=True):
             same(low_image, tiled_image)
-    gc.collect()
-    assert [ref() for ref in encoder_sessions] == [None, None]
 
 
 def test_low_vram_keeps_the_text_encoders_only_while_they_encode(tiny_optimized, tiny_spec, tmp_path, monkeypatch):
