@@ -30,6 +30,7 @@ from .providers import (
     Provider,
     check_session_provider,
     memory_errors,
+    new_session,
     out_of_memory,
     session_options,
     session_providers,
@@ -179,12 +180,10 @@ def load_pipeline(
         _drop_parts(pipeline, ["vae_encoder"])
 
     def new_text_encoder(name: str):
-        import onnxruntime as ort
         from optimum.onnxruntime.modeling_diffusion import ORTTextEncoder
 
-        path = folder / name / "model.onnx"
-        session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
-        check_session_provider(session, provider, str(path.parent))
+        session = new_session(str(folder / name / "model.onnx"), provider, device_id, overrides)
+        check_session_provider(session, provider, str(folder / name))
         return ORTTextEncoder(session, pipeline, io_binding)
 
     return LoadedPipeline(
@@ -451,7 +450,7 @@ def generate_images(
             f"(images saved so far: {len(saved)} of {request.num_images})"
         )
         fix = "lower --width/--height or --batch_size"
-        if loaded.provider.memory == "GPU memory" and not loaded.low_vram:
+        if loaded.provider.olive_device == "gpu" and not loaded.low_vram:
             fix += ", or add --low_vram"
         elif not loaded.vae_tiling:
             fix += ", or add --vae_tiling"

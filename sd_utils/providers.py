@@ -255,13 +255,19 @@ def session_providers(provider: Provider, device_id: int) -> tuple[list[str], li
     return providers, options
 
 
-def new_session(model: str | bytes, provider: Provider, device_id: int = 0):
-    """An ORT ``InferenceSession`` of ``model`` (a path or serialized ONNX) on ``provider``, CPU fallback included."""
+def new_session(
+    model: str | bytes, provider: Provider, device_id: int = 0, free_dimensions: dict[str, int] | None = None
+):
+    """An ORT ``InferenceSession`` of ``model`` (a path or serialized ONNX) on ``provider``, CPU fallback included;
+    ``free_dimensions`` pins symbolic dims as :func:`session_options` does."""
     import onnxruntime as ort
 
     providers, provider_options = session_providers(provider, device_id)
     return ort.InferenceSession(
-        model, sess_options=session_options(provider), providers=providers, provider_options=provider_options
+        model,
+        sess_options=session_options(provider, free_dimensions),
+        providers=providers,
+        provider_options=provider_options,
     )
 
 
