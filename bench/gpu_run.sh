@@ -14,6 +14,10 @@
 #                                  builds, the GPU runs the gpu-marked tests, times the provider probe and tries
 #                                  memory_fit.py on the tiny model (and bench/fp8_gemm.py with FP8=1: "side" job)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
+#   bash bench/gpu_run.sh survey   one run for every figure of the H200 issue, in the background: base and refiner
+#                                  builds + --optimize in parallel on the CPU while the GPU runs the gpu-marked tests
+#                                  and the PyTorch peers (eager, torch.compile); then the tool's variant, few-step
+#                                  images (bench/few_step.py), --low_vram and the base -> refiner hand-off by the CLI
 #   bash bench/gpu_run.sh train    train the demo model on the GPU in the background (sd_utils/demo_model/train.py)
 #   bash bench/gpu_run.sh cputrain train the demo model on this machine's CPU (GPU hidden), then its quality check
 #   bash bench/gpu_run.sh status   the background jobs' logs so far; copies results to $OUT
@@ -58,6 +62,60 @@ for run in range(3):
       python3 bench/fp8_gemm.py --model_dir "$WORK/models/builtin/$MODEL" > "$WORK/fp8_gemm.json"
     fi
     echo "== side DONE $(date +%T)"
+    ;;
+  survey)
+    mkdir -p "$WORK"
+    rm -rf "$WORK/repo" && mkdir "$WORK/repo"
+    tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
+    cd "$WORK/repo"
+    python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader
+    setsid nohup bash bench/gpu_run.sh survey_cpu random-sdxl-base > "$WORK/optimize_base.log" 2>&1 < /dev/null &
+    setsid nohup bash bench/gpu_run.sh survey_cpu random-sdxl-refiner > "$WORK/optimize_refiner.log" 2>&1 < /dev/null &
+    setsid nohup bash bench/gpu_run.sh survey_gpu > "$WORK/pipeline.log" 2>&1 < /dev/null &
+    ;;
+  survey_cpu)
+    cd "$WORK/repo"
+    timer=""
+    [ -x /usr/bin/time ] && timer="/usr/bin/time -v"
+    $timer python3 stable_diffusion_xl.py --optimize --model_id "$2" --provider cuda \
+      --models_dir "$WORK/models" --cache_dir "$WORK/cache_$2" 2>&1 | grep --line-buffered -vE "TracerWarning|^\s+(if|assert) "
+    echo "== optimize $2 DONE $(date +%T)"
+    ;;
+  survey_gpu)
+    cd "$WORK/repo"
+    echo "== gpu tests $(date +%T)"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py tests/test_memory.py 2>&1 | tail -n 15
+    until [ -f "$WORK/models/builtin/$MODEL/vae/config.json" ]; do sleep 5; done
+    sleep 20  # the weights are written after the configs
+    echo "== PyTorch peers $(date +%T)"
+    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --variants torch_fp16,torch_compile \
+      > "$WORK/benchmark_torch.json"
+    until grep -q "^== optimize .* DONE" "$WORK/optimize_base.log"; do sleep 5; done
+    optimized=$(ls -d "$WORK"/models/optimized/*base* | head -n 1)
+    unoptimized=$(ls -d "$WORK"/models/unoptimized/*base* | head -n 1)
+    echo "== the tool's variant $(date +%T): $optimized"
+    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$optimized" \
+      --unoptimized_dir "$unoptimized" --variants ort_optimized_cudagraph > "$WORK/benchmark.json"
+    echo "== few-step $(date +%T)"
+    python3 bench/few_step.py --onnx_dir "$optimized" --model_dir "$WORK/models/builtin/$MODEL" > "$WORK/few_step.json"
+    echo "== --low_vram $(date +%T)"
+    timer=""
+    [ -x /usr/bin/time ] && timer="/usr/bin/time -v"
+    start=$(date +%s)
+    $timer python3 stable_diffusion_xl.py --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" \
+      --cache_dir "$WORK/cache_$MODEL" --prompt "a cat" --num_inference_steps 30 --seed 1 --low_vram \
+      --output_dir "$WORK/out_low_vram" 2>&1 | grep -E "Generated|error|Maximum resident|Elapsed"
+    echo "low_vram run took $(( $(date +%s) - start )) s"
+    until grep -q "^== optimize .* DONE" "$WORK/optimize_refiner.log"; do sleep 5; done
+    echo "== base -> refiner $(date +%T)"
+    start=$(date +%s)
+    $timer python3 stable_diffusion_xl.py --model_id "$MODEL" --refiner_model_id random-sdxl-refiner \
+      --provider cuda --models_dir "$WORK/models" --cache_dir "$WORK/cache_$MODEL" --prompt "a cat" \
+      --num_inference_steps 30 --seed 1 --output_dir "$WORK/out_refiner" 2>&1 | grep -E "Generated|error|Maximum resident|Elapsed"
+    echo "hand-off run took $(( $(date +%s) - start )) s"
+    nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+    echo "== DONE $(date +%T)"
     ;;
   tests)
     cd "$WORK/repo"
@@ -136,7 +194,9 @@ for run in range(3):
     tail -n 3 "$WORK/cpu_train.log" 2>/dev/null || true
     cp "$WORK/cpurepo/sd_utils/demo_model/weights/settings.json" "$WORK/cpu_settings.json" 2>/dev/null || true
     tail -n "${LINES_SHOWN:-25}" "$WORK/side.log" 2>/dev/null || true
-    for f in pipeline.log side.log fused_ops.json benchmark.json benchmark_fp16vae.json benchmark_fp32vae.json \
+    tail -n 4 "$WORK/optimize_base.log" "$WORK/optimize_refiner.log" 2>/dev/null || true
+    for f in optimize_base.log optimize_refiner.log benchmark_torch.json few_step.json \
+      pipeline.log side.log fused_ops.json benchmark.json benchmark_fp16vae.json benchmark_fp32vae.json \
       unet_variants.json memory_fit.json memory_fit_tiny.json \
       benchmark_last.json fp8_gemm.json \
       train.log cpu_train.log cpu_quality.json cpu_settings.json; do
