@@ -13,12 +13,14 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 
 # Olive's telemetry tries to reach its server at exit (~10 s when offline); users can opt back in.
 os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
 
 from sd_utils.errors import SdxlOliveError
 from sd_utils.options import Options, parse_options
+from sd_utils.runtime.providers import PROVIDERS, Provider
 
 logger = logging.getLogger("sdxl_olive")
 
@@ -32,17 +34,17 @@ def configure_logging(*, debug: bool) -> None:
     logging.getLogger("diffusers.utils.import_utils").setLevel(logging.ERROR)
 
 
-def run(options: Options) -> int:
+def run(options: Options, *, provider_table: Mapping[str, Provider] | None = None) -> int:
     from sd_utils import app
 
-    job = app.plan(options)
+    job = app.plan(options, provider_table=provider_table or PROVIDERS)
     ready = app.prepare_models(options, job)
     if options.optimize:
         for paths in filter(None, (ready.model, ready.refiner)):
             print(f"Optimized model: {paths.optimized}")
             print(f"Unoptimized model: {paths.unoptimized}")
     if options.interactive:
-        from sd_utils.gui import run_window
+        from sd_utils.ui.gui import run_window
 
         return run_window(options, job, ready)
     if options.generates:
@@ -51,13 +53,16 @@ def run(options: Options) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the process exit code."""
+def main(argv: list[str] | None = None, *, provider_table: Mapping[str, Provider] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the process exit code.
+
+    ``provider_table``: the execution-provider rows ``--provider`` picks from, for benchmarks and tests that tune
+    them (default: :data:`sd_utils.runtime.providers.PROVIDERS`)."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         options = parse_options(argv)
         configure_logging(debug=options.debug)
-        return run(options)
+        return run(options, provider_table=provider_table)
     except SdxlOliveError as error:
         if debug:
             traceback.print_exc()

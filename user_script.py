@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd_utils import safety
-from sd_utils.export_models import dummy_inputs, load_submodel
-from sd_utils.model_spec import ModelSpec, submodel_io
+from sd_utils.build.export_models import dummy_inputs, load_submodel
+from sd_utils.generation import safety
+from sd_utils.sources.model_spec import ModelSpec, submodel_io
 
 
 def _entry_points(name: str):

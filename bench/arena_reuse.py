@@ -42,7 +42,7 @@ def main() -> int:
     import torch
 
     ort.preload_dlls()
-    from sd_utils.providers import PROVIDERS, session_options, session_providers, share_arena
+    from sd_utils.runtime.providers import PROVIDERS, session_options, session_providers, share_arena
 
     cuda = PROVIDERS["cuda"]
     share_arena(cuda, 0)

@@ -66,7 +66,7 @@ def _median_ms(function, *, warmup: int, runs: int, synchronize) -> float:
 def unet_inputs(spec, size: int, *, device, dtype):
     import torch
 
-    from sd_utils.model_spec import Shape, submodel_io
+    from sd_utils.sources.model_spec import Shape, submodel_io
 
     contract = submodel_io(spec, "unet")
     tensors = contract.dummy_inputs(Shape(batch=1, height=size, width=size))
@@ -82,7 +82,7 @@ def image_times(pipe, args, *, synchronize) -> dict:
     (rounding in numpy on the host: ``image_ms`` of runs 1-6), and the same call stopped before the VAE
     (``"latent"``): the difference is the decode and the post-processing, the rest the prompt encoding and the
     denoising loop."""
-    from sd_utils.generation import to_pil_images
+    from sd_utils.generation.output import to_pil_images
 
     call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0)
     ways = {
@@ -122,7 +122,7 @@ def run_torch(args, *, compiled: bool = False) -> dict:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from sd_utils.model_spec import ModelSpec
+    from sd_utils.sources.model_spec import ModelSpec
 
     spec = ModelSpec.from_folder(Path(args.model_dir))
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float16).to("cuda")
@@ -222,10 +222,10 @@ def run_ort(
     import onnxruntime as ort
     import torch
 
-    from sd_utils.cuda_graph import CudaGraphUNet, cuda_graph_session
-    from sd_utils.generation import load_pipeline
-    from sd_utils.model_spec import ModelSpec, Shape, free_dimension_overrides
-    from sd_utils.providers import PROVIDERS, session_options
+    from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS, session_options
+    from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides
 
     ort.preload_dlls()
     spec = ModelSpec.from_folder(Path(args.model_dir))

@@ -37,7 +37,7 @@ def parse_overrides(chunk: str) -> tuple[str, dict]:
 def run_variant(name: str, settings: dict, *, device: str, steps: int, guidance_scale: float) -> dict:
     import torch
 
-    from sd_utils.builder import ARCHITECTURES, build_pipeline
+    from sd_utils.sources.builder import ARCHITECTURES, build_pipeline
 
     torch.manual_seed(settings["seed"])
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -63,7 +63,7 @@ def run_variant(name: str, settings: dict, *, device: str, steps: int, guidance_
 
 
 def _spec():
-    from sd_utils.models import resolve_model
+    from sd_utils.sources.models import resolve_model
 
     return resolve_model("demo", models_dir=PROJECT_DIR / "models").spec
 

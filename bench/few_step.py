@@ -28,9 +28,10 @@ def time_case(args, *, side: int, steps: int, batch: int) -> dict:
     import torch
     from diffusers import EulerDiscreteScheduler
 
-    from sd_utils.generation import load_pipeline, to_pil_images
-    from sd_utils.model_spec import ModelSpec, Shape
-    from sd_utils.providers import PROVIDERS
+    from sd_utils.generation.output import to_pil_images
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import ModelSpec, Shape
 
     spec = ModelSpec.from_folder(Path(args.model_dir))
     shape = Shape(batch=batch, height=side, width=side, classifier_free_guidance=False)

@@ -45,7 +45,7 @@ def unet_gemms(model_dir: Path, size: int) -> collections.Counter:
     from benchmark import unet_inputs
     from diffusers import UNet2DConditionModel
 
-    from sd_utils.model_spec import ModelSpec
+    from sd_utils.sources.model_spec import ModelSpec
 
     feeds = unet_inputs(ModelSpec.from_folder(model_dir), size, device="meta", dtype=torch.float32)
     seen: dict[str, tuple[int, int, int]] = {}

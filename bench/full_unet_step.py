@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from sd_utils.export_models import load_submodel
-    from sd_utils.model_spec import ModelSpec, Shape, submodel_io
+    from sd_utils.build.export_models import load_submodel
+    from sd_utils.sources.model_spec import ModelSpec, Shape, submodel_io
 
     spec = ModelSpec.from_folder(args.model_dir)
     contract = submodel_io(spec, "unet")

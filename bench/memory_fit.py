@@ -45,23 +45,17 @@ def _settings(variant: str) -> dict[str, str]:
     return {} if variant == "default" else dict(item.split("=", 1) for item in variant.split("+"))
 
 
-def _use_settings(settings: dict[str, str]) -> None:
-    """Give every CUDA session the tool makes ``settings`` (provider options and session config entries)."""
-    from sd_utils import generation, providers
+def _provider_table(settings: dict[str, str]) -> dict:
+    """The tool's provider rows with ``settings`` (provider options and session config entries) added to CUDA's."""
+    from sd_utils.runtime.providers import PROVIDERS
 
-    options = {key: value for key, value in settings.items() if "." not in key}
-    entries = {key: value for key, value in settings.items() if "." in key}
-    cuda = providers.PROVIDERS["cuda"]
-    providers.PROVIDERS["cuda"] = dataclasses.replace(cuda, options=(*cuda.options, *options.items()))
-    make_options = providers.session_options
-
-    def session_options(provider, free_dimensions=None):
-        made = make_options(provider, free_dimensions)
-        for key, value in entries.items():
-            made.add_session_config_entry(key, value)
-        return made
-
-    providers.session_options = generation.session_options = session_options
+    options = tuple((key, value) for key, value in settings.items() if "." not in key)
+    entries = tuple((key, value) for key, value in settings.items() if "." in key)
+    cuda = PROVIDERS["cuda"]
+    tuned = dataclasses.replace(
+        cuda, options=(*cuda.options, *options), session_entries=(*cuda.session_entries, *entries)
+    )
+    return {**PROVIDERS, "cuda": tuned}
 
 
 class _SavedTimes(logging.Handler):
@@ -76,7 +70,7 @@ class _SavedTimes(logging.Handler):
             self.times.append(time.perf_counter())
 
 
-def _window_runs(argv: list[str], runs: int) -> int:
+def _window_runs(argv: list[str], runs: int, table: dict) -> int:
     """The run of ``argv`` made ``runs`` times in one process, each with another prompt, as the window makes them;
     the CLI's exit code and error line."""
     from sd_utils import app
@@ -87,7 +81,7 @@ def _window_runs(argv: list[str], runs: int) -> int:
     options = parse_options(argv)
     configure_logging(debug=False)
     try:
-        job = app.plan(options)
+        job = app.plan(options, provider_table=table)
         generator = app.Generator(options, job, app.prepare_models(options, job))
         for run in range(runs):
             prompt = job.request.prompt if run == 0 else f"{job.request.prompt}, run {run + 1}"
@@ -109,7 +103,7 @@ def trial(args) -> dict:
     if free < budget:
         return {"error": f"only {free / GIB:.1f} GiB free"}
     held = torch.empty(free - budget, dtype=torch.uint8, device="cuda")  # noqa: F841 - held until the process ends
-    _use_settings(_settings(args.variant))
+    table = _provider_table(_settings(args.variant))
     lowest = [torch.cuda.mem_get_info()[0]]
     stop = threading.Event()
 
@@ -120,7 +114,7 @@ def trial(args) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     saved = _SavedTimes()
-    logging.getLogger("sd_utils.generation").addHandler(saved)
+    logging.getLogger("sd_utils.generation.run").addHandler(saved)
     with tempfile.TemporaryDirectory(prefix="memory-fit-") as output:
         argv = [
             "--model_id", args.model_id, "--models_dir", args.models_dir, "--provider", "cuda",
@@ -130,7 +124,10 @@ def trial(args) -> dict:
         ]  # fmt: skip
         sampler.start()
         started = time.perf_counter()
-        code = stable_diffusion_xl.main(argv) if args.runs == 1 else _window_runs(argv, args.runs)
+        if args.runs == 1:
+            code = stable_diffusion_xl.main(argv, provider_table=table)
+        else:
+            code = _window_runs(argv, args.runs, table)
         stop.set()
         sampler.join()
         if args.keep_images:  # the first image, to compare variants by

@@ -34,7 +34,7 @@ DONE_PATTERN = re.compile(r"\[\d+/\d+\] \w+ done in")
 BUILD = """
 import logging, sys
 from pathlib import Path
-from sd_utils.models import resolve_model
+from sd_utils.sources.models import resolve_model
 logging.basicConfig(level=logging.INFO)
 resolve_model(sys.argv[1], models_dir=Path(sys.argv[2]))
 """

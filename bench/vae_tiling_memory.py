@@ -32,8 +32,8 @@ def decode(args) -> dict:
     import onnxruntime as ort
     import torch
 
-    from sd_utils.model_spec import ModelSpec, Shape, submodel_io
-    from sd_utils.vae_tiling import decode_tiled, tiled_shape
+    from sd_utils.runtime.vae_tiling import decode_tiled, tiled_shape
+    from sd_utils.sources.model_spec import ModelSpec, Shape, submodel_io
 
     spec = ModelSpec.from_folder(args.model_dir)
     shape = Shape(batch=1, height=args.size, width=args.size)
@@ -65,8 +65,8 @@ def decode(args) -> dict:
 def build(model_dir: Path, work: Path) -> Path:
     from vae_variant import decoder_workflow  # bench/, this script's folder
 
-    from sd_utils.olive_workflow import run_submodel
-    from sd_utils.providers import PROVIDERS
+    from sd_utils.build.olive_workflow import run_submodel
+    from sd_utils.runtime.providers import PROVIDERS
 
     config = decoder_workflow(model_dir, PROVIDERS["cpu"], work)
     return run_submodel(config, submodel="vae_decoder", tempdir=work / "tmp")[1]

@@ -26,8 +26,8 @@ sys.path.insert(0, str(PROJECT_DIR))
 def decoder_workflow(model_dir: Path, provider, work: Path, *, vae_float16: bool = False) -> dict:
     """The tool's Olive workflow config for ``model_dir``'s VAE decoder alone on ``provider``, cache and output in
     ``work``."""
-    from sd_utils.model_spec import ModelSpec
-    from sd_utils.olive_workflow import load_template, unsupported_fusions, workflow_config
+    from sd_utils.build.olive_workflow import load_template, unsupported_fusions, workflow_config
+    from sd_utils.sources.model_spec import ModelSpec
 
     return workflow_config(
         load_template("vae_decoder"),
@@ -44,8 +44,8 @@ def decoder_workflow(model_dir: Path, provider, work: Path, *, vae_float16: bool
 
 
 def main(argv=None) -> int:
-    from sd_utils.olive_workflow import external_data_files, run_submodel
-    from sd_utils.providers import PROVIDERS
+    from sd_utils.build.olive_workflow import external_data_files, run_submodel
+    from sd_utils.runtime.providers import PROVIDERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", type=Path, required=True, help="diffusers folder the VAE is exported from")

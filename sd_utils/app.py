@@ -9,24 +9,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
-from .base_images import load_base_images
-from .builder import build_record
-from .errors import UserInputError
-from .generation import (
-    GeneratedImage,
-    GenerationRequest,
-    LoadedPipeline,
-    RefineSettings,
-    generate_images,
-    load_pipeline,
-)
-from .models import ResolvedModel, composed_with_vae_path, resolve_model, with_vae
-from .olive_workflow import OptimizedModel, optimize, output_paths, read_marker
-from .options import MAX_SEED, Options, check_image_size
-from .providers import Provider, resolve_provider
-from .safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
+from sd_utils.build.olive_workflow import optimize
+from sd_utils.build.recipe import BuildPaths, BuildRecipe, legacy_folder
+from sd_utils.errors import UserInputError
+from sd_utils.generation.base_images import load_base_images
+from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
+from sd_utils.generation.run import generate_images
+from sd_utils.generation.safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
+from sd_utils.options import MAX_SEED, Options, check_image_size
+from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
+from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
+from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_vae
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +40,23 @@ class Job:
 
 @dataclasses.dataclass(frozen=True)
 class ReadyModels:
-    model: OptimizedModel
-    refiner: OptimizedModel | None = None
+    model: BuildPaths
+    refiner: BuildPaths | None = None
     checker: Path | None = None  # the optimized ONNX safety checker folder
 
 
-def plan(options: Options) -> Job:
-    """Resolve models and provider and build the generation request; raises :class:`UserInputError` early."""
+def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS) -> Job:
+    """Resolve models and provider and build the generation request; raises :class:`UserInputError` early.
+
+    ``provider_table``: the rows ``--provider`` picks from (benchmarks and tests hand tuned ones)."""
     model = resolve_model(options.model_id, models_dir=options.models_dir)
     refiner = None
     if options.refiner_model_id:
         refiner = resolve_model(options.refiner_model_id, models_dir=options.models_dir)
         _check_hand_off(model, refiner)
-    provider = resolve_provider(options.provider, for_inference=options.runs_inference, device_id=options.device_id)
+    provider = resolve_provider(
+        options.provider, for_inference=options.runs_inference, device_id=options.device_id, table=provider_table
+    )
     request = generation_request(options, model) if options.generates else None
     if options.interactive:  # the window builds its requests later: check sizes now, before optimizing
         generation_request(dataclasses.replace(options, prompt=options.prompt or "check"), model)
@@ -139,44 +139,39 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
     )
 
 
-def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider) -> OptimizedModel:
-    """Optimize when asked to, or when no optimized model exists yet."""
-    paths = output_paths(model, options.models_dir)
-    marker = read_marker(paths.optimized)
-    fp16_vae = None
-    if options.use_fp16_fixed_vae:
-        fp16_vae = composed_with_vae_path(model, options.use_fp16_fixed_vae, models_dir=options.models_dir)
-    wants = str(fp16_vae / "vae") if fp16_vae else None
-    other_vae = marker is not None and marker.get("fp16_vae") != wants
-    # a built-in model rebuilt from newer shipped weights (see models.resolve_model)
-    old_weights = marker is not None and marker.get("source_weights") != build_record(model.spec.root).get("weights")
-    stale = other_vae or old_weights
-    if options.optimize or marker is None or stale or not (paths.unoptimized / "model_index.json").is_file():
-        if not options.optimize:
-            reason = "none exists"
-            if other_vae:
-                reason = "it was built with another VAE"
-            elif old_weights:
-                reason = "it was built from older shipped weights"
-            logger.info("optimizing %s first: %s", paths.optimized, reason)
-        if fp16_vae is not None:  # copied only when a build needs it, not on every run
-            with_vae(model, options.use_fp16_fixed_vae, destination=fp16_vae)
-        return optimize(
-            model,
-            provider=provider,
-            models_dir=options.models_dir,
-            cache_dir=options.cache_dir,
-            clean_cache=options.clean_cache,
-            tempdir=options.tempdir,
-            fp16_vae=fp16_vae,
-        )
-    built_for = marker.get("provider")
-    if built_for != provider.name and not options.test_unoptimized:
-        raise UserInputError(
-            f"{paths.optimized} was optimized for --provider {built_for}, not {provider.name}; "
-            f"rerun with --optimize --provider {provider.name} to rebuild it, or use --provider {built_for}"
-        )
-    return paths
+def build_recipe(options: Options, model: ResolvedModel, provider: Provider) -> tuple[BuildRecipe, Path | None]:
+    """The build ``options`` ask for of ``model`` on ``provider``, and the folder composing it with an fp16-fixed VAE
+    (None without ``--use_fp16_fixed_vae``)."""
+    if not options.use_fp16_fixed_vae:
+        return BuildRecipe.of(model, provider=provider.name), None
+    composed = composed_with_vae_path(model, options.use_fp16_fixed_vae, models_dir=options.models_dir)
+    vae_root = Path(options.use_fp16_fixed_vae).expanduser()
+    return BuildRecipe.of(model, provider=provider.name, vae=options.use_fp16_fixed_vae, vae_root=vae_root), composed
+
+
+def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider) -> BuildPaths:
+    """Optimize when asked to, or when no current build of the model exists yet."""
+    recipe, fp16_vae = build_recipe(options, model, provider)
+    paths = recipe.paths(options.models_dir)
+    if not options.optimize and recipe.is_current(paths.optimized) and recipe.is_current(paths.unoptimized):
+        return paths
+    if not options.optimize:
+        logger.info("optimizing %s first: no current build of %s exists", paths.optimized, model.model_id)
+        legacy = legacy_folder(model, options.models_dir)
+        if legacy is not None:
+            logger.info("%s was made by an older sdxl-olive and is not reused (delete it to free its disk)", legacy)
+    if fp16_vae is not None:  # copied only when a build needs it, not on every run
+        with_vae(model, options.use_fp16_fixed_vae, destination=fp16_vae)
+    return optimize(
+        model,
+        recipe=recipe,
+        provider=provider,
+        models_dir=options.models_dir,
+        cache_dir=options.cache_dir,
+        clean_cache=options.clean_cache,
+        tempdir=options.tempdir,
+        fp16_vae=fp16_vae,
+    )
 
 
 def prepare_models(options: Options, job: Job) -> ReadyModels:
@@ -199,7 +194,7 @@ def prepare_models(options: Options, job: Job) -> ReadyModels:
 
 
 def open_pipeline(
-    options: Options, model: ResolvedModel, provider: Provider, paths: OptimizedModel, request: GenerationRequest
+    options: Options, model: ResolvedModel, provider: Provider, paths: BuildPaths, request: GenerationRequest
 ) -> LoadedPipeline:
     folder = paths.unoptimized if options.test_unoptimized else paths.optimized
     return load_pipeline(
@@ -263,3 +258,9 @@ class Generator:
 def generate(options: Options, job: Job, ready: ReadyModels, **callbacks) -> list[GeneratedImage]:
     """Generate the images of ``job`` (the CLI's one run)."""
     return Generator(options, job, ready).generate(job.request, **callbacks)
+
+
+def run_once(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS) -> list[GeneratedImage]:
+    """Plan, get the models ready and generate: what one command line does (the demo tooling calls this)."""
+    job = plan(options, provider_table=provider_table)
+    return generate(options, job, prepare_models(options, job))

@@ -7,9 +7,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .errors import UserInputError
-from .models import BUILTIN_MODELS, DEFAULT_FP16_VAE
-from .providers import PROVIDER_CHOICES
+from sd_utils.errors import UserInputError
+from sd_utils.runtime.providers import PROVIDER_CHOICES
+from sd_utils.sources.models import BUILTIN_MODELS, DEFAULT_FP16_VAE
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -103,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Optimize Stable Diffusion XL with Olive and generate images with ONNX Runtime.",
         epilog=f"Built-in models (created locally, no download): {', '.join(BUILTIN_MODELS)}.",
     )
+    _add_model_arguments(parser)
+    _add_optimization_arguments(parser)
+    _add_generation_arguments(parser)
+    _add_refiner_arguments(parser)
+    _add_safety_arguments(parser)
+    parser.add_argument(
+        "--interactive",
+        action="store_true",
+        help="open a window: prompt box, Generate button, progress bar and up to 9 images; uses "
+        "the same generation options (seed, guidance, size, batch) as the command line",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model_id",
@@ -123,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--device_id", type=_non_negative_int, default=0, help="GPU index for dml/cuda (default: 0)")
 
+
+def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     optimize = parser.add_argument_group("optimization")
     optimize.add_argument(
         "--optimize",
@@ -152,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optimize.add_argument("--tempdir", type=Path, default=None, help="temporary folder for Olive and ONNX Runtime")
 
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     generate = parser.add_argument_group("generation")
     generate.add_argument("--prompt", default=None, help="text prompt; generates images when given")
     generate.add_argument("--negative_prompt", default=None, help="what the images should not show")
@@ -219,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of free GPU memory instead of 14",
     )
 
+
+def _add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
     refine = parser.add_argument_group("refiner")
     refine.add_argument(
         "--base_images",
@@ -257,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the base hands over to --refiner_model_id, in (0, 1) (default: 0.8)",
     )
 
+
+def _add_safety_arguments(parser: argparse.ArgumentParser) -> None:
     safety = parser.add_argument_group("safety checker")
     safety.add_argument(
         "--safety_checker",
@@ -271,14 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="how often a flagged image is regenerated with a fresh seed before giving up (default: 3)",
     )
-    parser.add_argument(
-        "--interactive",
-        action="store_true",
-        help="open a window: prompt box, Generate button, progress bar and up to 9 images; uses "
-        "the same generation options (seed, guidance, size, batch) as the command line",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    return parser
 
 
 def parse_options(argv: list[str] | None = None) -> Options:

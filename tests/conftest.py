@@ -22,6 +22,14 @@ class Workspace:
         """CLI arguments that keep a test's models and Olive cache inside this workspace."""
         return ["--models_dir", str(self.models_dir), "--cache_dir", str(self.cache_dir), *extra]
 
+    def build(self, model_id: str = "tiny", provider: str = "cpu"):
+        """The folders (``optimized``, ``unoptimized``) of ``model_id``'s build for ``provider`` in this workspace."""
+        from sd_utils.build.recipe import BuildRecipe
+        from sd_utils.sources.models import resolve_model
+
+        model = resolve_model(model_id, models_dir=self.models_dir)
+        return BuildRecipe.of(model, provider=provider).paths(self.models_dir)
+
     def tiny(self, options: str, *extra: str) -> list[str]:
         """Arguments for the tiny model on CPU: ``options`` split on spaces, then ``extra`` as given."""
         return self.args("--model_id", "tiny", "--provider", "cpu", *options.split(), *extra)
@@ -44,7 +52,7 @@ def tiny_optimized(workspace):
 
 @pytest.fixture(scope="session")
 def tiny_spec(tiny_optimized):
-    from sd_utils.model_spec import ModelSpec
+    from sd_utils.sources.model_spec import ModelSpec
 
     return ModelSpec.from_folder(tiny_optimized.models_dir / "builtin" / "tiny")
 
@@ -66,7 +74,7 @@ def cuda_build(tiny_optimized, tmp_path_factory):
     models = tmp_path_factory.mktemp("cuda") / "models"
     args = ["--optimize", "--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models)]
     assert main([*args, "--cache_dir", str(tiny_optimized.cache_dir)]) == 0
-    return models / "optimized" / "tiny"
+    return Workspace(models_dir=models, cache_dir=tiny_optimized.cache_dir).build(provider="cuda").optimized
 
 
 @pytest.fixture(scope="session")

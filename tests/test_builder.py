@@ -7,8 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from sd_utils.builder import ARCHITECTURES, materialize
-from sd_utils.model_spec import ModelSpec, Shape, free_dimension_overrides, submodel_io
+from sd_utils.sources.builder import ARCHITECTURES, materialize
+from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides, submodel_io
 
 
 def _digest(folder) -> dict[str, str]:
@@ -124,8 +124,8 @@ def test_a_build_from_older_shipped_weights_is_rebuilt(tmp_path):
     """Updating the project (new demo weights) must not leave the old build, or its optimized models, in use."""
     import json
 
-    from sd_utils.builder import BUILD_RECORD, build_record, weights_fingerprint
-    from sd_utils.models import resolve_model
+    from sd_utils.sources.builder import BUILD_RECORD, build_record, weights_fingerprint
+    from sd_utils.sources.models import resolve_model
 
     folder = resolve_model("demo", models_dir=tmp_path).path
     current = weights_fingerprint(ARCHITECTURES["demo"])

@@ -10,9 +10,10 @@ import onnx
 import pytest
 from PIL import Image
 
-from sd_utils import olive_workflow
+from sd_utils.build import olive_workflow
 from sd_utils.errors import OptimizationError
 from stable_diffusion_xl import main
+from tests.conftest import Workspace
 
 SUBMODEL_FOLDERS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
@@ -24,7 +25,7 @@ def _com_microsoft_ops(path) -> collections.Counter:
 
 def test_optimize_writes_optimum_loadable_folders(tiny_optimized):
     for variant in ("optimized", "unoptimized"):
-        folder = tiny_optimized.models_dir / variant / "tiny"
+        folder = getattr(tiny_optimized.build(), variant)
         for component in (*SUBMODEL_FOLDERS, "scheduler", "tokenizer", "tokenizer_2"):
             assert (folder / component).is_dir(), f"{variant} lacks {component}"
         for submodel in SUBMODEL_FOLDERS:
@@ -36,8 +37,8 @@ def test_optimize_writes_optimum_loadable_folders(tiny_optimized):
 
 
 def test_optimized_unet_has_the_cpu_fusions(tiny_optimized):
-    optimized = _com_microsoft_ops(tiny_optimized.models_dir / "optimized/tiny/unet/model.onnx")
-    unoptimized = _com_microsoft_ops(tiny_optimized.models_dir / "unoptimized/tiny/unet/model.onnx")
+    optimized = _com_microsoft_ops(tiny_optimized.build().optimized / "unet/model.onnx")
+    unoptimized = _com_microsoft_ops(tiny_optimized.build().unoptimized / "unet/model.onnx")
     assert unoptimized == collections.Counter()
     # every transformer block's self-attention fuses to Attention and its cross-attention to MultiHeadAttention
     from diffusers import UNet2DConditionModel
@@ -52,7 +53,7 @@ def test_optimized_unet_has_the_cpu_fusions(tiny_optimized):
     # CPU kernels only: no GPU-only ops
     assert not {"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"} & set(optimized)
     for encoder in ("text_encoder", "text_encoder_2"):
-        fused = _com_microsoft_ops(tiny_optimized.models_dir / f"optimized/tiny/{encoder}/model.onnx")
+        fused = _com_microsoft_ops(tiny_optimized.build().optimized / encoder / "model.onnx")
         assert fused["SkipLayerNormalization"] > 0
 
 
@@ -99,7 +100,7 @@ def test_unoptimized_and_dynamic_dims_generate(tiny_optimized, tmp_path):
 
 
 def test_failed_optimization_keeps_the_previous_model(tiny_optimized, monkeypatch, capsys):
-    optimized = tiny_optimized.models_dir / "optimized" / "tiny"
+    optimized = tiny_optimized.build().optimized
     before = {p.relative_to(optimized): p.stat().st_mtime_ns for p in optimized.rglob("*")}
 
     def failing_run(config, *, submodel, **options):
@@ -117,7 +118,7 @@ def test_failed_optimization_keeps_the_previous_model(tiny_optimized, monkeypatc
 
 
 def test_rerun_uses_the_olive_cache_and_swaps(tiny_optimized, capsys):
-    optimized = tiny_optimized.models_dir / "optimized" / "tiny"
+    optimized = tiny_optimized.build().optimized
     old_inode = optimized.stat().st_ino
     assert main(tiny_optimized.tiny("--optimize")) == 0
     assert optimized.stat().st_ino != old_inode  # a new folder was swapped in
@@ -128,7 +129,7 @@ def test_rerun_uses_the_olive_cache_and_swaps(tiny_optimized, capsys):
 def test_clean_cache_moves_the_results_out_and_leaves_no_cache(tiny_optimized, tmp_path):
     """--clean_cache: both folders complete and loadable by onnx (no file shares its data with a cache: onnx refuses
     hard-linked external data), and no Olive cache left behind to hold a second copy of the weights."""
-    from sd_utils.olive_workflow import external_data_files
+    from sd_utils.build.olive_workflow import external_data_files
 
     models, cache = tmp_path / "models", tmp_path / "cache"
     shutil.copytree(tiny_optimized.models_dir / "builtin", models / "builtin")
@@ -136,28 +137,80 @@ def test_clean_cache_moves_the_results_out_and_leaves_no_cache(tiny_optimized, t
     assert main([*args, "--models_dir", str(models), "--cache_dir", str(cache)]) == 0
     assert not cache.exists()
     for kind in ("unoptimized", "optimized"):
-        onnx_file = models / kind / "tiny" / "unet" / "model.onnx"
+        onnx_file = getattr(Workspace(models, cache).build(), kind) / "unet" / "model.onnx"
         data = [onnx_file.parent / name for name in external_data_files(onnx_file)]
         assert data and all(path.stat().st_nlink == 1 for path in data)
         onnx.load(str(onnx_file))  # reads the external data
 
 
-def test_a_model_optimized_from_older_shipped_weights_is_rebuilt(tiny_optimized, tmp_path, caplog):
-    """The optimized folder remembers the weights of the build it came from; generating with a stale one (older
-    shipped weights) re-optimizes first instead of drawing with the old model."""
+def test_a_build_records_its_recipe_and_another_recipe_is_not_current(tiny_optimized):
+    """build.json says what went into a build; a folder whose record is of another recipe (other weights, another
+    VAE or provider, an older layout) or that has none is not current, so it is rebuilt, never used."""
     import json
+
+    from sd_utils.build.recipe import BUILD_FILE, BuildRecipe
+    from sd_utils.sources.models import resolve_model
+
+    model = resolve_model("tiny", models_dir=tiny_optimized.models_dir)
+    recipe = BuildRecipe.of(model, provider="cpu")
+    paths = recipe.paths(tiny_optimized.models_dir)
+    assert paths.optimized.name == f"tiny-{recipe.digest}"
+    record = json.loads((paths.optimized / BUILD_FILE).read_text(encoding="utf-8"))
+    assert record["source"]["kind"] == "builtin" and record["provider"] == "cpu" and record["optimized"] is True
+    assert recipe.is_current(paths.optimized) and recipe.is_current(paths.unoptimized)
+    assert BuildRecipe.of(model, provider="cuda").digest != recipe.digest
+    assert BuildRecipe.of(model, provider="cpu", vae="some/vae").digest != recipe.digest
+    older = BuildRecipe(name="tiny", source={**recipe.source, "weights": "older"}, vae=None, provider="cpu")
+    assert not older.is_current(paths.optimized)
+    assert not recipe.is_current(paths.optimized.parent / "missing")
+
+
+def test_same_name_folders_get_their_own_builds(tiny_optimized, tmp_path, caplog):
+    """Two local model folders that share a name (A/model, B/model) are two builds: each draws its own pixels and
+    names itself in the PNG; an unchanged folder reuses its build, a changed one is rebuilt; the folder an older
+    sdxl-olive made under the bare name is never used."""
     import logging
 
-    optimized = tiny_optimized.models_dir / "optimized" / "tiny"
-    marker = json.loads((optimized / "sdxl_olive.json").read_text(encoding="utf-8"))
-    assert marker["source_weights"] is None  # tiny: random weights
-    marker["source_weights"] = "older"
-    (optimized / "sdxl_olive.json").write_text(json.dumps(marker), encoding="utf-8")
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    models, cache = tmp_path / "models", tiny_optimized.cache_dir
+    sources = {}
+    for name in ("A", "B"):
+        sources[name] = tmp_path / name / "model"
+        shutil.copytree(tiny_optimized.models_dir / "builtin" / "tiny", sources[name])
+        (sources[name] / "sdxl_olive_builtin.json").unlink()
+    weights = sources["B"] / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({key: value * 1.5 for key, value in load_file(weights).items()}, weights)
+    legacy = models / "optimized" / "model"
+    legacy.mkdir(parents=True)
+    (legacy / "sdxl_olive.json").write_text("{}", encoding="utf-8")
     caplog.set_level(logging.INFO)
-    args = ("--prompt", "x", "--num_inference_steps", "1", "--output_dir", str(tmp_path))
-    assert main(tiny_optimized.tiny("", *args)) == 0
-    assert "it was built from older shipped weights" in caplog.text
-    assert json.loads((optimized / "sdxl_olive.json").read_text(encoding="utf-8"))["source_weights"] is None
+
+    def draw(name: str) -> tuple[np.ndarray, str]:
+        out = tmp_path / f"out-{name}-{len(list(tmp_path.glob('out-*')))}"
+        args = ["--model_id", str(sources[name]), "--provider", "cpu", "--prompt", "x", "--seed", "3"]
+        args += ["--num_inference_steps", "2", "--models_dir", str(models), "--cache_dir", str(cache)]
+        assert main([*args, "--output_dir", str(out)]) == 0
+        (png,) = out.glob("*.png")
+        image = Image.open(png)
+        return np.asarray(image), image.text["model"]
+
+    a_pixels, a_model = draw("A")
+    assert f"{legacy} was made by an older sdxl-olive and is not reused" in caplog.text
+    b_pixels, b_model = draw("B")
+    assert not np.array_equal(a_pixels, b_pixels)
+    assert (a_model, b_model) == (str(sources["A"]), str(sources["B"]))
+    builds = sorted(p.name for p in (models / "optimized").iterdir() if p.name.startswith("model-"))
+    assert len(builds) == 2
+    caplog.clear()
+    assert np.array_equal(draw("A")[0], a_pixels)  # unchanged: its build is reused
+    assert "optimizing" not in caplog.text
+    weights = sources["A"] / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({key: value * 0.5 for key, value in load_file(weights).items()}, weights)
+    assert not np.array_equal(draw("A")[0], a_pixels)  # changed: rebuilt
+    assert "no current build" in caplog.text
+    assert len([p for p in (models / "optimized").iterdir() if p.name.startswith("model-")]) == 3
 
 
 @pytest.mark.parametrize(
@@ -193,7 +246,7 @@ def test_bad_input_is_one_line_and_nonzero(workspace, tmp_path, capsys, args, me
 
 
 def test_folder_missing_a_component(workspace, tmp_path, capsys):
-    from sd_utils.builder import ARCHITECTURES, materialize
+    from sd_utils.sources.builder import ARCHITECTURES, materialize
 
     broken = materialize(ARCHITECTURES["tiny"], tmp_path / "broken")
     shutil.rmtree(broken / "unet")

@@ -6,8 +6,8 @@ import collections
 
 import pytest
 
-from sd_utils.builder import ARCHITECTURES, DEMO_WEIGHTS
 from sd_utils.demo_model import quality, shapes
+from sd_utils.sources.builder import ARCHITECTURES, DEMO_WEIGHTS
 
 # the shipped weights score 95.8% (bench/NOTES.md); the bar is the quality check's own
 DEMO_SCORE_FLOOR = quality.PASS_SCORE

@@ -92,7 +92,7 @@ def test_dml_vae_encoder_stays_fp32(dml_build):
 
 def test_dml_vae_decoder_is_fp16_with_an_fp32_last_up_block(dml_build):
     """Where SDXL's decoder overflows fp16 (its last up-block) it stays fp32; the rest, most of its work, is fp16."""
-    from sd_utils.olive_passes import downstream_nodes
+    from sd_utils.build.fp16_islands import downstream_nodes
 
     graph = _graph(dml_build, "vae_decoder")
     assert _io_types(graph) == {"FLOAT"}
@@ -129,9 +129,9 @@ def _latents(seed: int):
 
 
 def _cuda_pipeline(folder, spec, **options):
-    from sd_utils.generation import load_pipeline
-    from sd_utils.model_spec import Shape
-    from sd_utils.providers import PROVIDERS
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
 
     return load_pipeline(
         folder, spec, provider=PROVIDERS["cuda"], shape=Shape(**CUDA_SHAPE), model_label="tiny", **options
@@ -141,11 +141,11 @@ def _cuda_pipeline(folder, spec, **options):
 CUDA_OPTIONS = {"fuse_conv_bias": "1", "arena_extend_strategy": "kSameAsRequested"}
 
 
-def test_cuda_sessions_get_the_provider_options(monkeypatch, tmp_path):
+def test_cuda_sessions_get_the_provider_options():
     """Every CUDA session, the CUDA-graph UNet's included, fuses convolution biases (bench/NOTES.md, run 4) and grows
     its memory arena by what it needs (bench/NOTES.md, bench/memory_fit.py)."""
-    from sd_utils import generation
-    from sd_utils.providers import PROVIDERS, session_providers
+    from sd_utils.runtime.cuda_graph import graph_provider_options
+    from sd_utils.runtime.providers import PROVIDERS, session_providers
 
     cuda = PROVIDERS["cuda"]
     assert session_providers(cuda, 1) == (
@@ -153,24 +153,18 @@ def test_cuda_sessions_get_the_provider_options(monkeypatch, tmp_path):
         [{"device_id": 1, **CUDA_OPTIONS}, {}],
     )
     assert session_providers(PROVIDERS["cpu"], 0) == (["CPUExecutionProvider"], [{}])
-    seen = {}
-
-    def graph_session(onnx_file, **kwargs):
-        seen.update(kwargs)
-        return object(), object()
-
-    monkeypatch.setattr(generation, "cuda_graph_session", graph_session)
-    runner = generation._cuda_graph_unet(tmp_path, cuda, 1, None)
-    assert seen["extra_options"] == CUDA_OPTIONS and seen["device_id"] == runner.device_id == 1
+    # the CUDA-graph UNet's session (runtime.pipeline passes the provider row's options to cuda_graph_session)
+    graph = graph_provider_options(1, 42, dict(cuda.options))
+    assert graph == {"device_id": "1", "enable_cuda_graph": "1", "user_compute_stream": "42", **CUDA_OPTIONS}
 
 
 @pytest.mark.gpu
 @GPU_ONLY
 def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
     """The fp16 CUDA build against the fp32 CPU build on the same latents: no NaN, no black image, PSNR >= 35 dB."""
-    from sd_utils.generation import load_pipeline
-    from sd_utils.model_spec import Shape
-    from sd_utils.providers import PROVIDERS
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
 
     fp32 = load_pipeline(
         tiny_optimized.models_dir / "optimized/tiny",
@@ -243,8 +237,8 @@ def test_the_fp32_island_keeps_an_overflowing_vae_decoder_finite(tiny_spec, tmp_
     and as the fp32 decode (PSNR >= 35 dB). The same build without the island gives inf/NaN: the overflow is real."""
     import onnxruntime as ort
 
-    from sd_utils.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
-    from sd_utils.providers import PROVIDERS
+    from sd_utils.build.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
+    from sd_utils.runtime.providers import PROVIDERS
 
     vae = _overflowing_vae_model(tiny_spec, tmp_path / "model")
     latents = torch.randn((1, 4, 16, 12), generator=torch.Generator().manual_seed(0))

@@ -67,7 +67,7 @@ class MainThreadOnly:
 def _window(workspace, tmp_path, *, extra: str = "", generate=None):
     import tkinter
 
-    from sd_utils.gui import GenerationWindow
+    from sd_utils.ui.gui import GenerationWindow
 
     options = parse_options(
         workspace.tiny(f"--interactive --num_inference_steps 3 --seed 8 {extra}", "--output_dir", str(tmp_path / "out"))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sd_utils.errors import OutOfMemoryError, ProviderUnavailableError
-from sd_utils.providers import PROVIDERS, _not_started, out_of_memory, out_of_memory_error
+from sd_utils.runtime.providers import PROVIDERS, _not_started, out_of_memory, out_of_memory_error
 from tests.test_gpu_graphs import GPU_ONLY, _cuda_available
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -113,21 +113,15 @@ ort.create_and_register_allocator(
     ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
     ort.OrtArenaCfg(64 * 2**20, -1, -1, -1),
 )
-from sd_utils import generation, providers
+import dataclasses
 
-make_options = providers.session_options
+from sd_utils.runtime.providers import PROVIDERS
 
-
-def session_options(provider, free_dimensions=None):
-    options = make_options(provider, free_dimensions)
-    options.add_session_config_entry("session.use_env_allocators", "1")
-    return options
-
-
-providers.session_options = generation.session_options = session_options
+# the tool's CPU row, its sessions taking their memory from that arena
+capped = dataclasses.replace(PROVIDERS["cpu"], session_entries=(("session.use_env_allocators", "1"),))
 import stable_diffusion_xl
 
-sys.exit(stable_diffusion_xl.main(sys.argv[1:]))
+sys.exit(stable_diffusion_xl.main(sys.argv[1:], provider_table={**PROVIDERS, "cpu": capped}))
 """
 
 
@@ -180,7 +174,7 @@ def test_cuda_sessions_share_one_arena():
     import onnxruntime as ort
     import torch
 
-    from sd_utils.providers import session_options, session_providers, share_arena
+    from sd_utils.runtime.providers import session_options, session_providers, share_arena
 
     cuda = PROVIDERS["cuda"]
     share_arena(cuda, 0)
@@ -214,7 +208,7 @@ def test_an_onnxruntime_that_cannot_share_an_arena_still_runs(caplog):
     keep an arena each (a warning says so) instead of the run failing."""
     import dataclasses
 
-    from sd_utils import providers
+    from sd_utils.runtime import providers
 
     refused = dataclasses.replace(PROVIDERS["cuda"], name="cuda-test")
     providers.share_arena(refused, 7)
@@ -226,7 +220,7 @@ def test_an_onnxruntime_that_cannot_share_an_arena_still_runs(caplog):
 
 def _request(shape, **changes):
     """A short run of the tiny model at ``shape`` (its batch the run's batch size)."""
-    from sd_utils.generation import GenerationRequest
+    from sd_utils.generation.request import GenerationRequest
 
     run = dict(prompt="a red circle", negative_prompt=None, num_images=1, num_inference_steps=2, guidance_scale=5.0)
     run.update(seed=11, batch_size=shape.batch, width=shape.width, height=shape.height)
@@ -244,7 +238,8 @@ def _low_vram_against_tiled(folder, spec, provider, shape, output_dir, monkeypat
     from optimum.onnxruntime.modeling_diffusion import ORTTextEncoder
     from PIL import Image
 
-    from sd_utils.generation import generate_images, load_pipeline
+    from sd_utils.generation.run import generate_images
+    from sd_utils.runtime.pipeline import load_pipeline
 
     request = _request(shape, negative_prompt="blue", num_images=3)
     pipelines = {
@@ -288,9 +283,9 @@ def _low_vram_against_tiled(folder, spec, provider, shape, output_dir, monkeypat
 
 
 def test_low_vram_keeps_the_text_encoders_only_while_they_encode(tiny_optimized, tiny_spec, tmp_path, monkeypatch):
-    from sd_utils.model_spec import Shape
+    from sd_utils.sources.model_spec import Shape
 
-    folder = tiny_optimized.models_dir / "optimized" / "tiny"
+    folder = tiny_optimized.build().optimized
     shape = Shape(batch=2, height=64, width=64)
     _low_vram_against_tiled(
         folder, tiny_spec, PROVIDERS["cpu"], shape, tmp_path, monkeypatch, np.testing.assert_array_equal
@@ -303,7 +298,7 @@ def test_cuda_low_vram_makes_text_encoders_again_beside_a_captured_unet(cuda_bui
     """The same on CUDA, where the text encoders of a new prompt are made while the UNet's CUDA graph, captured in the
     first run, holds its buffers in the shared arena: its replays must not write into the new encoders' weights.
     Two captures need not be bit-identical (cuDNN's algorithm choice), so the bar is the fp16 one."""
-    from sd_utils.model_spec import Shape
+    from sd_utils.sources.model_spec import Shape
     from tests.test_gpu_graphs import CUDA_SHAPE
     from tests.test_parity import psnr
 
@@ -332,11 +327,12 @@ def test_low_vram_running_out_making_the_text_encoders_again(tiny_optimized, tin
     again, so a retry starts from the same state. The failure is ONNX Runtime's own text (H100, run 9)."""
     import dataclasses
 
-    from sd_utils.generation import generate_images, load_pipeline
-    from sd_utils.model_spec import Shape
+    from sd_utils.generation.run import generate_images
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.sources.model_spec import Shape
 
     loaded = load_pipeline(
-        tiny_optimized.models_dir / "optimized" / "tiny",
+        tiny_optimized.build().optimized,
         tiny_spec,
         provider=PROVIDERS["cpu"],
         shape=Shape(batch=1, height=64, width=64),

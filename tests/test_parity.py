@@ -7,9 +7,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sd_utils.generation import GenerationRequest, generate_images, load_pipeline
-from sd_utils.model_spec import Shape, submodel_io
-from sd_utils.providers import PROVIDERS
+from sd_utils.generation.request import GenerationRequest
+from sd_utils.generation.run import generate_images
+from sd_utils.runtime.pipeline import load_pipeline
+from sd_utils.runtime.providers import PROVIDERS
+from sd_utils.sources.model_spec import Shape, submodel_io
 
 VARIANTS = ("optimized", "unoptimized")
 CPU = PROVIDERS["cpu"]
@@ -172,7 +174,7 @@ def test_pil_images_are_diffusers_pil_images(dtype):
     rounding ties included, for fp32 and fp16 VAE outputs."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from sd_utils.generation import to_pil_images
+    from sd_utils.generation.output import to_pil_images
 
     processor = VaeImageProcessor(vae_scale_factor=8)
     decoded = torch.randn((2, 3, 40, 24), generator=torch.Generator().manual_seed(3)) * 1.2

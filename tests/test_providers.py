@@ -13,9 +13,9 @@ import logging
 import onnxruntime as ort
 import pytest
 
-from sd_utils import providers
 from sd_utils.errors import ProviderUnavailableError
-from sd_utils.providers import (
+from sd_utils.runtime import providers
+from sd_utils.runtime.providers import (
     PROVIDERS,
     check_session_provider,
     new_session,
@@ -90,7 +90,7 @@ def test_a_provider_that_does_not_start_stops_the_run_before_optimizing(cuda_lis
 
 
 def test_auto_goes_on_past_a_provider_that_does_not_start(cuda_listed_but_broken, caplog):
-    with caplog.at_level(logging.WARNING, logger="sd_utils.providers"):
+    with caplog.at_level(logging.WARNING, logger="sd_utils.runtime.providers"):
         assert providers.resolve_provider("auto") is PROVIDERS["cpu"]
     assert "--provider auto: CUDAExecutionProvider is installed but does not start (a session fell back" in caplog.text
     # optimizing alone needs no running provider: auto still picks the installed one

@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_utils.base_images import load_base_images
-from sd_utils.generation import GenerationRequest, RefineSettings, generate_images, load_pipeline
-from sd_utils.model_spec import ModelSpec, Shape
-from sd_utils.providers import PROVIDERS
+from sd_utils.generation.base_images import load_base_images
+from sd_utils.generation.request import GenerationRequest, RefineSettings
+from sd_utils.generation.run import generate_images
+from sd_utils.runtime.pipeline import load_pipeline
+from sd_utils.runtime.providers import PROVIDERS
+from sd_utils.sources.model_spec import ModelSpec, Shape
 from stable_diffusion_xl import main
 from tests.test_parity import psnr
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_utils.safety import build_tiny_checker, image_embeddings
+from sd_utils.generation.safety import build_tiny_checker, image_embeddings
 from stable_diffusion_xl import main
 
 RUN = "--prompt x --num_inference_steps 3 --batch_size 1"
@@ -82,7 +82,7 @@ def test_model_folder_with_its_own_checker(workspace, tiny_optimized, tmp_path):
     import json
     import shutil
 
-    from sd_utils.builder import ARCHITECTURES, materialize
+    from sd_utils.sources.builder import ARCHITECTURES, materialize
 
     folder = materialize(ARCHITECTURES["tiny"], tmp_path / "tiny-with-checker")
     build_tiny_checker(folder / "safety_checker", threshold=2.0)

@@ -1,4 +1,4 @@
-"""The streaming Olive passes (sd_utils/olive_passes.py) against Olive's stock passes on the tiny model.
+"""The streaming Olive passes (sd_utils/build/olive_passes.py) against Olive's stock passes on the tiny model.
 
 Same workflow configs, only the pass ``type`` swapped: the optimized graphs must have the same fused operators, carry
 the same tensors (bit for bit) and, on CPU, compute the same outputs.
@@ -17,16 +17,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from sd_utils.export_models import stored_dtype
-from sd_utils.model_spec import SUBMODELS, export_shape, submodel_io
-from sd_utils.olive_workflow import (
+from sd_utils.build.export_models import stored_dtype
+from sd_utils.build.olive_workflow import (
     external_data_files,
     load_template,
     run_submodel,
     unsupported_fusions,
     workflow_config,
 )
-from sd_utils.providers import PROVIDERS
+from sd_utils.runtime.providers import PROVIDERS
+from sd_utils.sources.model_spec import SUBMODELS, export_shape, submodel_io
 
 STOCK_TYPES = {
     "StreamingOnnxConversion": "OnnxConversion",
@@ -136,17 +136,19 @@ def test_submodels_load_in_their_stored_dtype(tiny_spec, tmp_path):
 
 def test_tensors_a_fusion_makes_go_to_the_spill_file(tmp_path, monkeypatch):
     """What a fusion adds never enters the protobuf, and a later fusion reads it back through the current directory."""
-    from sd_utils.olive_passes import _ExternalDataWriter, _fusions_write_to, _transformers_module
+    from sd_utils.build.external_data import ExternalDataWriter
+    from sd_utils.build.fp16_islands import transformers_module
+    from sd_utils.build.olive_passes import fusions_write_to
 
-    OnnxModel = _transformers_module("onnx_model").OnnxModel  # noqa: N806 - the class the fusions extend
-    assert issubclass(_transformers_module("onnx_model_unet").UnetOnnxModel, OnnxModel)
+    OnnxModel = transformers_module("onnx_model").OnnxModel  # noqa: N806 - the class the fusions extend
+    assert issubclass(transformers_module("onnx_model_unet").UnetOnnxModel, OnnxModel)
 
     model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     packed = np.arange(4096, dtype=np.float32).reshape(64, 64)
     small = np.ones(4, dtype=np.float32)
-    spill = _ExternalDataWriter(tmp_path / ".spill-test")
+    spill = ExternalDataWriter(tmp_path / ".spill-test")
     monkeypatch.chdir(tmp_path)
-    with _fusions_write_to(spill):
+    with fusions_write_to(spill):
         OnnxModel(model).add_initializer(numpy_helper.from_array(packed, "packed_qkv"))
         OnnxModel(model).add_initializer(numpy_helper.from_array(small, "bias"))
     spill.close()
@@ -157,16 +159,15 @@ def test_tensors_a_fusion_makes_go_to_the_spill_file(tmp_path, monkeypatch):
     assert OnnxModel.add_initializer.__name__ == "add_initializer"  # the patch is gone
 
 
-def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path, monkeypatch):
+def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path):
     """The whole CUDA fusion set on the tiny UNet, spilling every tensor it makes: afterwards none of the float tensors
     the fusions added holds its bytes in memory (packed QKV/KV, NHWC conv, GroupNorm gamma/beta all went to disk)."""
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    from sd_utils import olive_passes
+    from sd_utils.build import external_data, olive_passes
 
-    source = optimize("unet", "cpu", False, converted=True)  # first: the export keeps its own threshold
-    monkeypatch.setattr(olive_passes, "SIZE_THRESHOLD", 1)
+    source = optimize("unet", "cpu", False, converted=True)
     exported = tmp_path / "model.onnx"
     for name in (source.name, *external_data_files(source)):
         shutil.copy2(source.parent / name, tmp_path / name)
@@ -176,8 +177,8 @@ def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path, monkeypatch):
         setattr(options, name, value)
     graph = onnx.load(str(exported), load_external_data=False)
     exported_names = {tensor.name for tensor in graph.graph.initializer}
-    spill = olive_passes._ExternalDataWriter(exported.parent / ".spill")
-    with olive_passes._working_directory(exported.parent), olive_passes._fusions_write_to(spill):
+    spill = external_data.ExternalDataWriter(exported.parent / ".spill")
+    with external_data.working_directory(exported.parent), olive_passes.fusions_write_to(spill, threshold=1):
         fused = optimizer.optimize_model(
             graph, model_type="unet", opt_level=0, use_gpu=True, optimization_options=options
         )
@@ -198,7 +199,7 @@ def test_fp16_conversion_of_a_tensor_matches_onnxruntimes():
     values kept off zero, zeros, infinities and NaNs unchanged; across chunk boundaries too."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from sd_utils.olive_passes import to_float16
+    from sd_utils.build.fp16_islands import to_float16
 
     edges = [0.0, -0.0, 1e-9, -1e-9, 3e-8, 5.96e-08, -5.96e-08, 1e-7, 6.1e-5, 1.0, -2.5, 65504.0, 65519.0, -7e4, 1e30]
     edges += [np.inf, -np.inf, np.nan]
@@ -218,7 +219,7 @@ def test_vae_decoder_island_stays_fp32_through_the_fusions(optimize, provider):
     """From the last upsampler on, the decoder is fp32: its weights, and no tensor passes through fp16 on the way, also
     after the CUDA fusions put NHWC Transposes between the nodes (ONNX Runtime's conversion left fp32 -> fp16 -> fp32
     casts there)."""
-    from sd_utils.olive_passes import downstream_nodes
+    from sd_utils.build.fp16_islands import downstream_nodes
 
     graph = onnx.load(str(optimize("vae_decoder", provider, False)), load_external_data=False).graph
     weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
@@ -233,7 +234,7 @@ def test_vae_decoder_island_stays_fp32_through_the_fusions(optimize, provider):
 
 
 def test_fp32_island_needs_a_node_of_the_model():
-    from sd_utils.olive_passes import island_inputs
+    from sd_utils.build.fp16_islands import island_inputs
 
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [], [])
     assert island_inputs(graph, ["relu"]) == ["x"]
@@ -243,7 +244,7 @@ def test_fp32_island_needs_a_node_of_the_model():
 
 def test_round_trips_through_fp16_inside_an_island_are_closed():
     """a -> Cast(fp16) -> Cast(fp32) -> b, both island nodes: b reads a's fp32 result; a Cast from outside stays."""
-    from sd_utils.olive_passes import close_fp16_round_trips, fp32_island
+    from sd_utils.build.fp16_islands import close_fp16_round_trips, fp32_island
 
     make = onnx.helper.make_node
     nodes = [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import CLIPTokenizer
 
-from sd_utils.tokenizers import EOS_TOKEN, MODEL_MAX_LENGTH, save_sdxl_tokenizers
+from sd_utils.sources.tokenizers import EOS_TOKEN, MODEL_MAX_LENGTH, save_sdxl_tokenizers
 
 SENTENCES = [
     "a photo of an astronaut riding a horse on mars",

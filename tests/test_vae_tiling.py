@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_utils.vae_tiling import decode_tiled, tile_side, tile_starts
+from sd_utils.runtime.vae_tiling import decode_tiled, tile_side, tile_starts
 from stable_diffusion_xl import main
 
 
@@ -45,9 +45,9 @@ def test_tiles_blend_back_to_the_whole_image(tiny_spec, height, width):
 def test_cli_decodes_tile_by_tile(tiny_optimized, tiny_spec, tmp_path):
     """The tiny model's tiles are 64x64 pixels: a 256x128 image is 5 x 3 of them, and the decoder session only
     takes that shape (its dims are pinned to it)."""
-    from sd_utils.generation import load_pipeline
-    from sd_utils.model_spec import Shape
-    from sd_utils.providers import PROVIDERS
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
 
     out = tmp_path / "out"
     args = tiny_optimized.tiny("--vae_tiling --width 256 --height 128 --num_inference_steps 3 --prompt x --seed 4")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from olive.hardware import AcceleratorSpec
 
-from sd_utils import olive_passes
-from sd_utils.builder import ARCHITECTURES, materialize
+from sd_utils.build import olive_passes
+from sd_utils.build.olive_workflow import PROJECT_DIR, load_template, unsupported_fusions, workflow_config
 from sd_utils.errors import OptimizationError
-from sd_utils.model_spec import SUBMODELS, ModelSpec
-from sd_utils.olive_workflow import PROJECT_DIR, load_template, unsupported_fusions, workflow_config
-from sd_utils.providers import PROVIDERS
+from sd_utils.runtime.providers import PROVIDERS
+from sd_utils.sources.builder import ARCHITECTURES, materialize
+from sd_utils.sources.model_spec import SUBMODELS, ModelSpec
 
 MODEL_TYPES = {
     "text_encoder": "clip",
@@ -85,7 +85,7 @@ def test_config_for_provider(spec, submodel, provider):
     assert template == pristine, "the template must not be modified"
     assert list(config["passes"]) == ["convert", row.optimize_pass]
     convert, optimize = config["passes"].values()
-    assert convert["type"] == "StreamingOnnxConversion"  # weights streamed: see sd_utils/olive_passes.py
+    assert convert["type"] == "StreamingOnnxConversion"  # weights streamed: see sd_utils/build/olive_passes.py
     assert convert["torch_dtype"] == "float32"
     assert convert["target_opset"] >= 17
     assert not convert.get("use_dynamo_exporter", False)  # TorchScript exporter: the fusions expect its graphs
@@ -233,7 +233,7 @@ def test_staging_folders_of_killed_runs_are_deleted(tmp_path):
     it, but never a live process's folder or a folder it cannot attribute."""
     import os
 
-    from sd_utils.olive_workflow import staging_folder
+    from sd_utils.build.olive_workflow import staging_folder
 
     dead = tmp_path / ".optimize-999999999-abc"  # no such process
     (dead / "olive").mkdir(parents=True)

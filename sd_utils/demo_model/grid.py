@@ -2,7 +2,7 @@
 
     python -m sd_utils.demo_model.grid docs/demo.png [--models_dir models] [--cache_dir cache]
 
-Runs ``stable_diffusion_xl.py --model_id demo`` once per prompt (CPU, fixed seed), then lays the saved PNGs out with
+Runs the tool (``--model_id demo``) once per prompt (CPU, fixed seed), then lays the saved PNGs out with
 their prompts underneath.
 """
 
@@ -29,7 +29,8 @@ TILE, CAPTION, COLUMNS = 192, 40, 4
 def make_grid(output: Path, *, models_dir: Path, cache_dir: Path, seed: int = 7) -> Path:
     from PIL import Image, ImageDraw
 
-    from stable_diffusion_xl import main as cli
+    from sd_utils import app
+    from sd_utils.options import parse_options
 
     tiles = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -37,9 +38,9 @@ def make_grid(output: Path, *, models_dir: Path, cache_dir: Path, seed: int = 7)
             out = Path(scratch) / str(index)
             args = ["--model_id", "demo", "--provider", "cpu", "--prompt", prompt, "--num_images", "1"]
             args += ["--seed", str(seed), "--guidance_scale", "9", "--num_inference_steps", "30"]
-            if cli([*args, "--output_dir", str(out), "--models_dir", str(models_dir), "--cache_dir", str(cache_dir)]):
-                raise RuntimeError(f"generating {prompt!r} failed (see above)")
-            (png,) = sorted(out.glob("*.png"))
+            args += ["--output_dir", str(out), "--models_dir", str(models_dir), "--cache_dir", str(cache_dir)]
+            (image,) = app.run_once(parse_options(args))
+            png = image.path
             tiles.append((Image.open(png).convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), prompt))
     rows = -(-len(tiles) // COLUMNS)
     grid = Image.new("RGB", (COLUMNS * TILE, rows * (TILE + CAPTION)), "white")

@@ -78,29 +78,23 @@ def draw_all(pipeline, scenes, latents, *, steps: int, guidance_scale: float, ba
 
 
 def optimized_demo(models_dir: Path, cache_dir: Path):
-    """(optimized folder, spec) of ``--model_id demo`` for CPU, made by the tool's own ``--optimize`` if missing."""
-    from stable_diffusion_xl import main as cli
+    """(optimized folder, spec) of ``--model_id demo`` for CPU, optimized by the tool if it has no current build."""
+    from sd_utils import app
+    from sd_utils.options import parse_options
 
-    from ..models import resolve_model
-    from ..olive_workflow import output_paths, read_marker
-
-    model = resolve_model("demo", models_dir=models_dir)
-    paths = output_paths(model, models_dir)
-    marker = read_marker(paths.optimized)
-    if marker is None or marker.get("provider") != "cpu":
-        args = ["--optimize", "--model_id", "demo", "--provider", "cpu"]
-        if cli([*args, "--models_dir", str(models_dir), "--cache_dir", str(cache_dir)]) != 0:
-            raise RuntimeError("optimizing the demo model failed (see above)")
-    return paths.optimized, model.spec
+    args = ["--model_id", "demo", "--provider", "cpu", "--prompt", "quality check"]
+    options = parse_options([*args, "--models_dir", str(models_dir), "--cache_dir", str(cache_dir)])
+    job = app.plan(options)
+    return app.prepare_models(options, job).model.optimized, job.model.spec
 
 
 def run(models_dir: Path, cache_dir: Path, *, steps: int, guidance_scale: float, batch: int = 16) -> dict:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from ..generation import load_pipeline
-    from ..model_spec import Shape
-    from ..providers import PROVIDERS
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
 
     scenes = list(shapes.ALL_SCENES)
     folder, spec = optimized_demo(models_dir, cache_dir)

@@ -137,7 +137,7 @@ def train_unet(
     import torch
     from diffusers import DDPMScheduler
 
-    from ..builder import SDXL_SCHEDULER
+    from sd_utils.sources.builder import SDXL_SCHEDULER
 
     noise_schedule = DDPMScheduler(
         num_train_timesteps=SDXL_SCHEDULER["num_train_timesteps"],
@@ -232,7 +232,7 @@ def _with_tokenizers(pipeline, *, refiner: bool) -> None:
 
     from transformers import CLIPTokenizer
 
-    from ..tokenizers import save_sdxl_tokenizers
+    from sd_utils.sources.tokenizers import save_sdxl_tokenizers
 
     names = ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2")
     with tempfile.TemporaryDirectory() as folder:
@@ -287,7 +287,7 @@ def train(out_dir: Path, *, device: str = "cpu", settings: dict | None = None) -
     import torch
     from safetensors.torch import save_file
 
-    from ..builder import ARCHITECTURES, build_pipeline
+    from sd_utils.sources.builder import ARCHITECTURES, build_pipeline
 
     settings = {**SETTINGS, **(settings or {})}
     torch.manual_seed(settings["seed"])

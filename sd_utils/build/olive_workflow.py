@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,18 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .builder import build_record
-from .errors import OptimizationError
-from .model_spec import ModelSpec
-from .models import ResolvedModel
-from .olive_passes import package_config
-from .providers import Provider
+from sd_utils.build.olive_passes import package_config
+from sd_utils.build.recipe import BuildPaths, BuildRecipe
+from sd_utils.errors import OptimizationError
+from sd_utils.runtime.providers import Provider
+from sd_utils.sources.model_spec import ModelSpec
+from sd_utils.sources.models import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONVERT_PASS = "convert"
-MARKER_FILE = "sdxl_olive.json"
 # which diffusers component's config.json describes each ONNX submodel (optimum needs one in every folder)
 COMPONENT_OF = {
     "text_encoder": "text_encoder",
@@ -44,20 +43,6 @@ COMPONENT_OF = {
     "vae_decoder": "vae",
 }
 PLAIN_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizedModel:
-    optimized: Path
-    unoptimized: Path
-
-
-def output_paths(model: ResolvedModel, models_dir: Path) -> OptimizedModel:
-    """Where ``--optimize`` puts ``model``: ``models_dir/{optimized,unoptimized}/<model id>``."""
-    return OptimizedModel(
-        optimized=models_dir / "optimized" / model.output_name,
-        unoptimized=models_dir / "unoptimized" / model.output_name,
-    )
 
 
 def load_template(submodel: str, *, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
@@ -246,8 +231,9 @@ def _assemble(
     spec: ModelSpec,
     onnx_files: dict[str, Path],
     destination: Path,
-    marker: dict[str, Any],
     *,
+    recipe: BuildRecipe,
+    optimized: bool,
     move: bool,
     roots: dict[str, Path],
 ) -> None:
@@ -269,7 +255,7 @@ def _assemble(
             _place(onnx_file.parent / name, target / name, move=move)
         _place(onnx_file, target / "model.onnx", move=move)
         shutil.copy2(roots[submodel] / COMPONENT_OF[submodel] / "config.json", target / "config.json")
-    (destination / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    recipe.write_record(destination, optimized=optimized)  # last: a folder without it is not a build
 
 
 STAGING = re.compile(r"^\.optimize-(?:[a-z]+-)?(\d+)-")  # .optimize-[label-]<pid>-<random>
@@ -332,14 +318,10 @@ def replace_folder(new: Path, destination: Path) -> None:
         shutil.rmtree(backup)
 
 
-def read_marker(folder: Path) -> dict[str, Any] | None:
-    path = folder / MARKER_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def optimize(
     model: ResolvedModel,
     *,
+    recipe: BuildRecipe,
     provider: Provider,
     models_dir: Path,
     cache_dir: Path,
@@ -347,8 +329,8 @@ def optimize(
     tempdir: Path | None = None,
     fp16_vae: Path | None = None,
     project_dir: Path = PROJECT_DIR,
-) -> OptimizedModel:
-    """Convert and optimize every submodel of ``model`` with Olive; write ``models_dir/{unoptimized,optimized}``.
+) -> BuildPaths:
+    """Convert and optimize every submodel of ``model`` with Olive into the folders of ``recipe`` under ``models_dir``.
 
     ``clean_cache`` starts from an empty Olive cache and leaves none behind, even when a submodel fails: the models are
     then moved out of it instead of copied, and the cache's copy of each optimized model is deleted as soon as Olive
@@ -386,17 +368,10 @@ def optimize(
                 config, submodel=submodel, tempdir=tempdir, keep_cache=not clean_cache
             )
             logger.info("[%d/%d] %s done in %.1f s", index, len(submodels), submodel, time.perf_counter() - tick)
-        marker = {
-            "model_id": model.model_id,
-            "provider": provider.name,
-            "source": str(model.spec.root),
-            "fp16_vae": str(fp16_vae / "vae") if fp16_vae else None,
-            "source_weights": build_record(model.spec.root).get("weights"),
-        }
-        unoptimized_marker, optimized_marker = {**marker, "optimized": False}, {**marker, "optimized": True}
-        _assemble(model.spec, converted, staging / "unoptimized", unoptimized_marker, move=clean_cache, roots=roots)
-        _assemble(model.spec, optimized, staging / "optimized", optimized_marker, move=True, roots=roots)
-        result = output_paths(model, models_dir)
+        assemble = functools.partial(_assemble, model.spec, recipe=recipe, roots=roots)
+        assemble(converted, staging / "unoptimized", optimized=False, move=clean_cache)
+        assemble(optimized, staging / "optimized", optimized=True, move=True)
+        result = recipe.paths(models_dir)
         replace_folder(staging / "unoptimized", result.unoptimized)
         replace_folder(staging / "optimized", result.optimized)
         logger.info(

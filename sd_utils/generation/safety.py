@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelNotFoundError
-from .models import download_snapshot
-from .olive_workflow import (
+from sd_utils.build.olive_workflow import (
     external_data_files,
     load_template,
     olive_cache,
@@ -26,7 +24,9 @@ from .olive_workflow import (
     staged,
     workflow_config,
 )
-from .providers import Provider, check_session_provider, new_session, share_arena
+from sd_utils.errors import ModelNotFoundError
+from sd_utils.runtime.providers import Provider, check_session_provider, new_session, share_arena
+from sd_utils.sources.models import download_snapshot
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .model_spec import ModelSpec, Shape, export_shape, submodel_io
+from sd_utils.sources.model_spec import ModelSpec, Shape, export_shape, submodel_io
 
 
 class TextEncoderExport(torch.nn.Module):

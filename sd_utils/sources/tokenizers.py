@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-from .errors import SetupError
+from sd_utils.errors import SetupError
 
 logger = logging.getLogger(__name__)
 

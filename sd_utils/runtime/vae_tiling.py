@@ -1,10 +1,8 @@
 """``--vae_tiling``: decode the latents in overlapping tiles, for GPUs too small for the VAE decoder's full image.
 
 The VAE decoder runs last and needs the most memory for its activations: at 1024² its mid-block attention alone
-holds a 16384 x 16384 score matrix, and its last up-block 1-GiB fp32 tensors. With ``--provider cuda`` a 1024²
-image took 14.2 GiB of free GPU memory and failed with 11 GiB, in the decoder; tiles of half the model's native side
-(512 px for SDXL) need about a quarter of its activations at a time, and the image fits 11 GiB (10.5 GiB used, 1%
-slower on an H100; bench/NOTES.md, runs 9, 11 and 12).
+holds a 16384 x 16384 score matrix, and its last up-block 1-GiB fp32 tensors. Tiles of half the model's native side
+(512 px for SDXL) need about a quarter of its activations at a time (figures: bench/NOTES.md, runs 9, 11 and 12).
 
 diffusers' ``AutoencoderKL.tiled_decode`` does this for its PyTorch VAE, with edge tiles smaller than the others;
 written again here because ONNX Runtime sessions are pinned to one input shape (static dims): every tile here has
@@ -18,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .model_spec import ModelSpec, Shape
+from sd_utils.sources.model_spec import ModelSpec, Shape
 
 
 def tile_side(spec: ModelSpec) -> int:
@@ -91,19 +89,3 @@ def decode_tiled(decode, latents, spec: ModelSpec):
             image[:, :, rows_out, columns_out] += pixels * weight  # added at once: the decoder may reuse its output
             weights[rows_out, columns_out] += weight
     return image / weights
-
-
-def use_tiled_vae_decoder(pipeline, spec: ModelSpec) -> None:
-    """Make ``pipeline`` (an optimum ORT SDXL pipeline) decode its latents with :func:`decode_tiled`."""
-    decoder = pipeline.vae_decoder
-    forward = decoder.forward
-
-    def tiled_forward(latent_sample, generator=None, return_dict=True):
-        image = decode_tiled(lambda tile: forward(tile, return_dict=False)[0], latent_sample, spec)
-        if not return_dict:
-            return (image,)
-        from transformers.utils import ModelOutput  # what optimum's ORTVaeDecoder returns
-
-        return ModelOutput(sample=image)
-
-    decoder.forward = tiled_forward

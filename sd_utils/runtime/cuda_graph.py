@@ -9,8 +9,7 @@ refuses to create the session otherwise).
 The session runs on a CUDA stream of our own (``user_compute_stream``), ordered against torch's stream with stream
 waits, so the pipeline's tensors never need a device-wide synchronization. The host still waits for every step:
 ONNX Runtime's CUDA EP synchronizes its stream after each graph launch (``CUDAGraphManager::Replay``; no option
-turns that off in ORT 1.31), which the H100 profile shows as ~32 ms inside each ``run_with_iobinding``
-(bench/NOTES.md, run 7).
+turns that off in ORT 1.31; bench/NOTES.md, run 7).
 """
 
 from __future__ import annotations
@@ -22,6 +21,16 @@ from typing import Any
 TORCH_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
+def graph_provider_options(device_id: int, stream: int, extra_options: dict[str, str] | None) -> dict[str, str]:
+    """The CUDA provider options of a graph-replaying session on CUDA stream handle ``stream``."""
+    return {
+        "device_id": str(device_id),
+        "enable_cuda_graph": "1",
+        "user_compute_stream": str(stream),
+        **(extra_options or {}),
+    }
+
+
 def cuda_graph_session(
     onnx_file: Path, *, device_id: int, sess_options, extra_options: dict[str, str] | None = None
 ) -> tuple[Any, Any]:
@@ -30,12 +39,7 @@ def cuda_graph_session(
     import torch
 
     stream = torch.cuda.Stream(device=device_id)
-    options = {
-        "device_id": str(device_id),
-        "enable_cuda_graph": "1",
-        "user_compute_stream": str(stream.cuda_stream),
-        **(extra_options or {}),
-    }
+    options = graph_provider_options(device_id, stream.cuda_stream, extra_options)
     session = ort.InferenceSession(
         str(onnx_file), sess_options=sess_options, providers=[("CUDAExecutionProvider", options)]
     )
@@ -101,27 +105,3 @@ def _numpy_dtype(dtype) -> Any:
     import numpy as np
 
     return np.dtype(str(dtype).removeprefix("torch."))
-
-
-def use_cuda_graph_unet(pipeline, runner: CudaGraphUNet) -> None:
-    """Make ``pipeline`` (an optimum ORT SDXL pipeline over ``runner.session``) denoise through ``runner``."""
-
-    def forward(
-        sample,
-        timestep,
-        encoder_hidden_states,
-        timestep_cond=None,
-        cross_attention_kwargs=None,
-        added_cond_kwargs=None,
-        return_dict=True,
-    ):
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
-        feeds.update(added_cond_kwargs or {})
-        out = runner(feeds)
-        if not return_dict:
-            return (out,)
-        from transformers.utils import ModelOutput  # what optimum's ORTUnet returns
-
-        return ModelOutput(sample=out)
-
-    pipeline.unet.forward = forward

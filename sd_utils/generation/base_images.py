@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .errors import UserInputError
+from sd_utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

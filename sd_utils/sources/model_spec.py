@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelNotFoundError
+from sd_utils.errors import ModelNotFoundError
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")

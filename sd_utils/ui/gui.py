@@ -15,10 +15,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .app import Generator, Job, ReadyModels, generation_request
-from .errors import SdxlOliveError
-from .generation import GeneratedImage, GenerationRequest
-from .options import Options
+from sd_utils.app import Generator, Job, ReadyModels, generation_request
+from sd_utils.errors import SdxlOliveError
+from sd_utils.generation.request import GeneratedImage, GenerationRequest
+from sd_utils.options import Options
 
 logger = logging.getLogger(__name__)
 

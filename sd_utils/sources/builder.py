@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .tokenizers import save_sdxl_tokenizers
+from sd_utils.sources.tokenizers import save_sdxl_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def build_pipeline(arch: Architecture, *, seed: int = 0, trained: bool = True):
     return StableDiffusionXLPipeline(text_encoder=text_encoder, tokenizer=None, tokenizer_2=None, **common)
 
 
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_model" / "weights"
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "demo_model" / "weights"
 # written into every built folder: which architecture, and which shipped weights it holds
 BUILD_RECORD = "sdxl_olive_builtin.json"
 

@@ -11,10 +11,10 @@ import dataclasses
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import OutOfMemoryError, ProviderUnavailableError, SdxlOliveError
+from sd_utils.errors import OutOfMemoryError, ProviderUnavailableError, SdxlOliveError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class Provider:
     cuda_graph: bool = False
     # execution provider options of every session, beside the device
     options: tuple[tuple[str, str], ...] = ()
+    # ONNX Runtime session config entries of every session (``SessionOptions.add_session_config_entry``)
+    session_entries: tuple[tuple[str, str], ...] = ()
     # the sessions of a process take their intermediate tensors from one arena per device (see share_arena)
     shared_arena: bool = False
     # what the provider needs beyond its package, for the error when it is installed but does not start
@@ -112,8 +114,12 @@ def available_execution_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def resolve_provider(name: str, *, for_inference: bool = True, device_id: int = 0) -> Provider:
-    """The row for ``name``; ``auto`` picks DirectML, then CUDA, then CPU, the first that is installed and starts.
+def resolve_provider(
+    name: str, *, for_inference: bool = True, device_id: int = 0, table: Mapping[str, Provider] = PROVIDERS
+) -> Provider:
+    """The row of ``table`` for ``name``; ``auto`` picks DirectML, then CUDA, then CPU, the first that is installed and
+    starts. Benchmarks and tests hand a ``table`` of tuned rows (e.g. more provider options) instead of changing
+    :data:`PROVIDERS`.
 
     With ``for_inference`` the provider must be usable by this ONNX Runtime, and is started once on a one-node model
     before anything is optimized for it; optimizing for a GPU provider does not need it (a DirectML build can be made
@@ -121,14 +127,14 @@ def resolve_provider(name: str, *, for_inference: bool = True, device_id: int = 
     """
     available = available_execution_providers()
     if name == "auto":
-        for row in PROVIDERS.values():
+        for row in table.values():
             if row.execution_provider not in available:
                 continue
             problem = start_problem(row, device_id) if for_inference else None
             if problem is None:
                 return row
             logger.warning("--provider auto: %s is installed but does not start (%s)", row.execution_provider, problem)
-    row = PROVIDERS.get(name)
+    row = table.get(name)
     if row is None:
         raise ProviderUnavailableError(f"unknown provider {name!r}; use one of {', '.join(PROVIDER_CHOICES)}")
     if for_inference and row.execution_provider not in available:
@@ -282,18 +288,10 @@ def share_arena(provider: Provider, device_id: int = 0) -> None:
     wants it (``Provider.shared_arena``); call it before making the sessions, after the provider is known to start.
 
     By default every ONNX Runtime session has an arena of its own, which keeps the most memory the session ever
-    needed: after the UNet's last step its activations stay reserved while the VAE decoder, last to run, reserves its
-    own (and the text encoders' and the safety checker's stay too). In one arena each stage reuses what the one
-    before it freed. This is ONNX Runtime's env allocator (``create_and_register_allocator_v2`` plus the session
-    entry ``session.use_env_allocators``, see :func:`session_options`). Stages never overlap: every ``run`` ends
-    with its stream synchronized, and the tool binds no output ONNX Runtime allocates (optimum binds torch buffers),
-    so nothing of one session outlives its run in the arena; that includes the CUDA-graph UNet, whose replays write
-    the addresses captured in its first runs.
-
-    Measured on an H100 at 1024² (bench/NOTES.md, runs 11-12): with ``--vae_tiling`` it is what makes an image fit
-    11 GiB of free memory (a 12-GB card; with an arena per session the run took 10.47 GiB, then lacked 256 MiB); for
-    a whole-image decode it saves only 0.16 GiB (14.21 against 14.37), the decoder's 1-GiB tensors needing regions
-    of their own. Speed and images unchanged (1.406 against 1.394 s per image; 62 dB apart).
+    needed: the UNet's activations would stay reserved while the VAE decoder, last to run, reserves its own. In one
+    arena (ONNX Runtime's env allocator, see :func:`session_options`) each stage reuses what the one before freed.
+    Stages never overlap and no output ONNX Runtime allocates outlives its run (optimum binds torch buffers), so
+    sharing is safe, the CUDA-graph UNet included. What it saves is in bench/NOTES.md (runs 11-12).
     """
     if not provider.shared_arena or device_id in _SHARED_ARENAS:
         return
@@ -322,6 +320,8 @@ def session_options(provider: Provider, free_dimensions: dict[str, int] | None =
     if provider.disable_mem_pattern:
         options.enable_mem_pattern = False
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, value in provider.session_entries:
+        options.add_session_config_entry(key, value)
     for dim_name, value in (free_dimensions or {}).items():
         options.add_free_dimension_override_by_name(dim_name, value)
     return options

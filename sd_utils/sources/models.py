@@ -6,9 +6,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .builder import ARCHITECTURES, build_record, materialize, weights_fingerprint
-from .errors import ModelNotFoundError
-from .model_spec import ModelSpec
+from sd_utils.errors import ModelNotFoundError
+from sd_utils.sources.builder import ARCHITECTURES, build_record, materialize, weights_fingerprint
+from sd_utils.sources.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,133 @@
+"""A build's identity: what went into an optimized model, the folder it lives in, and whether it is still current.
+
+One :class:`BuildRecipe` per (source, VAE, provider family). Its digest names the output folders
+(``models/optimized/<name>-<digest>/``), its record is written beside the models as ``build.json``, and
+:meth:`BuildRecipe.is_current` is the one check every reader uses. Two sources that share a folder name get
+different builds; a changed source gets a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from sd_utils.sources.builder import ARCHITECTURES, weights_fingerprint
+from sd_utils.sources.models import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+BUILD_FILE = "build.json"
+# bumped when what a build folder holds changes shape, so builds of an older layout are not reused
+BUILD_FORMAT = 2
+# what an older sdxl-olive wrote in its build folders (models/optimized/<model name>/), never read as current
+LEGACY_MARKER = "sdxl_olive.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".data")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPaths:
+    """The two folders of one build: fused (``optimized``) and converted only (``unoptimized``)."""
+
+    optimized: Path
+    unoptimized: Path
+
+
+def folder_digest(root: Path) -> str:
+    """A digest of a diffusers folder's configs (by content) and weight files (by name, size and modification time).
+
+    Weights are not read: hashing SDXL's 7-14 GB on every run would cost more than the run's start. A rewritten
+    weight file changes its size or time, and so the digest."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        relative = path.relative_to(root).as_posix()
+        if path.suffix in WEIGHT_SUFFIXES:
+            stat = path.stat()
+            digest.update(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        elif path.suffix in (".json", ".txt"):
+            digest.update(f"{relative}:".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _source_identity(model: ResolvedModel) -> dict[str, Any]:
+    """Where ``model`` came from and a digest of what it holds."""
+    if model.model_id in ARCHITECTURES:
+        arch = ARCHITECTURES[model.model_id]
+        architecture = hashlib.sha256(repr(arch).encode()).hexdigest()[:16]
+        return {"kind": "builtin", "source": model.model_id, "weights": f"{architecture}:{weights_fingerprint(arch)}"}
+    revision = None
+    if not Path(model.model_id).expanduser().is_dir():  # a hub id: the snapshot folder is named by its commit
+        revision = model.path.name
+        kind, source = "hub", model.model_id
+    else:
+        kind, source = "folder", str(model.path)
+    return {"kind": kind, "source": source, "revision": revision, "weights": folder_digest(model.path)}
+
+
+def _readable(model_id: str) -> str:
+    name = Path(model_id.rstrip("/")).name or "model"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRecipe:
+    """What goes into one build: the source, the VAE and the provider family it is optimized for."""
+
+    name: str  # readable part of the folder name (the model folder's or hub repository's name)
+    source: dict[str, Any]
+    vae: str | None  # the fp16-fixed VAE (--use_fp16_fixed_vae) and its digest, or None for the model's own
+    provider: str
+    format: int = BUILD_FORMAT
+
+    @classmethod
+    def of(cls, model: ResolvedModel, *, provider: str, vae: str | None = None, vae_root: Path | None = None):
+        """The recipe of ``model`` for ``provider``; ``vae``/``vae_root``: an fp16-fixed VAE's id and folder."""
+        vae_identity = None
+        if vae is not None:
+            vae_identity = f"{vae}:{folder_digest(vae_root)}" if vae_root is not None and vae_root.is_dir() else vae
+        return cls(name=_readable(model.model_id), source=_source_identity(model), vae=vae_identity, provider=provider)
+
+    @property
+    def digest(self) -> str:
+        content = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:8]
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.name}-{self.digest}"
+
+    def paths(self, models_dir: Path) -> BuildPaths:
+        return BuildPaths(
+            optimized=models_dir / "optimized" / self.folder_name,
+            unoptimized=models_dir / "unoptimized" / self.folder_name,
+        )
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """``build.json``: the recipe, its digest and ``extra`` facts of the build (e.g. whether it is fused)."""
+        return {**dataclasses.asdict(self), "digest": self.digest, **extra}
+
+    def write_record(self, folder: Path, **extra: Any) -> None:
+        (folder / BUILD_FILE).write_text(json.dumps(self.record(**extra), indent=2) + "\n", encoding="utf-8")
+
+    def is_current(self, folder: Path) -> bool:
+        """Whether ``folder`` holds a complete build of this recipe (its ``build.json`` says so)."""
+        recorded = read_record(folder)
+        return recorded is not None and recorded.get("digest") == self.digest and recorded.get("format") == self.format
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """A build folder's ``build.json``, or None where there is none (not built, or not finished)."""
+    path = folder / BUILD_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def legacy_folder(model: ResolvedModel, models_dir: Path) -> Path | None:
+    """The folder an older sdxl-olive used for ``model`` (named after the model only), when one is there."""
+    as_path = Path(model.model_id)
+    name = Path(as_path.name) if as_path.is_absolute() or as_path.exists() else as_path
+    folder = models_dir / "optimized" / name
+    return folder if (folder / LEGACY_MARKER).is_file() else None

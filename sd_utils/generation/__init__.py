@@ -1,0 +1,1 @@
+"""Where a prompt becomes PNG files: requests, the run's steps, the checker and the output."""

@@ -1,0 +1,80 @@
+"""What one run asks for (:class:`GenerationRequest`) and what it produced (:class:`GeneratedImage`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from sd_utils.generation.base_images import BaseImage
+from sd_utils.sources.model_spec import Shape
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineSettings:
+    """Image-to-image with a refiner: base image ``i % len(images)`` is refined into output image ``i``."""
+
+    images: tuple[BaseImage, ...]
+    strength: float = 0.3
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One run: ``num_images`` images of ``prompt`` in calls of ``batch_size`` images each."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_images: int
+    batch_size: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    classifier_free_guidance: bool = True
+    refine: RefineSettings | None = None
+    high_noise_frac: float | None = None  # base -> refiner hand-off point ("ensemble of experts")
+
+    @property
+    def num_calls(self) -> int:
+        return math.ceil(self.num_images / self.batch_size)
+
+    @property
+    def uses_cfg(self) -> bool:
+        """diffusers' rule (``do_classifier_free_guidance``): guidance only above 1."""
+        return self.classifier_free_guidance and self.guidance_scale > 1
+
+    @property
+    def effective_guidance_scale(self) -> float:
+        return self.guidance_scale if self.uses_cfg else 1.0
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(
+            batch=self.batch_size, height=self.height, width=self.width, classifier_free_guidance=self.uses_cfg
+        )
+
+    @property
+    def steps_per_call(self) -> int:
+        """Denoising steps one pipeline call runs (img2img skips the first ``1 - strength`` of the schedule)."""
+        if self.refine is not None:
+            return min(int(self.num_inference_steps * self.refine.strength), self.num_inference_steps)
+        return self.num_inference_steps
+
+    def image_seed(self, index: int) -> int:
+        """Image ``index`` of the run gets its own seed, so any image can be regenerated alone with ``--seed``."""
+        return self.seed + index
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedImage:
+    path: Path
+    seed: int
+    index: int
+
+
+StepCallback = Callable[[int, int], None]  # (steps done in the run, total steps of the run)
+ImageCallback = Callable[[GeneratedImage], None]

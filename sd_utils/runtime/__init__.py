@@ -1,0 +1,1 @@
+"""ONNX Runtime: execution providers, sessions and the pipelines loaded over them."""

@@ -1,0 +1,87 @@
+"""Every place where the tool changes optimum's ORT pipeline objects instead of only calling them.
+
+optimum-onnx's ``ORTStableDiffusionXL(Img2Img)Pipeline`` has no public way to drop a component's session, swap a
+component's ``forward`` or stop a run after a step, and the tool needs all three (``--low_vram``, the CUDA-graph
+UNet, ``--vae_tiling``, the window's Stop). They are done here, and only here, against the attributes of
+optimum-onnx 0.1.0 (``modeling_diffusion.py``: ``parts``, ``vae.encoder``, ``ORTTextEncoder``, the parts' ``forward``)
+and diffusers 0.39's ``_interrupt`` flag; a newer optimum-onnx must be checked against this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def pipeline_class(*, refiner: bool):
+    """optimum's text-to-image pipeline, or its image-to-image one for a refiner (no first text encoder)."""
+    from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline, ORTStableDiffusionXLPipeline
+
+    return ORTStableDiffusionXLImg2ImgPipeline if refiner else ORTStableDiffusionXLPipeline
+
+
+def drop_parts(pipeline, names) -> None:
+    """Remove the sessions of the pipeline's parts ``names``, so that ONNX Runtime frees their memory now."""
+    for name in names:
+        part = getattr(pipeline, name)
+        if part is None:
+            continue
+        pipeline.parts.remove(part)
+        if part is pipeline.vae.encoder:  # optimum's VAE wraps both halves
+            pipeline.vae.parts.remove(part)
+            pipeline.vae.encoder = None
+        setattr(pipeline, name, None)  # the last reference: the session goes now (a test checks it)
+
+
+def add_text_encoder(pipeline, name: str, session, *, io_binding: bool) -> None:
+    """Give ``pipeline`` a text-encoder part ``name`` over ``session`` (one that :func:`drop_parts` removed)."""
+    from optimum.onnxruntime.modeling_diffusion import ORTTextEncoder
+
+    part = ORTTextEncoder(session, pipeline, io_binding)
+    setattr(pipeline, name, part)
+    pipeline.parts.append(part)
+
+
+def interrupt(pipeline) -> None:
+    """Make diffusers' denoising loop end after the current step (its own flag, set by its ``interrupt`` property's
+    setter-less attribute)."""
+    pipeline._interrupt = True
+
+
+def _as_output(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` (returning one tensor) as optimum's parts return: a ``ModelOutput`` with ``sample``, or a tuple."""
+
+    def wrapped(*args, return_dict=True, **kwargs):
+        out = forward(*args, **kwargs)
+        if not return_dict:
+            return (out,)
+        from transformers.utils import ModelOutput
+
+        return ModelOutput(sample=out)
+
+    return wrapped
+
+
+def set_unet_forward(pipeline, run: Callable[[dict[str, Any]], Any]) -> None:
+    """Make the pipeline's UNet call ``run(feeds)`` (feeds by ONNX input name) instead of its session."""
+
+    def forward(
+        sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None
+    ):
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        feeds.update(added_cond_kwargs or {})
+        return run(feeds)
+
+    pipeline.unet.forward = _as_output(forward)
+
+
+def set_vae_decoder_forward(pipeline, decode: Callable[[Callable[[Any], Any], Any], Any]) -> None:
+    """Make the pipeline's VAE decoder call ``decode(plain_decode, latent_sample)``, where ``plain_decode`` runs the
+    decoder's own session on some latents and returns the image tensor."""
+    decoder = pipeline.vae_decoder
+    plain = decoder.forward
+
+    def forward(latent_sample, generator=None):
+        return decode(lambda latents: plain(latents, return_dict=False)[0], latent_sample)
+
+    decoder.forward = _as_output(forward)

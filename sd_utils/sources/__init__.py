@@ -1,0 +1,1 @@
+"""Where a model comes from: built-in, local folder, hub id; its facts (ModelSpec) and tokenizers."""
