@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from stable_diffusion_xl import main
+from tests.conftest import Workspace
 from tests.test_parity import psnr
 from tests.test_streaming_passes import ISLAND_START
 
@@ -54,7 +55,7 @@ def dml_build(tiny_optimized, tmp_path_factory):
     """``--optimize --provider dml`` of the tiny model, made on this CPU-only machine."""
     models = tmp_path_factory.mktemp("dml") / "models"
     _optimize_tiny(models, "dml", tiny_optimized.cache_dir)
-    return models / "optimized" / "tiny"
+    return Workspace(models, tiny_optimized.cache_dir).build(provider="dml").optimized
 
 
 def test_dml_unet_has_the_directml_fusions_in_fp16(dml_build):
@@ -167,7 +168,7 @@ def test_cuda_fp16_images_match_fp32(tiny_optimized, tiny_spec, cuda_build):
     from sd_utils.sources.model_spec import Shape
 
     fp32 = load_pipeline(
-        tiny_optimized.models_dir / "optimized/tiny",
+        tiny_optimized.build().optimized,
         tiny_spec,
         provider=PROVIDERS["cpu"],
         shape=Shape(**CUDA_SHAPE),
@@ -199,11 +200,16 @@ def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
 
 def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_path):
     """--use_fp16_fixed_vae DIR: the VAE graphs come from that VAE and are converted to fp16 with fp32 I/O."""
+    from sd_utils.build.recipe import BuildRecipe
+    from sd_utils.sources.models import resolve_model
+
     models = tmp_path / "models"
     fixed_vae = tiny_optimized.models_dir / "builtin" / "tiny" / "vae"  # stands in for madebyollin/sdxl-vae-fp16-fix
     args = ["--optimize", "--model_id", "tiny", "--provider", "dml", "--use_fp16_fixed_vae", str(fixed_vae)]
     assert main([*args, "--models_dir", str(models), "--cache_dir", str(tiny_optimized.cache_dir)]) == 0
-    folder = models / "optimized" / "tiny"
+    model = resolve_model("tiny", models_dir=models)
+    recipe = BuildRecipe.of(model, provider="dml", vae=str(fixed_vae), vae_root=fixed_vae)
+    folder = recipe.paths(models).optimized
     for vae in ("vae_encoder", "vae_decoder"):
         graph = _graph(folder, vae)
         assert _initializer_types(graph) == {"FLOAT16"}

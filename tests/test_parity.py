@@ -105,7 +105,7 @@ def test_pipeline_images_match_torch(tiny_optimized, tiny_spec, torch_pipeline, 
     }
     expected = torch_pipeline(latents=latents.clone(), **call).images
     loaded = load_pipeline(
-        tiny_optimized.models_dir / variant / "tiny",
+        getattr(tiny_optimized.build(), variant),
         tiny_spec,
         provider=CPU,
         shape=Shape(batch=batch, height=height, width=width),
@@ -142,7 +142,7 @@ def test_saved_pngs_match_torch(
         generator=torch.Generator().manual_seed(5),
     )
     loaded = load_pipeline(
-        tiny_optimized.models_dir / "optimized" / "tiny",
+        tiny_optimized.build().optimized,
         tiny_spec,
         provider=CPU,
         shape=request.shape,

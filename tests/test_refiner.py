@@ -58,7 +58,7 @@ def test_img2img_matches_diffusers(tiny_refiner_optimized, refiner_spec, torch_r
     }
     expected = torch_refiner(generator=_seeded([1, 2]), **call).images
     loaded = load_pipeline(
-        tiny_refiner_optimized.models_dir / variant / "tiny-refiner",
+        getattr(tiny_refiner_optimized.build("tiny-refiner"), variant),
         refiner_spec,
         provider=CPU,
         shape=Shape(batch=2, height=64, width=96),
@@ -112,11 +112,9 @@ def test_base_to_refiner_hand_off_matches_diffusers(
         height=height,
         high_noise_frac=fraction,
     )
-    models = tiny_refiner_optimized.models_dir / "optimized"
-    base = load_pipeline(models / "tiny", tiny_spec, provider=CPU, shape=request.shape, model_label="tiny")
-    refiner = load_pipeline(
-        models / "tiny-refiner", refiner_spec, provider=CPU, shape=request.shape, model_label="tiny-refiner"
-    )
+    base_folder, refiner_folder = (tiny_refiner_optimized.build(name).optimized for name in ("tiny", "tiny-refiner"))
+    base = load_pipeline(base_folder, tiny_spec, provider=CPU, shape=request.shape, model_label="tiny")
+    refiner = load_pipeline(refiner_folder, refiner_spec, provider=CPU, shape=request.shape, model_label="tiny-refiner")
     steps_seen = []
     saved = generate_images(
         base,

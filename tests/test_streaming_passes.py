@@ -177,8 +177,8 @@ def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path):
         setattr(options, name, value)
     graph = onnx.load(str(exported), load_external_data=False)
     exported_names = {tensor.name for tensor in graph.graph.initializer}
-    spill = external_data.ExternalDataWriter(exported.parent / ".spill")
-    with external_data.working_directory(exported.parent), olive_passes.fusions_write_to(spill, threshold=1):
+    spill = external_data.ExternalDataWriter(exported.parent / ".spill", threshold=1)
+    with external_data.working_directory(exported.parent), olive_passes.fusions_write_to(spill):
         fused = optimizer.optimize_model(
             graph, model_type="unet", opt_level=0, use_gpu=True, optimization_options=options
         )

@@ -59,7 +59,7 @@ def test_cli_decodes_tile_by_tile(tiny_optimized, tiny_spec, tmp_path):
     assert np.asarray(image).std() > 1  # not a flat image
 
     loaded = load_pipeline(
-        tiny_optimized.models_dir / "optimized" / "tiny",
+        tiny_optimized.build().optimized,
         tiny_spec,
         provider=PROVIDERS["cpu"],
         shape=Shape(batch=1, height=128, width=256),

@@ -14,14 +14,14 @@ from onnx import numpy_helper
 # onnx.save_model's default: smaller tensors stay inside the .onnx file
 
 SIZE_THRESHOLD = 1024
-# not folded even when all inputs are constant
-# ---------------------------------------------------------------------------------------------------- writing
 
 
 class ExternalDataWriter:
-    """Appends tensor bytes to one external data file and points each tensor at its bytes."""
+    """Appends tensor bytes to one external data file and points each tensor at its bytes; tensors smaller than
+    ``threshold`` bytes stay inside the protobuf."""
 
-    def __init__(self, onnx_file: Path):
+    def __init__(self, onnx_file: Path, *, threshold: int = SIZE_THRESHOLD):
+        self.threshold = threshold
         self.name = onnx_file.name + ".data"
         self._file = open(onnx_file.parent / self.name, "wb")  # noqa: SIM115 - closed by close()
 
@@ -29,7 +29,7 @@ class ExternalDataWriter:
         # the bytes never go into the protobuf: upb allocates fields in the message's arena and frees nothing before
         # the message, so setting and clearing raw_data per tensor would keep the whole model in memory anyway
         del tensor.external_data[:]
-        if len(data) < SIZE_THRESHOLD:
+        if len(data) < self.threshold:
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = data
             return

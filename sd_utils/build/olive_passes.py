@@ -40,7 +40,6 @@ from olive.passes.pass_config import PassConfigParam
 
 from sd_utils.build.constant_folding import fold_and_attach
 from sd_utils.build.external_data import (
-    SIZE_THRESHOLD,
     ExternalDataWriter,
     ExternalTensors,
     save_model,
@@ -145,7 +144,7 @@ class StreamingOnnxConversion(OnnxConversion):
 
 
 @contextlib.contextmanager
-def fusions_write_to(spill: ExternalDataWriter, *, threshold: int = SIZE_THRESHOLD) -> Iterator[None]:
+def fusions_write_to(spill: ExternalDataWriter) -> Iterator[None]:
     """Every large tensor a fusion makes (packed QKV/KV weights, NHWC conv weights, ...) goes to ``spill``'s file
     before it joins the graph: it never enters the protobuf, and the copies of the model that symbolic shape
     inference makes stay small. A later fusion that reads it back finds it through the current directory."""
@@ -154,7 +153,7 @@ def fusions_write_to(spill: ExternalDataWriter, *, threshold: int = SIZE_THRESHO
     add_initializer = OnnxModel.add_initializer
 
     def add_spilled(self, tensor, graph_name=None):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= spill.threshold:
             spill.place(tensor, tensor.raw_data)
         return add_initializer(self, tensor, graph_name)
 
