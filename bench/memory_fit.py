@@ -62,7 +62,7 @@ class _SavedTimes(logging.Handler):
     """Times of the tool's "saved <png>" log lines."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.times: list[float] = []
 
     def emit(self, record):
@@ -114,7 +114,9 @@ def trial(args) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     saved = _SavedTimes()
-    logging.getLogger("sd_utils.generation.run").addHandler(saved)
+    run_logger = logging.getLogger("sd_utils.generation.run")
+    run_logger.addHandler(saved)
+    run_logger.setLevel(logging.DEBUG)  # its "saved <png>" lines time the images
     with tempfile.TemporaryDirectory(prefix="memory-fit-") as output:
         argv = [
             "--model_id", args.model_id, "--models_dir", args.models_dir, "--provider", "cuda",

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import secrets
+import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from sd_utils.build.olive_workflow import optimize
-from sd_utils.build.recipe import BuildPaths, BuildRecipe, legacy_folder
+from sd_utils.build.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
 from sd_utils.errors import UserInputError
+from sd_utils.files import exclusive
 from sd_utils.generation.base_images import load_base_images
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
 from sd_utils.generation.run import generate_images
@@ -49,6 +54,7 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
     """Resolve models and provider and build the generation request; raises :class:`UserInputError` early.
 
     ``provider_table``: the rows ``--provider`` picks from (benchmarks and tests hand tuned ones)."""
+    check_folders(options)
     model = resolve_model(options.model_id, models_dir=options.models_dir)
     refiner = None
     if options.refiner_model_id:
@@ -69,6 +75,36 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
     return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker)
 
 
+def _writable_folder(option: str, folder: Path) -> None:
+    """Make ``folder`` if needed and check that files can be written in it; raise :class:`UserInputError` if not."""
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{option} {folder} is a file, not a folder; give a folder (it is made if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserInputError(
+            f"{option} {folder} cannot be written ({error.strerror or error}); give a folder you can write to"
+        ) from None
+
+
+def check_folders(options: Options) -> None:
+    """What can only fail later, checked before anything is built: the folders the run writes and, for the window,
+    a display (a wrong option must never cost an optimization run)."""
+    _writable_folder("--models_dir", options.models_dir)
+    if options.cache_dir.exists() and not options.cache_dir.is_dir():
+        raise UserInputError(f"--cache_dir {options.cache_dir} is a file, not a folder; give a folder")
+    if options.runs_inference:
+        _writable_folder("--output_dir", options.output_dir)
+    if options.interactive and sys.platform.startswith("linux"):
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise UserInputError(
+                "--interactive needs a display (DISPLAY is not set): run it in a desktop session, or generate with "
+                "--prompt on the command line"
+            )
+
+
 def _check_hand_off(base: ResolvedModel, refiner: ResolvedModel) -> None:
     if base.spec.is_refiner:
         raise UserInputError(f"--model_id {base.model_id} is a refiner; with --refiner_model_id give a base model")
@@ -87,6 +123,19 @@ def _check_hand_off(base: ResolvedModel, refiner: ResolvedModel) -> None:
         )
 
 
+def _check_refine_steps(steps: int, strength: float) -> None:
+    """img2img runs ``int(steps * strength)`` denoising steps (diffusers' ``get_timesteps``): at least one is needed."""
+    if int(steps * strength) >= 1:
+        return
+    enough = math.ceil(1 / strength)
+    while int(enough * strength) < 1:  # float rounding, e.g. 0.3 x 4 is fine but 1 / 0.3 is 3.33
+        enough += 1
+    raise UserInputError(
+        f"--num_inference_steps {steps} with --strength {strength:g} runs no denoising step ({steps} x {strength:g} "
+        f"< 1); use --num_inference_steps {enough} or more, or a higher --strength"
+    )
+
+
 def generation_request(options: Options, model: ResolvedModel) -> GenerationRequest:
     """The run ``options`` ask for, checked against the model, with a seed drawn if none was given."""
     spec = model.spec
@@ -100,6 +149,7 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
         size = (options.width, options.height) if options.width and options.height else None
         images = tuple(load_base_images(list(options.base_images), size=size, multiple=spec.size_multiple))
         width, height = images[0].image.size
+        _check_refine_steps(options.num_inference_steps, options.strength)
         refine = RefineSettings(
             images=images,
             strength=options.strength,
@@ -153,13 +203,37 @@ def ensure_optimized(options: Options, model: ResolvedModel, provider: Provider)
     """Optimize when asked to, or when no current build of the model exists yet."""
     recipe, fp16_vae = build_recipe(options, model, provider)
     paths = recipe.paths(options.models_dir)
-    if not options.optimize and recipe.is_current(paths.optimized) and recipe.is_current(paths.unoptimized):
+    if not options.optimize and _usable(recipe, paths, model, options):
         return paths
-    if not options.optimize:
+    with exclusive(
+        paths.optimized.with_name(f".{paths.optimized.name}.lock"), waiting_for=f"building {paths.optimized}"
+    ):
+        if not options.optimize and _usable(recipe, paths, model, options, quiet=True):
+            return paths  # another run built it while this one waited
+        return _optimize(options, model, provider, recipe=recipe, fp16_vae=fp16_vae)
+
+
+def _usable(recipe: BuildRecipe, paths: BuildPaths, model: ResolvedModel, options: Options, *, quiet=False) -> bool:
+    """Whether the build of ``recipe`` is there, current and complete (else say why it is made, unless ``quiet``)."""
+    if recipe.is_current(paths.optimized) and recipe.is_current(paths.unoptimized):
+        folder = paths.unoptimized if options.test_unoptimized else paths.optimized
+        damage = build_damage(folder, model.spec.submodels)
+        if damage is None:
+            return True
+        if not quiet:
+            logger.info("%s is incomplete (%s): optimizing %s again", folder, damage, model.model_id)
+        return False
+    if not quiet:
         logger.info("optimizing %s first: no current build of %s exists", paths.optimized, model.model_id)
         legacy = legacy_folder(model, options.models_dir)
         if legacy is not None:
             logger.info("%s was made by an older sdxl-olive and is not reused (delete it to free its disk)", legacy)
+    return False
+
+
+def _optimize(
+    options: Options, model: ResolvedModel, provider: Provider, *, recipe: BuildRecipe, fp16_vae: Path | None
+) -> BuildPaths:
     if fp16_vae is not None:  # copied only when a build needs it, not on every run
         with_vae(model, options.use_fp16_fixed_vae, destination=fp16_vae)
     return optimize(

@@ -47,3 +47,9 @@ class SafetyCheckError(SdxlOliveError):
     """The safety checker kept flagging some images past the retry cap."""
 
     exit_code = 5
+
+
+class DiskFullError(SdxlOliveError):
+    """The disk filled up while the tool wrote models or images; the message says what was kept and where."""
+
+    exit_code = 7

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -77,24 +78,28 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(f"{message} (see --help)")
 
 
-def _at_least(convert, minimum, expected: str):
-    """An argparse ``type`` that converts with ``convert`` and rejects values below ``minimum`` (and nan)."""
+def _in_range(convert, minimum, expected: str, maximum=math.inf):
+    """An argparse ``type`` that converts with ``convert`` and rejects values outside [``minimum``, ``maximum``],
+    nan and infinities (a guidance scale of 1e308 or an aesthetic score of nan can only give black images)."""
 
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not value >= minimum:
+        if not (math.isfinite(value) and minimum <= value <= maximum):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
         return value
 
     return parse
 
 
-_positive_int = _at_least(int, 1, "a positive integer")
-_non_negative_int = _at_least(int, 0, "an integer >= 0")
-_non_negative_float = _at_least(float, 0, "a number >= 0")
+_positive_int = _in_range(int, 1, "a positive integer")
+_non_negative_int = _in_range(int, 0, "an integer >= 0")
+# classifier-free guidance: SDXL uses 5-9, distilled models 0-2; far past 30 the images saturate to black or white
+_guidance = _in_range(float, 0, "a guidance scale from 0 to 100", maximum=100)
+# the LAION aesthetic scores the refiner was conditioned on run from 1 to 10
+_aesthetic = _in_range(float, 0, "an aesthetic score from 0 to 10", maximum=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +134,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--models_dir",
         type=Path,
         default=PROJECT_DIR / "models",
-        help="where built-in, unoptimized and optimized models live (default: %(default)s)",
+        help="where built-in, unoptimized and optimized models live (default: models/ in the project folder)",
     )
     model.add_argument(
         "--provider",
@@ -152,7 +157,7 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache_dir",
         type=Path,
         default=PROJECT_DIR / "cache",
-        help="Olive cache; reruns reuse it (default: %(default)s)",
+        help="Olive cache; reruns reuse it (default: cache/ in the project folder)",
     )
     optimize.add_argument(
         "--clean_cache",
@@ -185,7 +190,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("--num_inference_steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     generate.add_argument(
         "--guidance_scale",
-        type=_non_negative_float,
+        type=_guidance,
         default=5.0,
         help="classifier-free guidance scale; <= 1 disables guidance (default: 5.0)",
     )
@@ -206,8 +211,19 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="square image side in pixels (default: the model's native size)",
     )
-    generate.add_argument("--width", type=_positive_int, default=None, help="image width (overrides --image_size)")
-    generate.add_argument("--height", type=_positive_int, default=None, help="image height (overrides --image_size)")
+    generate.add_argument(
+        "--width",
+        type=_positive_int,
+        default=None,
+        help="image width in pixels, a multiple of 32 for SDXL (16 for the built-in tiny models); "
+        "overrides --image_size",
+    )
+    generate.add_argument(
+        "--height",
+        type=_positive_int,
+        default=None,
+        help="image height in pixels (a multiple, as --width); overrides --image_size",
+    )
     generate.add_argument(
         "--output_dir",
         type=Path,
@@ -258,11 +274,11 @@ def _add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
         help="how much of the schedule the refiner re-runs on a base image, in (0, 1] (default: 0.3)",
     )
     refine.add_argument(
-        "--aesthetic_score", type=float, default=6.0, help="refiner aesthetic-score conditioning (default: 6.0)"
+        "--aesthetic_score", type=_aesthetic, default=6.0, help="refiner aesthetic-score conditioning (default: 6.0)"
     )
     refine.add_argument(
         "--negative_aesthetic_score",
-        type=float,
+        type=_aesthetic,
         default=2.5,
         help="refiner aesthetic score of the negative branch (default: 2.5)",
     )
@@ -316,6 +332,11 @@ def check_options(options: Options) -> None:
         )
     if options.interactive and options.base_images:
         raise UserInputError("--interactive does not refine --base_images; refine them from the command line")
+    if not options.model_id.strip():
+        raise UserInputError(
+            "--model_id is empty; give a hub id (owner/name), a diffusers folder, a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}), or leave it out for {DEFAULT_MODEL_ID}"
+        )
     if options.prompt is not None and not options.prompt.strip():
         raise UserInputError("--prompt is empty; give the text the image should show")
     if not 0 < options.strength <= 1:

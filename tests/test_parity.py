@@ -30,7 +30,7 @@ def torch_pipeline(tiny_spec):
 
 
 def _session(workspace, variant: str, submodel: str) -> ort.InferenceSession:
-    path = workspace.models_dir / variant / "tiny" / submodel / "model.onnx"
+    path = getattr(workspace.build(), variant) / submodel / "model.onnx"
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 

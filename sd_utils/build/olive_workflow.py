@@ -25,7 +25,8 @@ from typing import Any
 
 from sd_utils.build.olive_passes import package_config
 from sd_utils.build.recipe import BuildPaths, BuildRecipe
-from sd_utils.errors import OptimizationError
+from sd_utils.errors import DiskFullError, OptimizationError
+from sd_utils.files import disk_full, follow_umask, remove_stale
 from sd_utils.runtime.providers import Provider
 from sd_utils.sources.model_spec import ModelSpec
 from sd_utils.sources.models import ResolvedModel
@@ -152,6 +153,26 @@ class _WithoutRunHistory(logging.Filter):
         return "run history" not in record.getMessage()
 
 
+class MissingOliveOutputError(OptimizationError):
+    """A workflow ended without one of its models: a pass failed, or the cache named a model that is gone."""
+
+
+def run_checking_cache(config: dict[str, Any], *, submodel: str, tempdir: Path | None, keep_cache: bool):
+    """:func:`run_submodel`, once more from an empty cache when the cache named models that are no longer there (a
+    run killed after moving its models out of the cache, ``--clean_cache``, leaves such a cache behind)."""
+    cache_dir = Path(config["cache_dir"])
+    had_cache = cache_dir.is_dir() and any(cache_dir.iterdir())
+    try:
+        return run_submodel(copy.deepcopy(config), submodel=submodel, tempdir=tempdir, keep_cache=keep_cache)
+    except MissingOliveOutputError:
+        if not had_cache:
+            raise
+    logger.info("the Olive cache %s had lost models of an earlier run (killed mid-way?): rebuilding it", cache_dir)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    shutil.rmtree(config["output_dir"], ignore_errors=True)
+    return run_submodel(config, submodel=submodel, tempdir=tempdir, keep_cache=keep_cache)
+
+
 def run_submodel(
     config: dict[str, Any], *, submodel: str, tempdir: Path | None, keep_cache: bool = True
 ) -> tuple[Path, Path]:
@@ -186,7 +207,7 @@ def run_submodel(
         if onnx_file is None or not onnx_file.is_file():
             # Olive logs a failing pass as a warning and returns normally (it also drops passes whose config it
             # finds invalid for the target, e.g. float16 on the CPU provider): a missing output is our error.
-            raise OptimizationError(
+            raise MissingOliveOutputError(
                 f"Olive produced no {pass_type} model for {submodel} (see the Olive log above); "
                 "rerun with --debug, or with --clean_cache if the cache is stale"
             )
@@ -272,7 +293,9 @@ def staging_folder(parent: Path, label: str = "") -> Path:
         if match and stale.is_dir() and not psutil.pid_exists(int(match.group(1))):
             logger.info("deleting %s, left behind by a run that was killed", stale)
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".optimize-{label}{os.getpid()}-", dir=parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".optimize-{label}{os.getpid()}-", dir=parent))
+    follow_umask(staging)
+    return staging
 
 
 @contextlib.contextmanager
@@ -301,12 +324,16 @@ def olive_cache(cache_dir: Path, *, clean: bool) -> Iterator[Path]:
             shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+_BACKUP = re.compile(r"^\..+\.old-(\d+)-$")  # .<folder>.old-<pid>-
+
+
 def replace_folder(new: Path, destination: Path) -> None:
     """Move ``new`` to ``destination``; an existing ``destination`` is removed only once ``new`` is in place."""
     destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(destination.parent, _BACKUP)  # of runs killed between the two renames
     backup = None
     if destination.exists():
-        backup = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        backup = destination.with_name(f".{destination.name}.old-{os.getpid()}-")
         destination.rename(backup)
     try:
         new.rename(destination)
@@ -316,6 +343,19 @@ def replace_folder(new: Path, destination: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup)
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(models_dir: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, shutil.Error) as error:
+        if not disk_full(error):
+            raise
+        raise DiskFullError(
+            f"the disk filled up while optimizing into {models_dir} (the previous build, if any, is untouched); "
+            "free some space (a full-size SDXL build needs tens of GB, see README) or use --clean_cache"
+        ) from error
 
 
 def optimize(
@@ -339,7 +379,7 @@ def optimize(
     ``fp16_vae``: a diffusers folder whose ``vae`` is an fp16-fixed VAE (see ``models.with_vae``); the VAE graphs are
     exported from it and, on GPU providers, converted to fp16.
     """
-    with olive_cache(cache_dir, clean=clean_cache), staged(models_dir) as staging:
+    with olive_cache(cache_dir, clean=clean_cache), staged(models_dir) as staging, _disk_full_is_one_line(models_dir):
         converted, optimized = {}, {}
         submodels = model.spec.submodels
         roots = {name: fp16_vae if fp16_vae and name.startswith("vae") else model.spec.root for name in submodels}
@@ -364,7 +404,7 @@ def optimize(
                 output_dir=staging / "olive" / submodel,
                 project_dir=project_dir,
             )
-            converted[submodel], optimized[submodel] = run_submodel(
+            converted[submodel], optimized[submodel] = run_checking_cache(
                 config, submodel=submodel, tempdir=tempdir, keep_cache=not clean_cache
             )
             logger.info("[%d/%d] %s done in %.1f s", index, len(submodels), submodel, time.perf_counter() - tick)

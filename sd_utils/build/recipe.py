@@ -120,9 +120,38 @@ class BuildRecipe:
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
-    """A build folder's ``build.json``, or None where there is none (not built, or not finished)."""
-    path = folder / BUILD_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """A build folder's ``build.json``, or None where there is none or it is damaged (not built, or not finished)."""
+    try:
+        record = json.loads((folder / BUILD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def build_damage(folder: Path, submodels) -> str | None:
+    """What is missing or cut short in a build folder (a file deleted, a disk that filled up, a copy that stopped), or
+    None when every submodel's graph parses and its external data holds every tensor it names."""
+    import onnx
+
+    for submodel in submodels:
+        onnx_file = folder / submodel / "model.onnx"
+        if not onnx_file.is_file():
+            return f"{submodel}/model.onnx is missing"
+        try:
+            graph = onnx.load(str(onnx_file), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends: the file is cut short or damaged
+            return f"{submodel}/model.onnx is damaged"
+        needed: dict[str, int] = {}
+        for tensor in graph.initializer:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            if "location" in entries:
+                end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+                needed[entries["location"]] = max(needed.get(entries["location"], 0), end)
+        for location, size in needed.items():
+            data = folder / submodel / location
+            if not data.is_file() or data.stat().st_size < size:
+                return f"{submodel}/{location} is {'missing' if not data.is_file() else 'cut short'}"
+    return None
 
 
 def legacy_folder(model: ResolvedModel, models_dir: Path) -> Path | None:

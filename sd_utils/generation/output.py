@@ -7,6 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from sd_utils.files import follow_umask, remove_stale
 from sd_utils.generation.request import GenerationRequest
 from sd_utils.runtime.pipeline import LoadedPipeline
 
@@ -57,31 +58,40 @@ def png_metadata(
     return metadata
 
 
-_NAME = re.compile(r"^(\d{5})-")
+_NAME = re.compile(r"^(\d{5,})-")  # NNNNN-<seed>.png, past 99999 too
+_PARTIAL = re.compile(r"^\.partial-(\d+)-")  # .partial-<pid>-<random>.png
 
 
 def save_png(image, output_dir: Path, *, seed: int, metadata: dict[str, str]) -> Path:
     """Save ``image`` as ``NNNNN-<seed>.png``, NNNNN one above the highest number already in ``output_dir``.
 
-    The file is written under a temporary name and hard-linked into place, which fails rather than overwrite: no
-    existing image is ever replaced and no half-written PNG appears under a final name.
+    The file is written under a temporary name (with the mode the umask gives, like any program's output) and
+    hard-linked into place, which fails rather than overwrite: no existing image is ever replaced and no half-written
+    PNG appears under a final name. Temporary files of killed runs are deleted.
     """
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=output_dir)
+    remove_stale(output_dir, _PARTIAL)
+    handle, temporary = tempfile.mkstemp(prefix=f".partial-{os.getpid()}-", suffix=".png", dir=output_dir)
     os.close(handle)
     try:
+        follow_umask(Path(temporary))
         image.save(temporary, pnginfo=info)
-        number = 1 + max((int(m.group(1)) for p in output_dir.iterdir() if (m := _NAME.match(p.name))), default=-1)
-        while True:
-            path = output_dir / f"{number:05d}-{seed}.png"
-            try:
-                os.link(temporary, path)
-                return path
-            except FileExistsError:
-                number += 1
+        return _link_free_name(Path(temporary), output_dir, seed=seed)
     finally:
         os.unlink(temporary)
+
+
+def _link_free_name(temporary: Path, output_dir: Path, *, seed: int) -> Path:
+    """Hard-link ``temporary`` as the next free ``NNNNN-<seed>.png`` (a name another run took meanwhile is skipped)."""
+    number = 1 + max((int(m.group(1)) for p in output_dir.iterdir() if (m := _NAME.match(p.name))), default=-1)
+    while True:
+        path = output_dir / f"{number:05d}-{seed}.png"
+        try:
+            os.link(temporary, path)
+            return path
+        except FileExistsError:
+            number += 1

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sd_utils.errors import SafetyCheckError
+from sd_utils.errors import DiskFullError, SafetyCheckError
+from sd_utils.files import disk_full
 from sd_utils.generation.output import png_metadata, save_png, to_pil_images
 from sd_utils.generation.prompts import encode_prompt
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, ImageCallback, StepCallback
@@ -197,7 +198,9 @@ def _denoise(loaded: LoadedPipeline, request: GenerationRequest, run_call, call:
         f"(images saved so far: {saved} of {request.num_images})"
     )
     fix = "lower --width/--height or --batch_size"
-    if loaded.provider.olive_device == "gpu" and not loaded.low_vram:
+    if request.refine is not None:  # the VAE encoder runs on the base images' size
+        fix = "use smaller --base_images (or --width/--height), or a lower --batch_size"
+    elif loaded.provider.olive_device == "gpu" and not loaded.low_vram:
         fix += ", or add --low_vram"
     elif not loaded.vae_tiling:
         fix += ", or add --vae_tiling"
@@ -249,9 +252,17 @@ def generate_images(
                 plan.flagged(index, seed)
                 continue
             metadata = png_metadata(loaded, request, seed=seed, index=index, refiner=refiner)
-            generated = GeneratedImage(save_png(image, output_dir, seed=seed, metadata=metadata), seed, index)
+            try:
+                generated = GeneratedImage(save_png(image, output_dir, seed=seed, metadata=metadata), seed, index)
+            except OSError as error:
+                if not disk_full(error):
+                    raise
+                raise DiskFullError(
+                    f"the disk of {output_dir} is full: {len(saved)} of {request.num_images} image(s) saved there; "
+                    "free some space (or use another --output_dir) and run again"
+                ) from error
             saved.append(generated)
-            logger.info("saved %s", generated.path)
+            logger.debug("saved %s", generated.path)  # the CLI says "Generated <png>" (the window shows it)
             if on_image is not None:
                 on_image(generated)
     if plan.given_up:

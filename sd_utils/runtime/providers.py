@@ -105,6 +105,8 @@ PROVIDER_CHOICES = (*PROVIDERS, "auto")
 def available_execution_providers() -> list[str]:
     import onnxruntime as ort
 
+    # errors only from ONNX Runtime's own logger: its warnings (in colour) would print beside the tool's one line
+    ort.set_default_logger_severity(3)
     if hasattr(ort, "preload_dlls"):
         # onnxruntime-gpu finds the CUDA libraries that ship with torch only after this call
         try:

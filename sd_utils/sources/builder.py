@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from sd_utils.files import follow_umask
 from sd_utils.sources.tokenizers import save_sdxl_tokenizers
 
 logger = logging.getLogger(__name__)
@@ -337,8 +339,11 @@ def build_record(folder: Path) -> dict[str, Any]:
     """What :func:`materialize` recorded in ``folder`` ({} for any other diffusers folder)."""
     import json
 
-    path = Path(folder) / BUILD_RECORD
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        record = json.loads((Path(folder) / BUILD_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or damaged: then it is rebuilt
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _load_trained(unet, vae, unet_weights: str) -> None:
@@ -364,7 +369,8 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
 
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-{os.getpid()}-", dir=destination.parent))
+    follow_umask(staging)
     try:
         logger.info("building the %s pipeline (%s)", arch.name, arch.description)
         pipeline = build_pipeline(arch, seed=seed)

@@ -27,6 +27,8 @@ def _read_json(path: Path) -> dict[str, Any]:
             f"{path.parent.parent} is missing {path.parent.name}/{path.name}; "
             "point --model_id at a complete diffusers SDXL folder"
         ) from None
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ModelNotFoundError(f"{path} is not valid JSON ({error}); restore the file or the model folder") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import shutil
 from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
+from sd_utils.files import exclusive
 from sd_utils.sources.builder import ARCHITECTURES, build_record, materialize, weights_fingerprint
 from sd_utils.sources.model_spec import ModelSpec
 
@@ -40,16 +43,34 @@ def builtin_path(models_dir: Path, name: str) -> Path:
     return models_dir / "builtin" / name
 
 
+def _builtin_current(arch, path: Path) -> bool:
+    return (path / "model_index.json").is_file() and build_record(path).get("weights") == weights_fingerprint(arch)
+
+
+def ensure_builtin(name: str, *, models_dir: Path) -> Path:
+    """The folder of built-in model ``name``, built first if missing or made from older shipped weights. Runs that
+    start together build it once (the others wait); half-built folders of killed runs are deleted."""
+    arch, path = ARCHITECTURES[name], builtin_path(models_dir, name)
+    if _builtin_current(arch, path):
+        return path
+    with exclusive(path.with_name(f".{name}.lock"), waiting_for=f"building {path}"):
+        # only the lock's holder builds this model: any staging folder of it (materialize's) is a killed run's
+        staging = re.compile(rf"^\.{re.escape(name)}-(?:\d+-)?[a-z0-9_]{{8}}$")
+        for stale in path.parent.iterdir():
+            if stale.is_dir() and staging.match(stale.name):
+                logger.info("deleting %s, left behind by a build that was killed", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        if not _builtin_current(arch, path):
+            if path.exists():
+                logger.info("the shipped %s weights changed since %s was built: rebuilding it", name, path)
+            materialize(arch, path)
+    return path
+
+
 def resolve_model(model_id: str, *, models_dir: Path) -> ResolvedModel:
     """Find or create the diffusers folder of ``model_id``; raises :class:`ModelNotFoundError` with the fix."""
     if model_id in ARCHITECTURES:
-        arch = ARCHITECTURES[model_id]
-        path = builtin_path(models_dir, model_id)
-        if not (path / "model_index.json").is_file():
-            materialize(arch, path)
-        elif build_record(path).get("weights") != weights_fingerprint(arch):
-            logger.info("the shipped %s weights changed since %s was built: rebuilding it", model_id, path)
-            materialize(arch, path)
+        path = ensure_builtin(model_id, models_dir=models_dir)
     elif Path(model_id).expanduser().is_dir():
         path = Path(model_id).expanduser().resolve()
     elif Path(model_id).expanduser().exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:

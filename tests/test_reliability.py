@@ -1,0 +1,292 @@
+"""Bad input and faults, as a new user or a tester meets them: one line, the documented exit code, nothing lost, and
+a process killed at any phase never leaves something half-written that a later run uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stable_diffusion_xl import main
+from tests.conftest import Workspace
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+QUICK = "--prompt x --seed 1 --num_inference_steps 1"
+
+
+def _workspace_copy(tiny_optimized, tmp_path) -> Workspace:
+    """A workspace of its own that starts with the tiny build and its Olive cache (copied: a rebuild is quick)."""
+    copy = Workspace(models_dir=tmp_path / "models", cache_dir=tmp_path / "cache")
+    shutil.copytree(tiny_optimized.models_dir, copy.models_dir, symlinks=True)
+    shutil.copytree(tiny_optimized.cache_dir, copy.cache_dir, symlinks=True)
+    return copy
+
+
+# ------------------------------------------------------------------------------------------- bad input: one line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model_id", "", "--prompt", "x"], ["--model_id is empty", "tiny"]),
+        (["--model_id", "tiny", "--prompt", "x", "--guidance_scale", "inf"], ["--guidance_scale", "0 to 100", "inf"]),
+        (["--model_id", "tiny", "--prompt", "x", "--guidance_scale", "1e308"], ["--guidance_scale", "got 1e308"]),
+        (["--model_id", "tiny", "--prompt", "x", "--aesthetic_score", "nan"], ["--aesthetic_score", "0 to 10", "nan"]),
+        (["--model_id", "tiny", "--prompt", "x", "--negative_aesthetic_score", "-inf"], ["--negative_aesthetic_score"]),
+    ],
+)
+def test_values_that_can_only_fail_are_refused_before_anything_runs(workspace, args, message, capsys):
+    assert main(workspace.args(*args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(part in err for part in message), err
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_optimizing(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    args = ["--model_id", "tiny", "--provider", "cpu", *QUICK.split(), "--output_dir", str(tmp_path / "out")]
+    assert main([*args, "--models_dir", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output_dir {tmp_path / 'out'} is a file" in err
+    assert not (tmp_path / "models" / "optimized").exists()  # nothing was optimized first
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root writes to read-only folders")
+def test_a_read_only_output_dir_is_refused(tmp_path, capsys):
+    (tmp_path / "out").mkdir(mode=0o555)
+    args = ["--model_id", "tiny", "--provider", "cpu", *QUICK.split(), "--output_dir", str(tmp_path / "out")]
+    assert main([*args, "--models_dir", str(tmp_path / "models")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--models_dir", "--cache_dir"])
+def test_a_models_or_cache_dir_that_is_a_file_is_refused(tmp_path, option, capsys):
+    (tmp_path / "file").write_text("x")
+    args = ["--model_id", "tiny", "--provider", "cpu", "--optimize", "--models_dir", str(tmp_path / "m")]
+    args += ["--cache_dir", str(tmp_path / "c"), option, str(tmp_path / "file")]
+    assert main(args) == 2
+    assert f"{option} {tmp_path / 'file'} is a file" in capsys.readouterr().err
+
+
+def test_interactive_without_a_display_is_refused_before_optimizing(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    args = ["--model_id", "tiny", "--provider", "cpu", "--interactive", "--models_dir", str(tmp_path / "m")]
+    assert main(args) == 2
+    assert "--interactive needs a display" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "optimized").exists()
+
+
+def test_a_broken_model_index_is_named(tiny_optimized, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_optimized.models_dir / "builtin" / "tiny", folder)
+    (folder / "model_index.json").write_text("{ broken")
+    assert main(tiny_optimized.args("--model_id", str(folder), "--prompt", "x")) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'model_index.json'} is not valid JSON" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_broken_build_record_means_not_built(tiny_optimized, tmp_path):
+    from sd_utils.build.recipe import BUILD_FILE, BuildRecipe, read_record
+    from sd_utils.sources.models import resolve_model
+
+    work = _workspace_copy(tiny_optimized, tmp_path)
+    paths = work.build()
+    (paths.optimized / BUILD_FILE).write_text("{ broken")
+    assert read_record(paths.optimized) is None
+    assert not BuildRecipe.of(resolve_model("tiny", models_dir=work.models_dir), provider="cpu").is_current(
+        paths.optimized
+    )
+    assert main(work.tiny(QUICK, "--output_dir", str(tmp_path / "out"))) == 0  # rebuilt, then used
+    assert read_record(paths.optimized)["optimized"] is True
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated_graph", "truncated_data"])
+def test_a_damaged_build_is_rebuilt_not_loaded(tiny_optimized, tmp_path, damage, caplog):
+    import logging
+
+    work = _workspace_copy(tiny_optimized, tmp_path)
+    unet = work.build().optimized / "unet"
+    if damage == "missing":
+        (unet / "model.onnx").unlink()
+    elif damage == "truncated_graph":
+        (unet / "model.onnx").write_bytes((unet / "model.onnx").read_bytes()[:100])
+    else:
+        data = next(p for p in unet.iterdir() if p.name != "model.onnx" and p.suffix != ".json")
+        data.write_bytes(data.read_bytes()[:100])
+    caplog.set_level(logging.INFO)
+    assert main(work.tiny(QUICK, "--output_dir", str(tmp_path / "out"))) == 0
+    assert "is incomplete" in caplog.text and "unet" in caplog.text
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_refiner_steps_too_few_for_the_strength_are_refused_with_the_fix(tiny_refiner_optimized, tmp_path, capsys):
+    image = tmp_path / "base.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    args = ["--model_id", "tiny-refiner", "--provider", "cpu", "--base_images", str(image), "--prompt", "x"]
+    args += ["--num_inference_steps", "2", "--strength", "0.3", "--output_dir", str(tmp_path / "out")]
+    assert main(tiny_refiner_optimized.args(*args)) == 2
+    err = capsys.readouterr().err
+    assert "--num_inference_steps 2 with --strength 0.3 runs no denoising step" in err
+    assert "use --num_inference_steps 4 or more" in err
+
+
+# --------------------------------------------------------------------------------------------------- output files
+
+
+def test_a_long_prompt_is_noted_once_and_each_image_announced_once(tiny_optimized, tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    words = " ".join(f"word{index}" for index in range(120))
+    out = tmp_path / "out"
+    assert main(tiny_optimized.tiny(QUICK, "--prompt", words, "--output_dir", str(out))) == 0
+    logged = [record.getMessage() for record in caplog.records]
+    notes = [message for message in logged if "--prompt is longer than the 77 tokens SDXL reads" in message]
+    assert len(notes) == 1 and "word119" in notes[0] and len(notes[0]) < 300
+    assert not [message for message in logged if "was truncated because CLIP" in message]
+    (png,) = out.glob("*.png")
+    assert capsys.readouterr().out.count(png.name) == 1
+    assert not [message for message in logged if png.name in message]
+
+
+def test_pngs_and_built_models_follow_the_umask(tiny_optimized, tmp_path):
+    from sd_utils.sources.builder import ARCHITECTURES, materialize
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        assert main(tiny_optimized.tiny(QUICK, "--output_dir", str(out))) == 0
+        (png,) = out.glob("*.png")
+        assert stat.S_IMODE(png.stat().st_mode) == 0o644
+        built = materialize(ARCHITECTURES["tiny"], tmp_path / "builtin" / "tiny")
+        assert stat.S_IMODE(built.stat().st_mode) == 0o755
+    finally:
+        os.umask(old)
+
+
+def test_numbering_goes_past_five_digits(tiny_optimized, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.new("RGB", (8, 8)).save(out / "99999-1.png")
+    assert main(tiny_optimized.tiny(QUICK + " --num_images 2", "--output_dir", str(out))) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["100000-1.png", "100001-2.png", "99999-1.png"]
+
+
+# ---------------------------------------------------------------------------------------------------- concurrency
+
+
+def test_two_processes_building_the_same_builtin_model_both_succeed(tmp_path):
+    """Two fresh runs on an empty --models_dir: one builds the built-in model while the other waits for it."""
+    command = [sys.executable, "-c", "import sys; from sd_utils.sources.models import resolve_model; "
+               f"resolve_model('tiny', models_dir=__import__('pathlib').Path({str(tmp_path / 'm')!r}))"]  # fmt: skip
+    runs = [subprocess.Popen(command, cwd=PROJECT_DIR, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert [p.name for p in (tmp_path / "m" / "builtin").iterdir() if not p.name.endswith(".lock")] == ["tiny"]
+
+
+def test_a_builtin_build_left_half_done_is_cleaned(tmp_path):
+    from sd_utils.sources.models import resolve_model
+
+    stale = tmp_path / "m" / "builtin" / ".tiny-k3j_x9qz"  # as tempfile.mkdtemp names them
+    stale.mkdir(parents=True)
+    (stale / "unet").mkdir()
+    resolve_model("tiny", models_dir=tmp_path / "m")
+    assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------- the fault suite (SIGKILL)
+
+KILLED_AT = """
+import os, signal, sys, importlib
+module_name, function_name, call = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module = importlib.import_module(module_name)
+original = getattr(module, function_name)
+calls = [0]
+
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == call:
+        os.kill(os.getpid(), signal.SIGKILL)  # the process dies here, mid-phase: no clean-up runs
+    return original(*args, **kwargs)
+
+setattr(module, function_name, killing)  # a fault injected into a test's own process
+import stable_diffusion_xl
+sys.exit(stable_diffusion_xl.main(sys.argv[4:]))
+"""
+
+# (phase, function whose n-th call the process dies in)
+PHASES = [
+    ("building the built-in model", "sd_utils.sources.builder", "save_sdxl_tokenizers", 1),
+    ("an Olive workflow", "sd_utils.build.olive_workflow", "pass_outputs", 3),
+    ("assembling the build", "sd_utils.build.olive_workflow", "_place", 4),
+    ("swapping the build in", "sd_utils.build.olive_workflow", "replace_folder", 2),
+    ("writing a PNG", "sd_utils.generation.output", "_link_free_name", 1),
+]
+
+
+@pytest.mark.parametrize(("phase", "module", "function", "call"), PHASES, ids=[phase for phase, *_ in PHASES])
+def test_a_run_killed_mid_phase_leaves_nothing_a_later_run_uses(
+    tiny_optimized, tmp_path, phase, module, function, call
+):
+    work = Workspace(models_dir=tmp_path / "models", cache_dir=tmp_path / "cache")
+    shutil.copytree(tiny_optimized.cache_dir, work.cache_dir, symlinks=True)  # Olive's work is cached: quick runs
+    out = tmp_path / "out"
+    args = work.tiny(QUICK, "--output_dir", str(out))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AT, module, function, str(call), *args],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not list(out.glob("[0-9]*.png"))  # killed before an image was complete: none is named like one
+    again = subprocess.run(
+        [sys.executable, "stable_diffusion_xl.py", *args], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(list(out.glob("[0-9]*.png"))) == 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no partial file left behind
+    for parent in (work.models_dir, work.models_dir / "builtin", work.models_dir / "optimized"):
+        assert not [p.name for p in parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+
+
+def test_a_kill_during_optimize_with_clean_cache_does_not_break_the_next_run(tmp_path):
+    """The probe of the reliability issue: SIGTERM during --optimize --clean_cache, then a plain --optimize."""
+    work = Workspace(models_dir=tmp_path / "models", cache_dir=tmp_path / "cache")
+    command = [sys.executable, "stable_diffusion_xl.py", *work.tiny("--optimize --clean_cache")]
+    run = subprocess.Popen(command, cwd=PROJECT_DIR, stderr=subprocess.PIPE, text=True)
+    lines = []
+
+    def read():
+        for line in run.stderr:
+            lines.append(line)
+            if "[3/5]" in line:  # two submodels are done and their outputs moved out of the cache
+                run.send_signal(signal.SIGTERM)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    run.wait(timeout=600)
+    reader.join()
+    assert run.returncode != 0
+    again = subprocess.run(
+        [sys.executable, "stable_diffusion_xl.py", *work.tiny("--optimize")],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "had lost models of an earlier run" in again.stderr  # detected, and the cache rebuilt
+    record = json.loads((work.build().optimized / "build.json").read_text(encoding="utf-8"))
+    assert record["optimized"] is True
