@@ -24,6 +24,7 @@ from sd_utils.generation.base_images import load_base_images
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
 from sd_utils.generation.run import generate_images
 from sd_utils.generation.safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
+from sd_utils.generation.schedulers import make_scheduler
 from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
@@ -164,6 +165,7 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
     else:
         width, height = options.image_size_for(spec.default_image_size)
     check_image_size(width, height, multiple=spec.size_multiple)
+    make_scheduler(spec.scheduler_config, options.scheduler, options.timestep_spacing)  # --timestep_spacing fits?
     batch_size = min(options.batch_size, options.num_images)
     if batch_size < options.batch_size:
         logger.info(
@@ -180,6 +182,8 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
         batch_size=batch_size,
         num_inference_steps=options.num_inference_steps,
         guidance_scale=options.guidance_scale,
+        scheduler=options.scheduler,
+        timestep_spacing=options.timestep_spacing,
         seed=seed,
         width=width,
         height=height,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from sd_utils.errors import UserInputError
+from sd_utils.generation.schedulers import SAMPLERS, TIMESTEP_SPACINGS
 from sd_utils.runtime.providers import PROVIDER_CHOICES
 from sd_utils.sources.models import BUILTIN_MODELS, DEFAULT_FP16_VAE
 
@@ -39,6 +40,8 @@ class Options:
     batch_size: int
     num_inference_steps: int
     guidance_scale: float
+    scheduler: str | None
+    timestep_spacing: str | None
     disable_classifier_free_guidance: bool
     seed: int | None
     image_size: int | None
@@ -193,6 +196,21 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         type=_guidance,
         default=5.0,
         help="classifier-free guidance scale; <= 1 disables guidance (default: 5.0)",
+    )
+    generate.add_argument(
+        "--scheduler",
+        choices=tuple(SAMPLERS),
+        default=None,
+        metavar="NAME",
+        help=f"the sampler, by the names A1111 and ComfyUI users know: {', '.join(SAMPLERS)}; each is diffusers' "
+        "scheduler configured from the model's own scheduler config (default: the model's scheduler, Euler for SDXL)",
+    )
+    generate.add_argument(
+        "--timestep_spacing",
+        choices=TIMESTEP_SPACINGS,
+        default=None,
+        help="which timesteps the steps run at, for schedulers that have the option (SDXL-Lightning wants trailing; "
+        "default: the model's scheduler config, leading for SDXL)",
     )
     generate.add_argument(
         "--disable_classifier_free_guidance",

@@ -9,6 +9,7 @@ import torch
 
 from sd_utils.generation.request import GenerationRequest
 from sd_utils.generation.run import generate_images
+from sd_utils.generation.schedulers import SAMPLERS, make_scheduler
 from sd_utils.runtime.pipeline import load_pipeline
 from sd_utils.runtime.providers import PROVIDERS
 from sd_utils.sources.model_spec import Shape, submodel_io
@@ -185,3 +186,81 @@ def test_pil_images_are_diffusers_pil_images(dtype):
     assert [image.mode for image in actual] == ["RGB", "RGB"]
     for want, got in zip(expected, actual, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.fixture(scope="module")
+def cpu_pipeline(tiny_optimized, tiny_spec):
+    """The optimized tiny pipeline at one image of 64x64 with guidance, for the scheduler parity runs."""
+    return load_pipeline(
+        tiny_optimized.build().optimized,
+        tiny_spec,
+        provider=CPU,
+        shape=Shape(batch=1, height=64, width=64),
+        model_label="tiny",
+    )
+
+
+SCHEDULER_RUNS = [(name, None) for name in SAMPLERS] + [("euler", "trailing"), ("dpmpp_2m", "linspace")]
+
+
+@pytest.mark.parametrize(("scheduler", "spacing"), SCHEDULER_RUNS, ids=[f"{n}-{s}" for n, s in SCHEDULER_RUNS])
+def test_every_scheduler_matches_diffusers(cpu_pipeline, tiny_spec, torch_pipeline, tmp_path, scheduler, spacing):
+    """--scheduler NAME: the ONNX pipeline's PNG against diffusers' PyTorch pipeline with the same scheduler, latents
+    and seed (the ancestral and SDE samplers draw their noise from the same torch generator)."""
+    from PIL import Image
+
+    steps = 1 if scheduler == "lcm" else 4
+    request = GenerationRequest(
+        prompt="a red circle",
+        negative_prompt=None,
+        num_images=1,
+        batch_size=1,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        seed=21,
+        width=64,
+        height=64,
+        scheduler=scheduler,
+        timestep_spacing=spacing,
+    )
+    latents = torch.randn((1, tiny_spec.latent_channels, 8, 8), generator=torch.Generator().manual_seed(9))
+    (saved,) = generate_images(cpu_pipeline, request, output_dir=tmp_path, latents=latents)
+    torch_pipeline.scheduler = make_scheduler(tiny_spec.scheduler_config, scheduler, spacing)
+    expected = torch_pipeline(
+        prompt="a red circle",
+        width=64,
+        height=64,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        latents=latents.clone(),
+        generator=[torch.Generator().manual_seed(21)],
+        output_type="np",
+    ).images[0]
+    assert type(cpu_pipeline.pipeline.scheduler) is type(torch_pipeline.scheduler)
+    actual = np.asarray(Image.open(saved.path).convert("RGB"), dtype=np.float64) / 255
+    assert psnr(np.round(expected * 255) / 255, actual) >= 60
+
+
+def test_guidance_at_most_one_runs_the_unet_once_per_image(tiny_optimized, tiny_spec, tmp_path, monkeypatch):
+    """Few-step models run without guidance: the UNet sees batch 1 per image (no unconditional half), its sessions
+    pinned to that shape."""
+    from optimum.onnxruntime.modeling_diffusion import ORTUnet
+
+    request = GenerationRequest(
+        prompt="x", negative_prompt=None, num_images=2, batch_size=1, num_inference_steps=2, guidance_scale=0.0,
+        seed=1, width=64, height=64, scheduler="euler", timestep_spacing="trailing",
+    )  # fmt: skip
+    assert request.shape.classifier_free_guidance is False
+    loaded = load_pipeline(
+        tiny_optimized.build().optimized, tiny_spec, provider=CPU, shape=request.shape, model_label="tiny"
+    )
+    batches = []
+    forward = ORTUnet.forward
+
+    def counted(self, sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(ORTUnet, "forward", counted)
+    generate_images(loaded, request, output_dir=tmp_path)
+    assert batches == [1, 1, 1, 1]  # 2 images x 2 steps, one image per UNet call

@@ -35,6 +35,8 @@ class GenerationRequest:
     width: int
     height: int
     classifier_free_guidance: bool = True
+    scheduler: str | None = None  # a --scheduler name (generation/schedulers.py); None: the model's own
+    timestep_spacing: str | None = None
     refine: RefineSettings | None = None
     high_noise_frac: float | None = None  # base -> refiner hand-off point ("ensemble of experts")
 

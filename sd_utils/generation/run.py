@@ -23,6 +23,7 @@ from sd_utils.files import disk_full
 from sd_utils.generation.output import png_metadata, save_png, to_pil_images
 from sd_utils.generation.prompts import encode_prompt
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, ImageCallback, StepCallback
+from sd_utils.generation.schedulers import make_scheduler
 from sd_utils.runtime.optimum_adapter import interrupt
 from sd_utils.runtime.pipeline import LoadedPipeline
 from sd_utils.runtime.providers import memory_errors
@@ -143,6 +144,12 @@ def _ensemble_call(base: LoadedPipeline, refiner: LoadedPipeline, request: Gener
     )
 
 
+def use_scheduler(loaded: LoadedPipeline, request: GenerationRequest) -> None:
+    """Give the pipeline the request's scheduler, made from the model's own scheduler config (diffusers' documented
+    way to change a pipeline's sampler: assign ``pipeline.scheduler``)."""
+    loaded.pipeline.scheduler = make_scheduler(loaded.scheduler_config, request.scheduler, request.timestep_spacing)
+
+
 def pipeline_call(
     loaded: LoadedPipeline, request: GenerationRequest, refiner: LoadedPipeline | None
 ) -> Callable[[CallInputs], list[Any]]:
@@ -236,6 +243,8 @@ def generate_images(
     ones are saved). ``latents`` (torch, ``(num_images, C, H/f, W/f)``) replaces the seeded initial noise of first
     attempts, for tests and hand-offs. ``should_stop`` is polled after every step; a stopped run saves nothing more.
     """
+    for pipeline in filter(None, (loaded, refiner)):
+        use_scheduler(pipeline, request)
     run_call = pipeline_call(loaded, request, refiner)
     output_dir.mkdir(parents=True, exist_ok=True)
     plan = BatchPlan(request, padded=loaded.shape is not None, max_retries=max_safety_retries)

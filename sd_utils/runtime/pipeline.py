@@ -39,6 +39,8 @@ class LoadedPipeline:
     low_vram: bool = False  # the text encoders exist only while they encode a prompt (see encode_prompt)
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
     new_text_encoder: Callable[[str], None] | None = None
+    # the model folder's own scheduler config (--scheduler makes its scheduler from it)
+    scheduler_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the last prompt's embeddings, by (prompt, negative prompt, images per call, CFG): see encode_prompt
     prompt_embeddings: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -113,6 +115,7 @@ def load_pipeline(
         vae_tiling=vae_tiling,
         low_vram=low_vram,
         new_text_encoder=new_text_encoder,
+        scheduler_config=dict(pipeline.scheduler.config),
     )
 
 

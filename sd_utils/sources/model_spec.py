@@ -59,6 +59,11 @@ class ModelSpec:
         return "text_encoder" not in self.submodels
 
     @property
+    def scheduler_config(self) -> dict[str, Any]:
+        """The folder's ``scheduler/scheduler_config.json`` (``_class_name`` included)."""
+        return _read_json(self.root / "scheduler" / "scheduler_config.json")
+
+    @property
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this: the VAE's factor times the UNet's total downsampling (the UNet
         export assumes latents divisible by its down factor, see ``UNet2DConditionModel.forward_upsample_size``)."""
