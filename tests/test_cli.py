@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import shutil
 
 import onnx
@@ -272,3 +273,34 @@ def test_help_documents_every_option(capsys):
         for flag in action.option_strings:
             assert flag in text
         assert action.help, f"{action.option_strings} has no help"
+
+
+# A1111's PNG-info grammar (modules/infotext_utils.py): "key: value" pairs, a value JSON-quoted when it holds a comma
+_A1111_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _parse_a1111(text: str) -> dict[str, str]:
+    *lines, last = text.strip().split("\n")
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {key: json.loads(value) if value.startswith('"') else value for key, value in _A1111_PAIR.findall(last)}
+    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **fields}
+
+
+def test_pngs_carry_a1111_parameters(tiny_optimized, tmp_path):
+    """The ``parameters`` chunk reads back with A1111's grammar: prompt, negative prompt, sampler, schedule, seed."""
+    out = tmp_path / "out"
+    args = ("--prompt", "a red circle, dark background", "--negative_prompt", "blurry", "--seed", "42")
+    args += ("--num_inference_steps", "2", "--scheduler", "dpmpp_2m_karras", "--guidance_scale", "6.5")
+    assert main(tiny_optimized.tiny("", *args, "--output_dir", str(out))) == 0
+    (png,) = out.glob("*.png")
+    text = Image.open(png).text
+    parsed = _parse_a1111(text["parameters"])
+    assert parsed["Prompt"] == "a red circle, dark background" and parsed["Negative prompt"] == "blurry"
+    assert parsed["Steps"] == "2" and parsed["Sampler"] == "DPM++ 2M" and parsed["Schedule type"] == "Karras"
+    assert parsed["CFG scale"] == "6.5" and parsed["Seed"] == "42" and parsed["Size"] == "128x128"
+    assert parsed["Model"] == "tiny" and parsed["Model hash"] == tiny_optimized.build().optimized.name.split("-")[-1]
+    assert text["prompt"] == "a red circle, dark background" and text["scheduler"] == "dpmpp_2m_karras"

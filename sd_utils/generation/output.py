@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from sd_utils.files import follow_umask, remove_stale
 from sd_utils.generation.request import GenerationRequest
+from sd_utils.generation.schedulers import a1111_names
 from sd_utils.runtime.pipeline import LoadedPipeline
 
 
@@ -55,7 +57,40 @@ def png_metadata(
         )
     if refiner is not None:
         metadata.update(refiner_model=refiner.model_label, high_noise_frac=str(request.high_noise_frac))
+    if request.scheduler is not None:
+        metadata["scheduler"] = request.scheduler
+    if request.timestep_spacing is not None:
+        metadata["timestep_spacing"] = request.timestep_spacing
+    metadata["parameters"] = a1111_parameters(loaded, request, seed=seed)
     return metadata
+
+
+def _a1111_value(value: object) -> str:
+    """A value as A1111 writes it in its parameters line: JSON-quoted when it holds a separator."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(char in text for char in ',:\n"') else text
+
+
+def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed: int) -> str:
+    """The ``parameters`` text chunk in A1111's format (prompt, ``Negative prompt:`` line, then ``Key: value`` pairs),
+    which A1111's PNG Info, Civitai and ComfyUI read. ``Model hash`` is the build's digest (build.json): a diffusers
+    folder has no single checkpoint file to hash as A1111 does."""
+    sampler, schedule = a1111_names(loaded.scheduler_config, request.scheduler)
+    fields = {
+        "Steps": request.num_inference_steps,
+        "Sampler": sampler,
+        "Schedule type": schedule,
+        "CFG scale": f"{request.effective_guidance_scale:g}",
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model hash": loaded.build_digest,
+        "Model": loaded.model_label,
+        "Denoising strength": request.refine.strength if request.refine is not None else None,
+        "Version": "sdxl-olive",
+    }
+    line = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in fields.items() if value is not None)
+    negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
+    return f"{request.prompt}{negative}\n{line}"
 
 
 _NAME = re.compile(r"^(\d{5,})-")  # NNNNN-<seed>.png, past 99999 too

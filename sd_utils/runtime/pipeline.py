@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sd_utils.build.recipe import read_record
 from sd_utils.runtime import optimum_adapter
 from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
 from sd_utils.runtime.providers import (
@@ -39,6 +40,7 @@ class LoadedPipeline:
     low_vram: bool = False  # the text encoders exist only while they encode a prompt (see encode_prompt)
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
     new_text_encoder: Callable[[str], None] | None = None
+    build_digest: str | None = None  # the build's recipe digest (build.json), the PNGs' "Model hash"
     # the model folder's own scheduler config (--scheduler makes its scheduler from it)
     scheduler_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the last prompt's embeddings, by (prompt, negative prompt, images per call, CFG): see encode_prompt
@@ -115,6 +117,7 @@ def load_pipeline(
         vae_tiling=vae_tiling,
         low_vram=low_vram,
         new_text_encoder=new_text_encoder,
+        build_digest=(read_record(folder) or {}).get("digest"),
         scheduler_config=dict(pipeline.scheduler.config),
     )
 
