@@ -20,7 +20,7 @@ from sd_utils.build.olive_workflow import optimize
 from sd_utils.build.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
 from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive
-from sd_utils.generation.base_images import load_base_images
+from sd_utils.generation.base_images import load_base_images, load_masks
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
 from sd_utils.generation.run import generate_images
 from sd_utils.generation.safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
@@ -137,26 +137,33 @@ def _check_refine_steps(steps: int, strength: float) -> None:
     )
 
 
+# how much of the schedule is run again when --strength is not given: a refiner's light pass, A1111's img2img default
+DEFAULT_STRENGTH = {"refiner": 0.3, "base": 0.75}
+
+
+def _image_to_image(options: Options, spec) -> RefineSettings:
+    """img2img (or inpainting, with masks) from ``--base_images``: a base model's, or a refiner's refinement."""
+    size = (options.width, options.height) if options.width and options.height else None
+    images = tuple(load_base_images(list(options.base_images), size=size, multiple=spec.size_multiple))
+    masks = tuple(load_masks(list(options.mask_image), size=images[0].image.size)) if options.mask_image else ()
+    strength = options.strength or DEFAULT_STRENGTH["refiner" if spec.is_refiner else "base"]
+    _check_refine_steps(options.num_inference_steps, strength)
+    return RefineSettings(
+        images=images,
+        strength=strength,
+        aesthetic_score=options.aesthetic_score,
+        negative_aesthetic_score=options.negative_aesthetic_score,
+        masks=masks,
+    )
+
+
 def generation_request(options: Options, model: ResolvedModel) -> GenerationRequest:
     """The run ``options`` ask for, checked against the model, with a seed drawn if none was given."""
     spec = model.spec
     refine = None
     if options.base_images:
-        if not spec.is_refiner:
-            raise UserInputError(
-                f"--base_images needs a refiner model, but --model_id {options.model_id} is a base model; use "
-                "--model_id stabilityai/stable-diffusion-xl-refiner-1.0 (or tiny-refiner), or drop --base_images"
-            )
-        size = (options.width, options.height) if options.width and options.height else None
-        images = tuple(load_base_images(list(options.base_images), size=size, multiple=spec.size_multiple))
-        width, height = images[0].image.size
-        _check_refine_steps(options.num_inference_steps, options.strength)
-        refine = RefineSettings(
-            images=images,
-            strength=options.strength,
-            aesthetic_score=options.aesthetic_score,
-            negative_aesthetic_score=options.negative_aesthetic_score,
-        )
+        refine = _image_to_image(options, spec)
+        width, height = refine.images[0].image.size
     elif spec.is_refiner:
         raise UserInputError(
             f"--model_id {options.model_id} is a refiner: give it images with --base_images A.png [B.png ...], or "
@@ -284,6 +291,8 @@ def open_pipeline(
         model_label=model.model_id + (" (unoptimized)" if options.test_unoptimized else ""),
         vae_tiling=options.vae_tiling or options.low_vram,
         low_vram=options.low_vram,
+        # a refiner in a hand-off gets the base's latents: optimum's image-to-image pipeline
+        task="img2img" if model.spec.is_refiner and request.task == "text2img" else request.task,
     )
 
 
@@ -301,7 +310,7 @@ class Generator:
             logger.info("no safety checker: images are not checked (--safety_checker ID|DIR adds one)")
 
     def _pipelines(self, request: GenerationRequest) -> tuple[LoadedPipeline, LoadedPipeline | None]:
-        key = None if self.options.dynamic_dims else request.shape
+        key = (None if self.options.dynamic_dims else request.shape, request.task)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # drop the old sessions before creating new ones
             model = open_pipeline(self.options, self.job.model, self.job.provider, self.ready.model, request)

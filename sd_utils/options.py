@@ -49,7 +49,8 @@ class Options:
     height: int | None
     output_dir: Path
     base_images: tuple[Path, ...]
-    strength: float
+    mask_image: tuple[Path, ...]
+    strength: float | None
     aesthetic_score: float
     negative_aesthetic_score: float
     refiner_model_id: str | None
@@ -282,14 +283,24 @@ def _add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=(),
         metavar="IMAGE",
-        help="images for a refiner model (--model_id of an SDXL refiner) to refine; output image i "
-        "refines base image i modulo their number; their size sets the run's size",
+        help="images to start from: img2img with a base model, refinement with a refiner; output image i starts "
+        "from base image i modulo their number; their size sets the run's size (--width/--height resize them)",
+    )
+    refine.add_argument(
+        "--mask_image",
+        type=Path,
+        nargs="+",
+        default=(),
+        metavar="MASK",
+        help="inpainting: white repaints, black keeps; one mask for every base image, or one per base image "
+        "(resized to the run's size)",
     )
     refine.add_argument(
         "--strength",
         type=float,
-        default=0.3,
-        help="how much of the schedule the refiner re-runs on a base image, in (0, 1] (default: 0.3)",
+        default=None,
+        help="how much of the schedule is run again on a base image, in (0, 1] (default: 0.3 with a refiner, 0.75 "
+        "for img2img and inpainting with a base model)",
     )
     refine.add_argument(
         "--aesthetic_score", type=_aesthetic, default=6.0, help="refiner aesthetic-score conditioning (default: 6.0)"
@@ -337,6 +348,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     if args.num_images is None:
         args.num_images = max(1, len(args.base_images))
     args.base_images = tuple(args.base_images)
+    args.mask_image = tuple(args.mask_image)
     options = Options(**vars(args))
     check_options(options)
     return options
@@ -357,7 +369,14 @@ def check_options(options: Options) -> None:
         )
     if options.prompt is not None and not options.prompt.strip():
         raise UserInputError("--prompt is empty; give the text the image should show")
-    if not 0 < options.strength <= 1:
+    if options.mask_image and not options.base_images:
+        raise UserInputError("--mask_image needs --base_images: the images whose white-masked parts are repainted")
+    if options.mask_image and len(options.mask_image) not in (1, len(options.base_images)):
+        raise UserInputError(
+            f"{len(options.mask_image)} --mask_image files for {len(options.base_images)} --base_images; give one "
+            "mask for all, or one per base image"
+        )
+    if options.strength is not None and not 0 < options.strength <= 1:
         raise UserInputError(f"--strength {options.strength} is outside (0, 1]; use e.g. 0.3 for a light refinement")
     if not 0 < options.high_noise_frac < 1:
         raise UserInputError(

@@ -214,7 +214,9 @@ def test_cli_base_to_refiner_in_one_command(tiny_refiner_optimized, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ("--model_id tiny --base_images {rgb}", "--base_images needs a refiner model"),
+        ("--model_id tiny --mask_image {rgb}", "--mask_image needs --base_images"),
+        ("--model_id tiny --base_images {rgb} --mask_image {rgb} {rgb}", "2 --mask_image files for 1 --base_images"),
+        ("--model_id tiny --base_images {rgb} --mask_image {bad}", "--mask_image"),
         ("--model_id tiny-refiner", "is a refiner: give it images with --base_images"),
         ("--model_id tiny-refiner --base_images {missing}", "no such file"),
         ("--model_id tiny-refiner --base_images {bad}", "is not a readable image"),

@@ -1,4 +1,5 @@
-"""Base images for the refiner: read, checked, converted to RGB and brought to one size a batch can share."""
+"""Images a run starts from (img2img, the refiner) and inpainting masks: read, checked, converted and brought to
+one size a batch can share."""
 
 from __future__ import annotations
 
@@ -23,20 +24,9 @@ def load_base_images(paths: list[Path], *, size: tuple[int, int] | None, multipl
     ``size`` (width, height) wins; otherwise the first image's size, rounded down to ``multiple`` (the latent grid of
     the UNet). Transparent pixels are composited over white rather than dropped to black.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    opened = []
-    for path in paths:
-        if not path.is_file():
-            raise UserInputError(f"--base_images {path}: no such file; give the path of a PNG or JPEG image")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                opened.append((path, _to_rgb(image)))
-        except (UnidentifiedImageError, OSError) as error:
-            raise UserInputError(
-                f"--base_images {path} is not a readable image ({error}); give a PNG or JPEG"
-            ) from None
+    opened = _open_all(paths, "--base_images", _to_rgb)
     width, height = size or opened[0][1].size
     target = (width // multiple * multiple, height // multiple * multiple)
     if min(target) < multiple:
@@ -51,6 +41,36 @@ def load_base_images(paths: list[Path], *, size: tuple[int, int] | None, multipl
             image = image.resize(target, Image.Resampling.LANCZOS)
         loaded.append(BaseImage(path=path, image=image))
     return loaded
+
+
+def load_masks(paths: list[Path], *, size: tuple[int, int]) -> list[BaseImage]:
+    """Inpainting masks (white = repaint, black = keep) as 8-bit grayscale images of ``size`` (the run's)."""
+    from PIL import Image
+
+    masks = []
+    for path, mask in _open_all(paths, "--mask_image", lambda image: image.convert("L")):
+        if mask.size != size:
+            logger.info("resizing the mask %s from %dx%d to %dx%d", path, *mask.size, *size)
+            mask = mask.resize(size, Image.Resampling.BILINEAR)
+        masks.append(BaseImage(path=path, image=mask))
+    return masks
+
+
+def _open_all(paths: list[Path], option: str, convert) -> list[tuple[Path, object]]:
+    """Every file of ``option`` opened and converted, all checked before any work starts."""
+    from PIL import Image, UnidentifiedImageError
+
+    opened = []
+    for path in paths:
+        if not path.is_file():
+            raise UserInputError(f"{option} {path}: no such file; give the path of a PNG or JPEG image")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                opened.append((path, convert(image)))
+        except (UnidentifiedImageError, OSError) as error:
+            raise UserInputError(f"{option} {path} is not a readable image ({error}); give a PNG or JPEG") from None
+    return opened
 
 
 def _to_rgb(image):

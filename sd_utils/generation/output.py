@@ -55,6 +55,8 @@ def png_metadata(
             aesthetic_score=str(refine.aesthetic_score),
             negative_aesthetic_score=str(refine.negative_aesthetic_score),
         )
+        if refine.masks:
+            metadata["mask_image"] = refine.masks[index % len(refine.masks)].path.name
     if refiner is not None:
         metadata.update(refiner_model=refiner.model_label, high_noise_frac=str(request.high_noise_frac))
     if request.scheduler is not None:

@@ -13,12 +13,18 @@ from sd_utils.sources.model_spec import Shape
 
 @dataclasses.dataclass(frozen=True)
 class RefineSettings:
-    """Image-to-image with a refiner: base image ``i % len(images)`` is refined into output image ``i``."""
+    """Image-to-image (a base model's img2img, or a refiner's): base image ``i % len(images)`` becomes output image
+    ``i``; with ``masks``, inpainting: mask ``i % len(masks)`` says what is repainted (white) and what is kept."""
 
     images: tuple[BaseImage, ...]
     strength: float = 0.3
-    aesthetic_score: float = 6.0
+    aesthetic_score: float = 6.0  # read by refiners only (requires_aesthetics_score)
     negative_aesthetic_score: float = 2.5
+    masks: tuple[BaseImage, ...] = ()
+
+    @property
+    def task(self) -> str:
+        return "inpaint" if self.masks else "img2img"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,11 @@ class GenerationRequest:
     timestep_spacing: str | None = None
     refine: RefineSettings | None = None
     high_noise_frac: float | None = None  # base -> refiner hand-off point ("ensemble of experts")
+
+    @property
+    def task(self) -> str:
+        """Which optimum pipeline runs the request: ``text2img``, ``img2img`` or ``inpaint``."""
+        return self.refine.task if self.refine is not None else "text2img"
 
     @property
     def num_calls(self) -> int:

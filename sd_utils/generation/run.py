@@ -117,9 +117,16 @@ def _text_to_image_call(loaded: LoadedPipeline, request: GenerationRequest, call
 def _refine_call(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> list[Any]:
     refine = request.refine
     images = [refine.images[index % len(refine.images)].image for index in call.indices]
-    return _run(
-        loaded,
-        image=images,
+    if refine.masks:
+        masks = [refine.masks[index % len(refine.masks)].image for index in call.indices]
+        size = {"height": request.height, "width": request.width}  # the inpainting pipeline's own size arguments
+        return _run(loaded, image=images, mask_image=masks, **size, **_image_to_image_arguments(loaded, request, call))
+    return _run(loaded, image=images, **_image_to_image_arguments(loaded, request, call))
+
+
+def _image_to_image_arguments(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> dict[str, Any]:
+    refine = request.refine
+    return dict(
         strength=refine.strength,
         aesthetic_score=refine.aesthetic_score,
         negative_aesthetic_score=refine.negative_aesthetic_score,

@@ -13,11 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 
-def pipeline_class(*, refiner: bool):
-    """optimum's text-to-image pipeline, or its image-to-image one for a refiner (no first text encoder)."""
-    from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline, ORTStableDiffusionXLPipeline
+def pipeline_class(task: str):
+    """optimum's SDXL pipeline for ``task``: ``text2img``, ``img2img`` (refiners too) or ``inpaint``."""
+    import optimum.onnxruntime as ort_pipelines
 
-    return ORTStableDiffusionXLImg2ImgPipeline if refiner else ORTStableDiffusionXLPipeline
+    names = {
+        "text2img": "ORTStableDiffusionXLPipeline",
+        "img2img": "ORTStableDiffusionXLImg2ImgPipeline",
+        "inpaint": "ORTStableDiffusionXLInpaintPipeline",
+    }
+    return getattr(ort_pipelines, names[task])
 
 
 def drop_parts(pipeline, names) -> None:

@@ -59,6 +59,7 @@ def load_pipeline(
     cuda_graph: bool | None = None,
     vae_tiling: bool = False,
     low_vram: bool = False,
+    task: str | None = None,
 ) -> LoadedPipeline:
     """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
 
@@ -68,8 +69,12 @@ def load_pipeline(
     (some node not on the CUDA EP) runs as usual, with a warning. ``vae_tiling`` decodes tile by tile, the
     decoder's dims pinned to the tile's shape. ``low_vram`` frees the text encoders' memory after they have encoded
     the prompt (:func:`encode_prompt`) and drops a base model's VAE encoder, which text-to-image never runs.
+    ``task`` picks optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner,
+    text2img otherwise).
     """
-    cls = optimum_adapter.pipeline_class(refiner=spec.is_refiner)
+    if task is None:
+        task = "img2img" if spec.is_refiner else "text2img"
+    cls = optimum_adapter.pipeline_class(task)
     providers, provider_options = session_providers(provider, device_id)
     overrides = free_dimension_overrides(spec, shape) if shape is not None else None
     if overrides is not None and vae_tiling:
@@ -98,7 +103,7 @@ def load_pipeline(
         optimum_adapter.set_unet_forward(pipeline, runner)
     if vae_tiling:
         optimum_adapter.set_vae_decoder_forward(pipeline, lambda decode, latents: decode_tiled(decode, latents, spec))
-    if low_vram and not spec.is_refiner:
+    if low_vram and task == "text2img":
         optimum_adapter.drop_parts(pipeline, ["vae_encoder"])
 
     def new_text_encoder(name: str) -> None:
