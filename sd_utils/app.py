@@ -12,7 +12,6 @@ import math
 import os
 import secrets
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -77,17 +76,17 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
 
 
 def _writable_folder(option: str, folder: Path) -> None:
-    """Make ``folder`` if needed and check that files can be written in it; raise :class:`UserInputError` if not."""
-    if folder.exists() and not folder.is_dir():
+    """Check that ``folder`` is, or can be made as, a folder this user can write in (without making it: a run that
+    stops for another reason leaves nothing behind); raise :class:`UserInputError` if not."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
         raise UserInputError(f"{option} {folder} is a file, not a folder; give a folder (it is made if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise UserInputError(
-            f"{option} {folder} cannot be written ({error.strerror or error}); give a folder you can write to"
-        ) from None
+            f"{option} {folder} cannot be written ({existing} is read-only); give a folder you can write to"
+        )
 
 
 def check_folders(options: Options) -> None:

@@ -220,7 +220,7 @@ def test_same_name_folders_get_their_own_builds(tiny_optimized, tmp_path, caplog
         (["--num_images", "0", "--prompt", "x"], "--num_images: expected a positive integer, got 0"),
         (["--batch_size", "-2", "--prompt", "x"], "--batch_size: expected a positive integer, got -2"),
         (["--num_inference_steps", "many", "--prompt", "x"], "expected a positive integer, got 'many'"),
-        (["--guidance_scale", "-1", "--prompt", "x"], "expected a number >= 0, got -1"),
+        (["--guidance_scale", "-1", "--prompt", "x"], "expected a guidance scale from 0 to 100, got -1"),
         (["--provider", "tpu", "--prompt", "x"], "invalid choice: 'tpu'"),
         ([], "nothing to do: pass --prompt TEXT"),
         (["--prompt", "  "], "--prompt is empty"),
