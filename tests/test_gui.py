@@ -185,3 +185,54 @@ def test_closing_mid_run_stops_cleanly(display, tiny_optimized, tmp_path):
     assert not window.worker.is_alive()
     out = tmp_path / "out"
     assert not out.exists() or not list(out.iterdir()), "a stopped run saves nothing, half-written or not"
+
+
+def _set(entry, text: str) -> None:
+    entry.delete(0, "end")
+    entry.insert(0, text)
+
+
+def test_window_settings_drive_the_run_and_stay_for_the_next(display, tiny_optimized, tmp_path):
+    """Negative prompt, steps, guidance, a random seed, width x height, scheduler and number of images, set in the
+    window's own controls, are what the run uses (PNG metadata); they stay set for the next run; Stop ends a run
+    after the current step; a screenshot of the window with its settings is kept."""
+    from PIL import Image
+
+    root, window, guard = _window(tiny_optimized, tmp_path)
+    _set(window.prompt, "a blue square")
+    _set(window.negative_prompt, "blurry")
+    for option, text in (("num_inference_steps", "2"), ("guidance_scale", "3.5"), ("seed", "random")):
+        _set(window.settings[option], text)
+    for option, text in (("width", "128"), ("height", "64"), ("num_images", "2")):
+        _set(window.settings[option], text)
+    window.scheduler.set("euler_a")
+    root.update()
+    window.button.invoke()
+    _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 2
+    texts = [Image.open(png).text for png in pngs]
+    assert {text["negative_prompt"] for text in texts} == {"blurry"}
+    assert {(text["num_inference_steps"], text["guidance_scale"], text["scheduler"]) for text in texts} == {
+        ("2", "3.5", "euler_a")
+    }
+    assert {Image.open(png).size for png in pngs} == {(128, 64)}
+    assert window.settings["seed"].get() == "random" and window.scheduler.get() == "euler_a"  # kept for the next run
+    ARTIFACTS.mkdir(exist_ok=True)
+    if shutil.which("import"):
+        subprocess.run(
+            ["import", "-window", str(root.winfo_id()), str(ARTIFACTS / "gui-settings.png")], check=True, timeout=30
+        )
+    # Stop: a long run ends after the current step, the stopped call saves nothing
+    _set(window.settings["num_inference_steps"], "400")
+    window.button.invoke()
+    _pump(root, lambda: float(window.progress.cget("value")) >= 2, timeout=120)
+    window.stop_button.invoke()
+    _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
+    assert window.status.cget("text").startswith("Stopped: 0 image(s)")
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    _set(window.settings["guidance_scale"], "lots")
+    window.button.invoke()
+    assert window.status.cget("text") == "Error: Guidance 'lots' is not a number"
+    assert guard.foreign_calls == []
+    window.close()
