@@ -47,6 +47,13 @@ def run(options: Options, *, provider_table: Mapping[str, Provider] | None = Non
         from sd_utils.ui.gui import run_window
 
         return run_window(options, job, ready)
+    if options.prompts_file:
+        from sd_utils.jobs.run import run_job
+
+        made, skipped = run_job(options, job, ready)
+        manifest = options.output_dir / "manifest.jsonl"
+        print(f"Job done: {made} image(s) made, {skipped} already there; manifest: {manifest}")
+        return 0
     if options.generates:
         for image in app.generate(options, job, ready):
             print(f"Generated {image.path}")

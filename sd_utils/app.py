@@ -41,6 +41,7 @@ class Job:
     request: GenerationRequest | None
     refiner: ResolvedModel | None = None
     checker: CheckerSource | None = None
+    works: tuple = ()  # a --prompts_file job's rows as requests (jobs.run.RowWork), checked before building
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,8 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
     provider = resolve_provider(
         options.provider, for_inference=options.runs_inference, device_id=options.device_id, table=provider_table
     )
-    request = generation_request(options, model) if options.generates else None
+    request = generation_request(options, model) if options.generates and not options.prompts_file else None
+    works = _job_rows(options, model) if options.prompts_file else ()
     if options.interactive:  # the window builds its requests later: check sizes now, before optimizing
         generation_request(dataclasses.replace(options, prompt=options.prompt or "check"), model)
     checker = find_checker(
@@ -72,7 +74,17 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
         has_component=model.spec.has_safety_checker,
         models_dir=options.models_dir,
     )
-    return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker)
+    return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker, works=works)
+
+
+def _job_rows(options: Options, model: ResolvedModel) -> tuple:
+    """Every row of ``--prompts_file`` as a request, all checked; the images already in --output_dir are skipped."""
+    from sd_utils.jobs.manifest import JobFolder
+    from sd_utils.jobs.prompts_file import read_prompts_file
+    from sd_utils.jobs.run import row_requests
+
+    rows = read_prompts_file(options.prompts_file)
+    return tuple(row_requests(options, model, rows, JobFolder(options.output_dir)))
 
 
 def _writable_folder(option: str, folder: Path) -> None:
@@ -319,8 +331,11 @@ class Generator:
             self._loaded = (key, model, refiner)
         return self._loaded[1], self._loaded[2]
 
-    def generate(self, request: GenerationRequest, **callbacks) -> list[GeneratedImage]:
-        """Run ``request``; ``callbacks`` (``on_step``, ``on_image``, ``should_stop``) go to :func:`generate_images`."""
+    def generate(
+        self, request: GenerationRequest, *, output_dir: Path | None = None, **callbacks
+    ) -> list[GeneratedImage]:
+        """Run ``request`` into ``output_dir`` (default ``--output_dir``); ``callbacks`` (``on_step``, ``on_image``,
+        ``should_stop``, ``saver``) go to :func:`generate_images`."""
         logger.info(
             "generating %d image(s) of %dx%d in %d call(s), seed %d",
             request.num_images,
@@ -333,7 +348,7 @@ class Generator:
         return generate_images(
             model,
             request,
-            output_dir=self.options.output_dir,
+            output_dir=output_dir or self.options.output_dir,
             refiner=refiner,
             safety_checker=self.safety_checker,
             max_safety_retries=self.options.max_safety_retries,

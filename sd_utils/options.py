@@ -56,6 +56,9 @@ class Options:
     refiner_model_id: str | None
     high_noise_frac: float
     interactive: bool
+    prompts_file: Path | None
+    ray: str | None
+    workers: int | None
     safety_checker: str | None
     max_safety_retries: int
     use_fp16_fixed_vae: str | None
@@ -63,8 +66,8 @@ class Options:
 
     @property
     def generates(self) -> bool:
-        """A run of the CLI: generate once from ``--prompt`` (the window generates on demand)."""
-        return self.prompt is not None and not self.interactive
+        """A run of the CLI: generate from ``--prompt`` or ``--prompts_file`` (the window generates on demand)."""
+        return (self.prompt is not None or self.prompts_file is not None) and not self.interactive
 
     @property
     def runs_inference(self) -> bool:
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open a window: prompt box, Generate button, progress bar and up to 9 images; uses "
         "the same generation options (seed, guidance, size, batch) as the command line",
     )
+    _add_job_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
 
@@ -325,6 +329,35 @@ def _add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    jobs = parser.add_argument_group("batch jobs")
+    jobs.add_argument(
+        "--prompts_file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a job: one prompt per line (.txt, # comments), or rows of .jsonl / .csv with any of the fields prompt, "
+        "negative_prompt, seed, num_images, num_inference_steps, guidance_scale, width, height, scheduler (the "
+        "others from the command line); writes <row>-<key>-<image>-<seed>.png and manifest.jsonl in --output_dir; "
+        "run it again to finish an interrupted job",
+    )
+    jobs.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run --prompts_file on Ray Data: alone, a local Ray runtime in this process; 'auto', host:port or "
+        "ray://host:port joins a cluster (needs: pip install 'ray[data]==2.60.0')",
+    )
+    jobs.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="Ray actors, each with the pipeline loaded once (default: one per GPU, one for --provider cpu)",
+    )
+
+
 def _add_safety_arguments(parser: argparse.ArgumentParser) -> None:
     safety = parser.add_argument_group("safety checker")
     safety.add_argument(
@@ -356,10 +389,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
 
 def check_options(options: Options) -> None:
     """Checks that need no model; size checks against the model are in :func:`check_image_size`."""
-    if not (options.optimize or options.interactive or options.prompt is not None):
+    if not (options.optimize or options.interactive or options.prompt is not None or options.prompts_file):
         raise UserInputError(
-            "nothing to do: pass --prompt TEXT to generate images, --interactive for the window, or --optimize"
+            "nothing to do: pass --prompt TEXT to generate images, --prompts_file FILE for a job, --interactive for "
+            "the window, or --optimize"
         )
+    _check_job_options(options)
     if options.interactive and options.base_images:
         raise UserInputError("--interactive does not refine --base_images; refine them from the command line")
     if not options.model_id.strip():
@@ -397,6 +432,18 @@ def check_options(options: Options) -> None:
             f"--seed {options.seed} with --num_images {options.num_images} runs past the largest seed {MAX_SEED}; "
             "use a smaller --seed"
         )
+
+
+def _check_job_options(options: Options) -> None:
+    if options.prompts_file is None:
+        if options.ray or options.workers:
+            raise UserInputError("--ray and --workers run a --prompts_file job; add --prompts_file FILE")
+        return
+    for given, flag in ((options.prompt is not None, "--prompt"), (options.interactive, "--interactive")):
+        if given:
+            raise UserInputError(f"{flag} and --prompts_file: give one (put the prompt in the file)")
+    if options.base_images or options.refiner_model_id:
+        raise UserInputError("--prompts_file jobs are text-to-image; run --base_images or --refiner_model_id alone")
 
 
 def check_image_size(width: int, height: int, *, multiple: int) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sd_utils.files import follow_umask, remove_stale
@@ -99,27 +101,42 @@ _NAME = re.compile(r"^(\d{5,})-")  # NNNNN-<seed>.png, past 99999 too
 _PARTIAL = re.compile(r"^\.partial-(\d+)-")  # .partial-<pid>-<random>.png
 
 
-def save_png(image, output_dir: Path, *, seed: int, metadata: dict[str, str]) -> Path:
-    """Save ``image`` as ``NNNNN-<seed>.png``, NNNNN one above the highest number already in ``output_dir``.
-
-    The file is written under a temporary name (with the mode the umask gives, like any program's output) and
-    hard-linked into place, which fails rather than overwrite: no existing image is ever replaced and no half-written
-    PNG appears under a final name. Temporary files of killed runs are deleted.
-    """
+@contextlib.contextmanager
+def _png_aside(image, folder: Path, metadata: dict[str, str]) -> Iterator[Path]:
+    """``image`` written as a PNG under a temporary name in ``folder`` (with the mode the umask gives, like any
+    program's output), deleted after the block; temporary files of killed runs are deleted first."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    remove_stale(output_dir, _PARTIAL)
-    handle, temporary = tempfile.mkstemp(prefix=f".partial-{os.getpid()}-", suffix=".png", dir=output_dir)
+    remove_stale(folder, _PARTIAL)
+    handle, temporary = tempfile.mkstemp(prefix=f".partial-{os.getpid()}-", suffix=".png", dir=folder)
     os.close(handle)
     try:
         follow_umask(Path(temporary))
         image.save(temporary, pnginfo=info)
-        return _link_free_name(Path(temporary), output_dir, seed=seed)
+        yield Path(temporary)
     finally:
         os.unlink(temporary)
+
+
+def save_png(image, output_dir: Path, *, seed: int, metadata: dict[str, str]) -> Path:
+    """Save ``image`` as ``NNNNN-<seed>.png``, NNNNN one above the highest number already in ``output_dir``.
+
+    Written aside and hard-linked into place, which fails rather than overwrite: no existing image is ever replaced
+    and no half-written PNG appears under a final name.
+    """
+    with _png_aside(image, output_dir, metadata) as temporary:
+        return _link_free_name(temporary, output_dir, seed=seed)
+
+
+def save_png_as(image, path: Path, *, metadata: dict[str, str]) -> Path:
+    """Save ``image`` as exactly ``path``, atomically as :func:`save_png`; a file already there (a retried batch of a
+    job made it) is kept, not written again."""
+    with _png_aside(image, path.parent, metadata) as temporary, contextlib.suppress(FileExistsError):
+        os.link(temporary, path)
+    return path
 
 
 def _link_free_name(temporary: Path, output_dir: Path, *, seed: int) -> Path:

@@ -45,6 +45,7 @@ class GenerationRequest:
     timestep_spacing: str | None = None
     refine: RefineSettings | None = None
     high_noise_frac: float | None = None  # base -> refiner hand-off point ("ensemble of experts")
+    image_indices: tuple[int, ...] | None = None  # which of the run's images to make (a resumed job); None: all
 
     @property
     def task(self) -> str:
@@ -52,8 +53,12 @@ class GenerationRequest:
         return self.refine.task if self.refine is not None else "text2img"
 
     @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(range(self.num_images)) if self.image_indices is None else self.image_indices
+
+    @property
     def num_calls(self) -> int:
-        return math.ceil(self.num_images / self.batch_size)
+        return math.ceil(len(self.indices) / self.batch_size)
 
     @property
     def uses_cfg(self) -> bool:
@@ -91,3 +96,5 @@ class GeneratedImage:
 
 StepCallback = Callable[[int, int], None]  # (steps done in the run, total steps of the run)
 ImageCallback = Callable[[GeneratedImage], None]
+# writes one image: (PIL image, output folder, image index, seed, PNG text chunks) -> the file written
+Saver = Callable[[object, Path, int, int, dict[str, str]], Path]

@@ -22,7 +22,7 @@ from sd_utils.errors import DiskFullError, SafetyCheckError
 from sd_utils.files import disk_full
 from sd_utils.generation.output import png_metadata, save_png, to_pil_images
 from sd_utils.generation.prompts import encode_prompt
-from sd_utils.generation.request import GeneratedImage, GenerationRequest, ImageCallback, StepCallback
+from sd_utils.generation.request import GeneratedImage, GenerationRequest, ImageCallback, Saver, StepCallback
 from sd_utils.generation.schedulers import make_scheduler
 from sd_utils.runtime.optimum_adapter import interrupt
 from sd_utils.runtime.pipeline import LoadedPipeline
@@ -49,7 +49,7 @@ class BatchPlan:
 
     def __init__(self, request: GenerationRequest, *, padded: bool, max_retries: int):
         self.request, self.padded, self.max_retries = request, padded, max_retries
-        self.pending: list[Slot] = [(index, request.image_seed(index)) for index in range(request.num_images)]
+        self.pending: list[Slot] = [(index, request.image_seed(index)) for index in request.indices]
         self.fresh_seeds = itertools.count(request.image_seed(request.num_images))
         self.retries: collections.Counter[int] = collections.Counter()
         self.given_up: list[int] = []
@@ -230,6 +230,11 @@ def _check(loaded: LoadedPipeline, safety_checker, images: list) -> list[bool]:
         return safety_checker(images)
 
 
+def numbered_png(image, output_dir: Path, index: int, seed: int, metadata: dict[str, str]) -> Path:
+    """The default :data:`Saver`: ``NNNNN-<seed>.png``, never overwriting."""
+    return save_png(image, output_dir, seed=seed, metadata=metadata)
+
+
 def generate_images(
     loaded: LoadedPipeline,
     request: GenerationRequest,
@@ -242,6 +247,7 @@ def generate_images(
     should_stop: Callable[[], bool] | None = None,
     safety_checker: Callable[[list[Any]], list[bool]] | None = None,
     max_safety_retries: int = 3,
+    saver: Saver | None = None,
 ) -> list[GeneratedImage]:
     """Make ``request.num_images`` images in ``request.num_calls`` pipeline calls and save them as PNG.
 
@@ -249,7 +255,9 @@ def generate_images(
     ``max_safety_retries`` times, after which :class:`SafetyCheckError` says how many could not be produced (the safe
     ones are saved). ``latents`` (torch, ``(num_images, C, H/f, W/f)``) replaces the seeded initial noise of first
     attempts, for tests and hand-offs. ``should_stop`` is polled after every step; a stopped run saves nothing more.
+    ``saver`` writes each image (default: the next free ``NNNNN-<seed>.png``, see :func:`save_png`).
     """
+    saver = saver or numbered_png
     for pipeline in filter(None, (loaded, refiner)):
         use_scheduler(pipeline, request)
     run_call = pipeline_call(loaded, request, refiner)
@@ -269,7 +277,7 @@ def generate_images(
                 continue
             metadata = png_metadata(loaded, request, seed=seed, index=index, refiner=refiner)
             try:
-                generated = GeneratedImage(save_png(image, output_dir, seed=seed, metadata=metadata), seed, index)
+                generated = GeneratedImage(saver(image, output_dir, index, seed, metadata), seed, index)
             except OSError as error:
                 if not disk_full(error):
                     raise

@@ -1,0 +1,65 @@
+"""A job's output folder: its images, named by row key and image index, and ``manifest.jsonl``, one line per image.
+
+The images are the truth: an image is complete when its file exists (files appear whole, see ``save_png_as``). The
+manifest says what went into each; a line lost to a kill between the PNG and its line is written on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.jsonl"
+# <row number>-<row key>-<image index>-<seed>.png
+_IMAGE = re.compile(r"^(\d+)-([0-9a-f]{12})-(\d+)-(\d+)\.png$")
+
+
+def image_name(row_number: int, key: str, index: int, seed: int) -> str:
+    return f"{row_number:05d}-{key}-{index}-{seed}.png"
+
+
+class JobFolder:
+    """What a job's output folder already holds, and the manifest it appends to (thread-safe, one line per image)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.path = folder / MANIFEST
+        self._lock = threading.Lock()
+        # (row key, image index) -> seed, for every complete image
+        self.images: dict[tuple[str, int], int] = {}
+        if folder.is_dir():
+            for item in folder.iterdir():
+                if match := _IMAGE.match(item.name):
+                    self.images[(match.group(2), int(match.group(3)))] = int(match.group(4))
+        self.listed: set[str] = set()
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    self.listed.add(json.loads(line)["file"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill: its image is listed again below
+
+    def seed_of(self, key: str) -> int | None:
+        """The first seed of a row some of whose images exist (image i has seed + i), to finish it alike."""
+        for (image_key, index), seed in self.images.items():
+            if image_key == key:
+                return seed - index
+        return None
+
+    def complete(self, key: str, index: int) -> bool:
+        return (key, index) in self.images
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` (its ``file`` names the image) to the manifest unless it is listed already."""
+        with self._lock:
+            if entry["file"] in self.listed:
+                return
+            with self.path.open("a", encoding="utf-8") as manifest:
+                manifest.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                manifest.flush()
+                os.fsync(manifest.fileno())
+            self.listed.add(entry["file"])
