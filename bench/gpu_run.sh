@@ -27,13 +27,18 @@ MODEL=${MODEL:-random-sdxl-base}
 WORK=/tmp/sdxl
 export OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 
+# this checkout, without models and wheels, to $WORK/repo (which survives between commands), and the provider check
+copy_repo() {
+  mkdir -p "$WORK"
+  rm -rf "$WORK/repo" && mkdir "$WORK/repo"
+  tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
+  cd "$WORK/repo"
+  python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+}
+
 case "${1:-}" in
   start)
-    mkdir -p "$WORK"
-    rm -rf "$WORK/repo" && mkdir "$WORK/repo"
-    tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
-    cd "$WORK/repo"
-    python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+    copy_repo
     setsid nohup bash bench/gpu_run.sh pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
     setsid nohup bash bench/gpu_run.sh side > "$WORK/side.log" 2>&1 < /dev/null &
     ;;
@@ -64,11 +69,7 @@ for run in range(3):
     echo "== side DONE $(date +%T)"
     ;;
   survey)
-    mkdir -p "$WORK"
-    rm -rf "$WORK/repo" && mkdir "$WORK/repo"
-    tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
-    cd "$WORK/repo"
-    python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+    copy_repo
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader
     setsid nohup bash bench/gpu_run.sh survey_cpu random-sdxl-base > "$WORK/optimize_base.log" 2>&1 < /dev/null &
     setsid nohup bash bench/gpu_run.sh survey_cpu random-sdxl-refiner > "$WORK/optimize_refiner.log" 2>&1 < /dev/null &

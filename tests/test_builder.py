@@ -124,12 +124,16 @@ def test_a_build_from_older_shipped_weights_is_rebuilt(tmp_path):
     """Updating the project (new demo weights) must not leave the old build, or its optimized models, in use."""
     import json
 
-    from sd_utils.sources.builder import BUILD_RECORD, build_record, weights_fingerprint
+    from sd_utils.sources.builder import BUILD_RECORD, build_record, folder_format, weights_fingerprint
     from sd_utils.sources.models import resolve_model
 
     folder = resolve_model("demo", models_dir=tmp_path).path
     current = weights_fingerprint(ARCHITECTURES["demo"])
-    assert build_record(folder) == {"architecture": "demo", "weights": current}
+    assert build_record(folder) == {
+        "architecture": "demo",
+        "weights": current,
+        "format": folder_format(ARCHITECTURES["demo"]),
+    }
     assert weights_fingerprint(ARCHITECTURES["tiny"]) is None  # random weights: nothing to go stale
 
     (folder / BUILD_RECORD).write_text(json.dumps({"architecture": "demo", "weights": "older"}), encoding="utf-8")

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sd_utils.sources.builder import ARCHITECTURES, weights_fingerprint
+from sd_utils.sources.builder import ARCHITECTURES, folder_format, weights_fingerprint
 from sd_utils.sources.models import ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,11 @@ def _source_identity(model: ResolvedModel) -> dict[str, Any]:
     """Where ``model`` came from and a digest of what it holds."""
     if model.model_id in ARCHITECTURES:
         arch = ARCHITECTURES[model.model_id]
-        architecture = hashlib.sha256(repr(arch).encode()).hexdigest()[:16]
-        return {"kind": "builtin", "source": model.model_id, "weights": f"{architecture}:{weights_fingerprint(arch)}"}
+        return {
+            "kind": "builtin",
+            "source": model.model_id,
+            "weights": f"{folder_format(arch)}:{weights_fingerprint(arch)}",
+        }
     revision = None
     if not Path(model.model_id).expanduser().is_dir():  # a hub id: the snapshot folder is named by its commit
         revision = model.path.name

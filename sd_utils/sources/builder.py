@@ -39,6 +39,23 @@ SDXL_SCHEDULER = {
     "timestep_spacing": "leading",
     "use_karras_sigmas": False,
 }
+# the keys of that file Euler ignores but other samplers read (--scheduler ddim, ...): written into the built folders'
+# scheduler_config.json as the real file has them (DDIM would otherwise clip its x0 estimate to [-1, 1])
+SDXL_SCHEDULER_OTHER_KEYS = {
+    "clip_sample": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+}
+
+
+def folder_format(arch: Architecture) -> str:
+    """A digest of everything a built folder of ``arch`` is made from besides shipped weights (configs, scheduler):
+    a folder built by an older version of this code is rebuilt."""
+    import hashlib
+
+    made_from = repr((arch, SDXL_SCHEDULER, SDXL_SCHEDULER_OTHER_KEYS))
+    return hashlib.sha256(made_from.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,7 +396,9 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
         pipeline.save_pretrained(staging, safe_serialization=True)
         save_sdxl_tokenizers(staging, names=("tokenizer_2",) if arch.refiner else ("tokenizer", "tokenizer_2"))
         _register_tokenizers(staging, refiner=arch.refiner)
-        record = {"architecture": arch.name, "weights": weights_fingerprint(arch)}
+        config = staging / "scheduler" / "scheduler_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), **SDXL_SCHEDULER_OTHER_KEYS}, indent=2) + "\n")
+        record = {"architecture": arch.name, "weights": weights_fingerprint(arch), "format": folder_format(arch)}
         (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if destination.exists():
             shutil.rmtree(destination)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
 from sd_utils.files import exclusive
-from sd_utils.sources.builder import ARCHITECTURES, build_record, materialize, weights_fingerprint
+from sd_utils.sources.builder import ARCHITECTURES, build_record, folder_format, materialize, weights_fingerprint
 from sd_utils.sources.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def builtin_path(models_dir: Path, name: str) -> Path:
 
 
 def _builtin_current(arch, path: Path) -> bool:
-    return (path / "model_index.json").is_file() and build_record(path).get("weights") == weights_fingerprint(arch)
+    record = build_record(path)
+    made = record.get("weights") == weights_fingerprint(arch) and record.get("format") == folder_format(arch)
+    return (path / "model_index.json").is_file() and made
 
 
 def ensure_builtin(name: str, *, models_dir: Path) -> Path:
