@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sd_utils.build.olive_workflow import optimize
 from sd_utils.build.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
-from sd_utils.errors import UserInputError
+from sd_utils.errors import SetupError, UserInputError
 from sd_utils.files import exclusive
 from sd_utils.generation.base_images import load_base_images, load_masks
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
@@ -102,13 +102,20 @@ def _writable_folder(option: str, folder: Path) -> None:
 
 
 def check_folders(options: Options) -> None:
-    """What can only fail later, checked before anything is built: the folders the run writes and, for the window,
-    a display (a wrong option must never cost an optimization run)."""
+    """What can only fail later, checked before anything is built: the folders the run writes, a display for the
+    window, Ray for ``--ray`` (a wrong option or a missing install must never cost an optimization run)."""
     _writable_folder("--models_dir", options.models_dir)
     if options.cache_dir.exists() and not options.cache_dir.is_dir():
         raise UserInputError(f"--cache_dir {options.cache_dir} is a file, not a folder; give a folder")
     if options.runs_inference:
         _writable_folder("--output_dir", options.output_dir)
+    if options.ray:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            from sd_utils.jobs.ray_job import INSTALL
+
+            raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see README)")
     if options.interactive and sys.platform.startswith("linux"):
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
             raise UserInputError(

@@ -212,3 +212,15 @@ def test_jobs_options_are_checked(workspace, tmp_path, capsys):
     assert main(workspace.tiny("--prompt x", "--prompts_file", str(prompts))) == 2
     assert "--prompt and --prompts_file: give one" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_ray_not_installed_is_said_before_anything_is_built(workspace, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    models = tmp_path / "models"
+    args = ["--model_id", "tiny", "--provider", "cpu", "--prompts_file", str(_job_file(tmp_path))]
+    assert main([*args, "--ray", "--models_dir", str(models), "--output_dir", str(tmp_path / "out")]) == 3
+    assert "--ray needs Ray, which is not installed: pip install 'ray[data]==2.60.0'" in capsys.readouterr().err
+    assert not models.exists()
