@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open a window: prompt box, Generate button, progress bar and up to 9 images; uses "
         "the same generation options (seed, guidance, size, batch) as the command line",
     )
+    _add_sampler_arguments(parser)
     _add_job_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
@@ -201,21 +202,6 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         type=_guidance,
         default=5.0,
         help="classifier-free guidance scale; <= 1 disables guidance (default: 5.0)",
-    )
-    generate.add_argument(
-        "--scheduler",
-        choices=tuple(SAMPLERS),
-        default=None,
-        metavar="NAME",
-        help=f"the sampler, by the names A1111 and ComfyUI users know: {', '.join(SAMPLERS)}; each is diffusers' "
-        "scheduler configured from the model's own scheduler config (default: the model's scheduler, Euler for SDXL)",
-    )
-    generate.add_argument(
-        "--timestep_spacing",
-        choices=TIMESTEP_SPACINGS,
-        default=None,
-        help="which timesteps the steps run at, for schedulers that have the option (SDXL-Lightning wants trailing; "
-        "default: the model's scheduler config, leading for SDXL)",
     )
     generate.add_argument(
         "--disable_classifier_free_guidance",
@@ -326,6 +312,25 @@ def _add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.8,
         help="where the base hands over to --refiner_model_id, in (0, 1) (default: 0.8)",
+    )
+
+
+def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    sampler = parser.add_argument_group("sampler")
+    sampler.add_argument(
+        "--scheduler",
+        choices=tuple(SAMPLERS),
+        default=None,
+        metavar="NAME",
+        help=f"the sampler, by the names A1111 and ComfyUI users know: {', '.join(SAMPLERS)}; each is diffusers' "
+        "scheduler configured from the model's own scheduler config (default: the model's scheduler, Euler for SDXL)",
+    )
+    sampler.add_argument(
+        "--timestep_spacing",
+        choices=TIMESTEP_SPACINGS,
+        default=None,
+        help="which timesteps the steps run at, for schedulers that have the option (SDXL-Lightning wants trailing; "
+        "default: the model's scheduler config, leading for SDXL)",
     )
 
 
