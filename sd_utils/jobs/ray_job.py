@@ -126,10 +126,6 @@ def run_on_ray(options, job, ready, works, folder, *, identity: dict[str, str]) 
         import ray.data
     except ImportError:
         raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see README)") from None
-    from tqdm import tqdm
-
-    from sd_utils.jobs.run import manifest_entry
-
     items = [
         {"row_index": row_index, "image_index": index}
         for row_index, work in enumerate(works)
@@ -141,6 +137,18 @@ def run_on_ray(options, job, ready, works, folder, *, identity: dict[str, str]) 
     if address is not None:
         _check_reachable(address)
     _start(address)
+    try:
+        return _run_dataset(ray, options, job, ready, works, folder, items=items, identity=identity)
+    finally:
+        ray.shutdown()  # a local runtime stops; on a cluster this driver disconnects
+
+
+def _run_dataset(ray, options, job, ready, works, folder, *, items: list[dict], identity: dict[str, str]) -> int:
+    """The missing images through ``map_batches`` over the actor pool; the manifest written as results arrive."""
+    from tqdm import tqdm
+
+    from sd_utils.jobs.run import manifest_entry
+
     workers = options.workers or default_workers(job.provider)
     logger.info("running %d image(s) on Ray with %d actor(s)", len(items), workers)
     gpus = 1 if job.provider.olive_device == "gpu" else 0
