@@ -29,12 +29,15 @@ class JobFolder:
         self.folder = folder
         self.path = folder / MANIFEST
         self._lock = threading.Lock()
-        # (row key, image index) -> seed, for every complete image
+        # (row key, image index) -> seed, for every complete image; and row key -> {image index: file name}
         self.images: dict[tuple[str, int], int] = {}
+        self.files: dict[str, dict[int, str]] = {}
         if folder.is_dir():
             for item in folder.iterdir():
                 if match := _IMAGE.match(item.name):
-                    self.images[(match.group(2), int(match.group(3)))] = int(match.group(4))
+                    key, index = match.group(2), int(match.group(3))
+                    self.images[(key, index)] = int(match.group(4))
+                    self.files.setdefault(key, {})[index] = item.name
         self.listed: set[str] = set()
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -45,9 +48,8 @@ class JobFolder:
 
     def seed_of(self, key: str) -> int | None:
         """The first seed of a row some of whose images exist (image i has seed + i), to finish it alike."""
-        for (image_key, index), seed in self.images.items():
-            if image_key == key:
-                return seed - index
+        for index in self.files.get(key, {}):
+            return self.images[(key, index)] - index
         return None
 
     def complete(self, key: str, index: int) -> bool:

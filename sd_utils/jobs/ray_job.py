@@ -60,7 +60,7 @@ class ImageActor:
         missing = tuple(index for index in indices if not folder.complete(work.key, index))
         for index in (index for index in indices if index not in missing):  # done by a killed attempt
             seed = folder.images[(work.key, index)]
-            add(index, next(self.options.output_dir.glob(f"*-{work.key}-{index}-{seed}.png")).name, seed, None)
+            add(index, folder.files[work.key][index], seed, None)
         if not missing:
             return
         started = [time.perf_counter()]

@@ -118,14 +118,8 @@ def run_local(options: Options, job, ready, works: list[RowWork], folder: JobFol
 def list_existing(works: list[RowWork], folder: JobFolder, *, identity: dict[str, str]) -> None:
     """Manifest lines for images made by an earlier run whose line a kill lost (the file is there, the line is not)."""
     for work in works:
-        for (key, index), seed in folder.images.items():
-            if key != work.key:
-                continue
-            name = image_name(work.row.number, key, index, seed)
-            path = folder.folder / name
-            if not path.is_file():  # the row moved in the file since: the image keeps its first name
-                path = next(folder.folder.glob(f"*-{key}-{index}-{seed}.png"))
-            image = GeneratedImage(path=path, seed=seed, index=index)
+        for index, name in folder.files.get(work.key, {}).items():
+            image = GeneratedImage(path=folder.folder / name, seed=folder.images[(work.key, index)], index=index)
             folder.record(manifest_entry(work, image, seconds=None, **identity))
 
 
