@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sd_utils.build.olive_workflow import optimize
 from sd_utils.build.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
-from sd_utils.errors import SetupError, UserInputError
+from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive
 from sd_utils.generation.base_images import load_base_images, load_masks
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
@@ -93,12 +93,11 @@ def _writable_folder(option: str, folder: Path) -> None:
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    where = f"{option} {folder}" if existing == folder else f"{option} {folder}: {existing}"
     if not existing.is_dir():
-        raise UserInputError(f"{option} {folder} is a file, not a folder; give a folder (it is made if missing)")
+        raise UserInputError(f"{where} is a file, not a folder; give a folder (it is made if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(
-            f"{option} {folder} cannot be written ({existing} is read-only); give a folder you can write to"
-        )
+        raise UserInputError(f"{where} cannot be written (read-only); give a folder you can write to")
 
 
 def check_folders(options: Options) -> None:
@@ -110,12 +109,9 @@ def check_folders(options: Options) -> None:
     if options.runs_inference:
         _writable_folder("--output_dir", options.output_dir)
     if options.ray:
-        import importlib.util
+        from sd_utils.jobs.ray_job import check_ray_installed
 
-        if importlib.util.find_spec("ray") is None:
-            from sd_utils.jobs.ray_job import INSTALL
-
-            raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see README)")
+        check_ray_installed()
     if options.interactive and sys.platform.startswith("linux"):
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
             raise UserInputError(

@@ -73,6 +73,14 @@ class ImageActor:
         run_row(self.generator.generate, work, self.options.output_dir, on_image=on_image)
 
 
+def check_ray_installed() -> None:
+    """Raise :class:`SetupError` with the install command when Ray is missing (without importing it: slow)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see README)")
+
+
 def default_workers(provider) -> int:
     """One actor per GPU of the cluster for GPU providers, one for the CPU provider."""
     import ray
@@ -121,11 +129,8 @@ def _start(address: str | None) -> None:
 
 def run_on_ray(options, job, ready, works, folder, *, identity: dict[str, str]) -> int:
     """Make the job's missing images on Ray; returns how many were made."""
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see README)") from None
+    import ray  # installed: app.check_folders called check_ray_installed before anything was built
+
     items = [
         {"row_index": row_index, "image_index": index}
         for row_index, work in enumerate(works)
