@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -15,7 +16,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from sd_utils.build.olive_workflow import optimize
+from sd_utils.build.lora_fusion import fuse_loras
+from sd_utils.build.olive_workflow import optimize, staged
 from sd_utils.build.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
 from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive
@@ -27,6 +29,7 @@ from sd_utils.generation.schedulers import make_scheduler
 from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
+from sd_utils.sources.lora import inspect_lora
 from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_vae
 
 logger = logging.getLogger(__name__)
@@ -56,10 +59,20 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
 
     ``provider_table``: the rows ``--provider`` picks from (benchmarks and tests hand tuned ones)."""
     check_folders(options)
-    model = resolve_model(options.model_id, models_dir=options.models_dir)
+    model = resolve_model(options.model_id, models_dir=options.models_dir, config=options.config)
+    if options.lora:
+        loras = tuple(inspect_lora(path, scale, components=model.components) for path, scale in options.lora)
+        model = dataclasses.replace(model, loras=loras)
+    if model.checkpoint is not None or model.loras:
+        logger.info("model: %s", model.describe())
     refiner = None
     if options.refiner_model_id:
-        refiner = resolve_model(options.refiner_model_id, models_dir=options.models_dir)
+        refiner = resolve_model(
+            options.refiner_model_id,
+            models_dir=options.models_dir,
+            config=options.refiner_config,
+            option="--refiner_model_id",
+        )
         _check_hand_off(model, refiner)
     provider = resolve_provider(
         options.provider, for_inference=options.runs_inference, device_id=options.device_id, table=provider_table
@@ -261,16 +274,21 @@ def _optimize(
 ) -> BuildPaths:
     if fp16_vae is not None:  # copied only when a build needs it, not on every run
         with_vae(model, options.use_fp16_fixed_vae, destination=fp16_vae)
-    return optimize(
-        model,
-        recipe=recipe,
-        provider=provider,
-        models_dir=options.models_dir,
-        cache_dir=options.cache_dir,
-        clean_cache=options.clean_cache,
-        tempdir=options.tempdir,
-        fp16_vae=fp16_vae,
-    )
+    with contextlib.ExitStack() as stack:
+        fused = None
+        if model.loras:  # the fused weights live only as long as the build needs them
+            fused = fuse_loras(model.spec.root, model.loras, stack.enter_context(staged(options.models_dir, "lora-")))
+        return optimize(
+            model,
+            recipe=recipe,
+            provider=provider,
+            models_dir=options.models_dir,
+            cache_dir=options.cache_dir,
+            clean_cache=options.clean_cache,
+            tempdir=options.tempdir,
+            fp16_vae=fp16_vae,
+            fused=fused,
+        )
 
 
 def prepare_models(options: Options, job: Job) -> ReadyModels:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -13,6 +14,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# weight files are identified by name, size and time (see folder_digest), configs by content
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".data")
 # ``<anything>-<pid>-<random>`` names of this tool's temporary files and folders (staging, partial PNGs, backups)
 _OWNER = re.compile(r"^\.[A-Za-z0-9_.+]*?-(\d+)-")
 
@@ -65,3 +68,19 @@ def exclusive(lock_file: Path, *, waiting_for: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def folder_digest(root: Path) -> str:
+    """A digest of a diffusers folder's configs (by content) and weight files (by name, size and modification time).
+
+    Weights are not read: hashing SDXL's 7-14 GB on every run would cost more than the run's start. A rewritten
+    weight file changes its size or time, and so the digest."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        relative = path.relative_to(root).as_posix()
+        if path.suffix in WEIGHT_SUFFIXES:
+            stat = path.stat()
+            digest.update(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        elif path.suffix in (".json", ".txt"):
+            digest.update(f"{relative}:".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]

@@ -23,6 +23,9 @@ class Options:
     """Everything one invocation asked for, validated; library code takes this or keyword arguments."""
 
     model_id: str
+    config: str | None
+    variant: str | None
+    lora: tuple[tuple[Path, float], ...]
     provider: str
     device_id: int
     models_dir: Path
@@ -54,6 +57,7 @@ class Options:
     aesthetic_score: float
     negative_aesthetic_score: float
     refiner_model_id: str | None
+    refiner_config: str | None
     high_noise_frac: float
     interactive: bool
     prompts_file: Path | None
@@ -109,6 +113,21 @@ _guidance = _in_range(float, 0, "a guidance scale from 0 to 100", maximum=100)
 _aesthetic = _in_range(float, 0, "an aesthetic score from 0 to 10", maximum=10)
 
 
+def _lora(text: str) -> tuple[Path, float]:
+    """``FILE[:SCALE]``: the scale is what follows the last colon when it is a number (so ``C:\\x.safetensors``
+    and paths with colons stay paths)."""
+    path, _, scale = text.rpartition(":")
+    if path:
+        try:
+            value = float(scale)
+        except ValueError:
+            return Path(text), 1.0
+        if not (math.isfinite(value) and -10 <= value <= 10):
+            raise argparse.ArgumentTypeError(f"expected a LoRA scale from -10 to 10 after the colon, got {scale}")
+        return Path(path), value
+    return Path(text), 1.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="stable_diffusion_xl.py",
@@ -137,7 +156,32 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model_id",
         default=DEFAULT_MODEL_ID,
-        help="hub id, local diffusers folder, or built-in model name (default: %(default)s)",
+        help="hub id, local diffusers folder, single-file SDXL checkpoint (.safetensors, as A1111/ComfyUI/Civitai "
+        "have them; converted once into --models_dir), or built-in model name (default: %(default)s)",
+    )
+    model.add_argument(
+        "--config",
+        default=None,
+        metavar="DIR|ID",
+        help="for a single-file --model_id of other sizes than SDXL 1.0: the diffusers folder or hub id whose "
+        "configs describe it (default: SDXL 1.0's base or refiner configs, written locally)",
+    )
+    model.add_argument(
+        "--variant",
+        default=None,
+        metavar="NAME",
+        help="which weight files of a hub --model_id to download: fp16 (half the size), fp32 (the plain files) "
+        "or another variant the repository has (default: fp16 where the repository has it, else fp32)",
+    )
+    model.add_argument(
+        "--lora",
+        type=_lora,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 keys) fused into --model_id's UNet and text "
+        "encoders before export, at SCALE (default 1.0); repeat for several. Each LoRA set is its own build; "
+        "submodels it does not touch are reused",
     )
     model.add_argument(
         "--models_dir",
@@ -308,6 +352,12 @@ def _add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
         "the schedule and this refiner finishes it, latents handed over without a PNG",
     )
     refine.add_argument(
+        "--refiner_config",
+        default=None,
+        metavar="DIR|ID",
+        help="--config for a single-file --refiner_model_id (default: SDXL 1.0's refiner configs)",
+    )
+    refine.add_argument(
         "--high_noise_frac",
         type=float,
         default=0.8,
@@ -387,6 +437,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         args.num_images = max(1, len(args.base_images))
     args.base_images = tuple(args.base_images)
     args.mask_image = tuple(args.mask_image)
+    args.lora = tuple(args.lora)
     options = Options(**vars(args))
     check_options(options)
     return options

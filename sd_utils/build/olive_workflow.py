@@ -28,21 +28,13 @@ from sd_utils.build.recipe import BuildPaths, BuildRecipe
 from sd_utils.errors import DiskFullError, OptimizationError
 from sd_utils.files import disk_full, follow_umask, remove_stale
 from sd_utils.runtime.providers import Provider
-from sd_utils.sources.model_spec import ModelSpec
+from sd_utils.sources.model_spec import COMPONENT_OF, ModelSpec
 from sd_utils.sources.models import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONVERT_PASS = "convert"
-# which diffusers component's config.json describes each ONNX submodel (optimum needs one in every folder)
-COMPONENT_OF = {
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "unet": "unet",
-    "vae_encoder": "vae",
-    "vae_decoder": "vae",
-}
 PLAIN_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
 
 
@@ -257,9 +249,11 @@ def _assemble(
     optimized: bool,
     move: bool,
     roots: dict[str, Path],
+    reused: dict[str, Path],
 ) -> None:
     """Write one optimum-loadable pipeline folder from the diffusers folder and one ONNX file per submodel
-    (``roots``: the diffusers folder each submodel was exported from, whose component ``config.json`` it gets)."""
+    (``roots``: the diffusers folder each submodel was exported from, whose component ``config.json`` it gets;
+    ``reused``: submodels copied whole from the folder of another build)."""
     destination.mkdir(parents=True)
     index = json.loads((spec.root / "model_index.json").read_text(encoding="utf-8"))
     if "safety_checker" in index:
@@ -276,7 +270,32 @@ def _assemble(
             _place(onnx_file.parent / name, target / name, move=move)
         _place(onnx_file, target / "model.onnx", move=move)
         shutil.copy2(roots[submodel] / COMPONENT_OF[submodel] / "config.json", target / "config.json")
-    recipe.write_record(destination, optimized=optimized)  # last: a folder without it is not a build
+    for submodel, folder in reused.items():
+        shutil.copytree(folder / submodel, destination / submodel)
+    keys = {submodel: recipe.submodel_key(submodel) for submodel in spec.submodels}
+    recipe.write_record(destination, optimized=optimized, submodels=keys)  # last: a folder without it is not a build
+
+
+def reusable_submodels(models_dir: Path, recipe: BuildRecipe, submodels) -> dict[str, BuildPaths]:
+    """The submodels another complete build already holds exactly as ``recipe`` would make them (same
+    :meth:`BuildRecipe.submodel_key`): another LoRA or scale changes the UNet (and text encoders), not the VAE."""
+    from sd_utils.build.recipe import build_damage, read_record
+
+    found: dict[str, BuildPaths] = {}
+    own = recipe.folder_name
+    for record_file in sorted((models_dir / "optimized").glob(f"{recipe.name}-*/build.json")):
+        folder = record_file.parent
+        other = BuildPaths(optimized=folder, unoptimized=models_dir / "unoptimized" / folder.name)
+        records = [read_record(other.optimized), read_record(other.unoptimized)]
+        if folder.name == own or any(record is None or record.get("format") != recipe.format for record in records):
+            continue
+        for submodel in submodels:
+            key = recipe.submodel_key(submodel)
+            if submodel in found or any((record.get("submodels") or {}).get(submodel) != key for record in records):
+                continue
+            if all(build_damage(path, [submodel]) is None for path in (other.optimized, other.unoptimized)):
+                found[submodel] = other
+    return found
 
 
 STAGING = re.compile(r"^\.optimize-(?:[a-z]+-)?(\d+)-")  # .optimize-[label-]<pid>-<random>
@@ -358,6 +377,21 @@ def _disk_full_is_one_line(models_dir: Path) -> Iterator[None]:
         ) from error
 
 
+def _export_roots(model: ResolvedModel, *, fp16_vae: Path | None, fused: Path | None) -> dict[str, Path]:
+    """The diffusers folder each submodel is exported from: the fp16-fixed VAE's, the LoRA-fused one, or the
+    model's own."""
+    roots = {}
+    for submodel in model.spec.submodels:
+        component = COMPONENT_OF[submodel]
+        if fp16_vae is not None and component == "vae":
+            roots[submodel] = fp16_vae
+        elif fused is not None and any(component in lora.targets for lora in model.loras):
+            roots[submodel] = fused
+        else:
+            roots[submodel] = model.spec.root
+    return roots
+
+
 def optimize(
     model: ResolvedModel,
     *,
@@ -368,6 +402,7 @@ def optimize(
     clean_cache: bool = False,
     tempdir: Path | None = None,
     fp16_vae: Path | None = None,
+    fused: Path | None = None,
     project_dir: Path = PROJECT_DIR,
 ) -> BuildPaths:
     """Convert and optimize every submodel of ``model`` with Olive into the folders of ``recipe`` under ``models_dir``.
@@ -377,22 +412,27 @@ def optimize(
     has copied it out, which saves two copies of the weights on disk (~28 GB for SDXL base in fp32).
 
     ``fp16_vae``: a diffusers folder whose ``vae`` is an fp16-fixed VAE (see ``models.with_vae``); the VAE graphs are
-    exported from it and, on GPU providers, converted to fp16.
+    exported from it and, on GPU providers, converted to fp16. ``fused``: a diffusers folder with the components
+    ``--lora`` files changed (see ``lora_fusion.fuse_loras``); those submodels are exported from it.
+
+    Submodels that another build already holds as this one would make them (see :func:`reusable_submodels`) are
+    copied from it instead of running their workflow again.
     """
     with olive_cache(cache_dir, clean=clean_cache), staged(models_dir) as staging, _disk_full_is_one_line(models_dir):
-        converted, optimized = {}, {}
         submodels = model.spec.submodels
-        roots = {name: fp16_vae if fp16_vae and name.startswith("vae") else model.spec.root for name in submodels}
+        roots = _export_roots(model, fp16_vae=fp16_vae, fused=fused)
+        reused = reusable_submodels(models_dir, recipe, submodels)
         started = time.perf_counter()
+        converted, optimized = {}, {}
         for index, submodel in enumerate(submodels, 1):
-            logger.info(
-                "[%d/%d] %s: convert -> %s",
-                index,
-                len(submodels),
-                submodel,
-                provider.optimize_pass,
-            )
+            step = f"[{index}/{len(submodels)}] {submodel}"
+            if submodel in reused:
+                logger.info("%s: reused from %s (made from the same weights)", step, reused[submodel].optimized)
+                continue
+            logger.info("%s: convert -> %s", step, provider.optimize_pass)
             tick = time.perf_counter()
+            # a LoRA-fused export is never made again from the same folder: its cache goes with the staging folder
+            private = fused is not None and roots[submodel] == fused
             config = workflow_config(
                 load_template(submodel, project_dir=project_dir),
                 submodel=submodel,
@@ -400,17 +440,19 @@ def optimize(
                 model_path=roots[submodel],
                 disabled_fusions=unsupported_fusions(model.spec, provider=provider, submodel=submodel),
                 vae_float16=fp16_vae is not None,
-                cache_dir=cache_dir,
+                cache_dir=staging / "olive-cache" if private else cache_dir,
                 output_dir=staging / "olive" / submodel,
                 project_dir=project_dir,
             )
             converted[submodel], optimized[submodel] = run_checking_cache(
-                config, submodel=submodel, tempdir=tempdir, keep_cache=not clean_cache
+                config, submodel=submodel, tempdir=tempdir, keep_cache=not (clean_cache or private)
             )
-            logger.info("[%d/%d] %s done in %.1f s", index, len(submodels), submodel, time.perf_counter() - tick)
+            logger.info("%s done in %.1f s", step, time.perf_counter() - tick)
         assemble = functools.partial(_assemble, model.spec, recipe=recipe, roots=roots)
-        assemble(converted, staging / "unoptimized", optimized=False, move=clean_cache)
-        assemble(optimized, staging / "optimized", optimized=True, move=True)
+        unoptimized_from = {name: paths.unoptimized for name, paths in reused.items()}
+        assemble(converted, staging / "unoptimized", optimized=False, move=clean_cache, reused=unoptimized_from)
+        optimized_from = {name: paths.optimized for name, paths in reused.items()}
+        assemble(optimized, staging / "optimized", optimized=True, move=True, reused=optimized_from)
         result = recipe.paths(models_dir)
         replace_folder(staging / "unoptimized", result.unoptimized)
         replace_folder(staging / "optimized", result.optimized)

@@ -16,7 +16,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from sd_utils.files import folder_digest
 from sd_utils.sources.builder import ARCHITECTURES, folder_format, weights_fingerprint
+from sd_utils.sources.model_spec import COMPONENT_OF
 from sd_utils.sources.models import ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,6 @@ BUILD_FILE = "build.json"
 BUILD_FORMAT = 2
 # what an older sdxl-olive wrote in its build folders (models/optimized/<model name>/), never read as current
 LEGACY_MARKER = "sdxl_olive.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,22 +36,6 @@ class BuildPaths:
 
     optimized: Path
     unoptimized: Path
-
-
-def folder_digest(root: Path) -> str:
-    """A digest of a diffusers folder's configs (by content) and weight files (by name, size and modification time).
-
-    Weights are not read: hashing SDXL's 7-14 GB on every run would cost more than the run's start. A rewritten
-    weight file changes its size or time, and so the digest."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        relative = path.relative_to(root).as_posix()
-        if path.suffix in WEIGHT_SUFFIXES:
-            stat = path.stat()
-            digest.update(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-        elif path.suffix in (".json", ".txt"):
-            digest.update(f"{relative}:".encode() + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()[:16]
 
 
 def _source_identity(model: ResolvedModel) -> dict[str, Any]:
@@ -62,6 +47,12 @@ def _source_identity(model: ResolvedModel) -> dict[str, Any]:
             "source": model.model_id,
             "weights": f"{folder_format(arch)}:{weights_fingerprint(arch)}",
         }
+    if model.checkpoint is not None:  # a single file: its content and the configs it was converted with
+        return {
+            "kind": "file",
+            "source": str(model.checkpoint.path),
+            "weights": f"{model.checkpoint.sha256}:{model.config_digest}",
+        }
     revision = None
     if not Path(model.model_id).expanduser().is_dir():  # a hub id: the snapshot folder is named by its commit
         revision = model.path.name
@@ -71,8 +62,8 @@ def _source_identity(model: ResolvedModel) -> dict[str, Any]:
     return {"kind": kind, "source": source, "revision": revision, "weights": folder_digest(model.path)}
 
 
-def _readable(model_id: str) -> str:
-    name = Path(model_id.rstrip("/")).name or "model"
+def _readable(model: ResolvedModel) -> str:
+    name = model.output_name.name or "model"
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
 
@@ -85,6 +76,7 @@ class BuildRecipe:
     vae: str | None  # the fp16-fixed VAE (--use_fp16_fixed_vae) and its digest, or None for the model's own
     provider: str
     format: int = BUILD_FORMAT
+    loras: tuple[dict[str, Any], ...] = ()  # --lora files fused into the weights (LoraFile.identity)
 
     @classmethod
     def of(cls, model: ResolvedModel, *, provider: str, vae: str | None = None, vae_root: Path | None = None):
@@ -92,12 +84,35 @@ class BuildRecipe:
         vae_identity = None
         if vae is not None:
             vae_identity = f"{vae}:{folder_digest(vae_root)}" if vae_root is not None and vae_root.is_dir() else vae
-        return cls(name=_readable(model.model_id), source=_source_identity(model), vae=vae_identity, provider=provider)
+        return cls(
+            name=_readable(model),
+            source=_source_identity(model),
+            vae=vae_identity,
+            provider=provider,
+            loras=tuple(lora.identity() for lora in model.loras),
+        )
 
     @property
     def digest(self) -> str:
-        content = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not self.loras:  # builds without LoRAs keep the digests (folders) they had before --lora existed
+            del fields["loras"]
+        content = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()[:8]
+
+    def submodel_key(self, submodel: str) -> str:
+        """What one submodel of this build is made from: the same key in another build means the same ONNX model
+        (so a build that differs only in a LoRA of the UNet reuses the other build's VAE and text encoders)."""
+        component = COMPONENT_OF[submodel]
+        content = {
+            "submodel": submodel,
+            "source": self.source,
+            "provider": self.provider,
+            "format": self.format,
+            "vae": self.vae if component == "vae" else None,
+            "loras": [lora for lora in self.loras if component in lora["targets"]],
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def folder_name(self) -> str:

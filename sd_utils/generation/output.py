@@ -46,6 +46,7 @@ def png_metadata(
         "model": loaded.model_label,
         "provider": loaded.provider.name,
         "software": "sdxl-olive",
+        **made_from(loaded.build_record),
     }
     if loaded.vae_tiling:
         metadata["vae_tiling"] = "on"
@@ -69,6 +70,32 @@ def png_metadata(
     return metadata
 
 
+def made_from(record: dict) -> dict[str, str]:
+    """What a build's record says it was made from, as PNG text keys: the checkpoint file and its short hash, the
+    LoRAs (``name:scale:hash``, comma-separated) and the VAE (the model's own, or the fp16-fixed one)."""
+    facts = {}
+    source = record.get("source") or {}
+    if source.get("kind") == "file":
+        facts["checkpoint"] = Path(source["source"]).name
+        facts["checkpoint_hash"] = source["weights"][:10]
+    if record.get("loras"):
+        facts["loras"] = ", ".join(
+            f"{lora['name']}:{lora['scale']:g}:{lora['sha256'][:10]}" for lora in record["loras"]
+        )
+    facts["vae"] = _vae_name(record) or "the model's own"
+    return facts
+
+
+def _vae_name(record: dict) -> str | None:
+    """The fp16-fixed VAE (its hub id, or its folder's name) from a record's ``id`` or ``folder:digest``; None for
+    the model's own VAE."""
+    vae = record.get("vae")
+    if not vae:
+        return None
+    folder = re.sub(r":[0-9a-f]{16}$", "", vae)
+    return folder if folder == vae else Path(folder).name
+
+
 def _a1111_value(value: object) -> str:
     """A value as A1111 writes it in its parameters line: JSON-quoted when it holds a separator."""
     text = str(value)
@@ -80,6 +107,10 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
     which A1111's PNG Info, Civitai and ComfyUI read. ``Model hash`` is the build's digest (build.json): a diffusers
     folder has no single checkpoint file to hash as A1111 does."""
     sampler, schedule = a1111_names(loaded.scheduler_config, request.scheduler)
+    record = loaded.build_record
+    source = record.get("source") or {}
+    from_file = source.get("kind") == "file"
+    loras = record.get("loras") or []
     fields = {
         "Steps": request.num_inference_steps,
         "Sampler": sampler,
@@ -87,14 +118,18 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
         "CFG scale": f"{request.effective_guidance_scale:g}",
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
-        "Model hash": loaded.build_digest,
-        "Model": loaded.model_label,
+        "Model hash": source["weights"][:10] if from_file else loaded.build_digest,
+        "Model": Path(source["source"]).stem if from_file else loaded.model_label,
+        "VAE": _vae_name(record),
         "Denoising strength": request.refine.strength if request.refine is not None else None,
+        "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256'][:10]}" for lora in loras) or None,
         "Version": "sdxl-olive",
     }
     line = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in fields.items() if value is not None)
     negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
-    return f"{request.prompt}{negative}\n{line}"
+    # A1111 names the LoRAs of an image in its prompt, where its PNG Info and Civitai look for them
+    tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in loras)
+    return f"{request.prompt}{tags}{negative}\n{line}"
 
 
 _NAME = re.compile(r"^(\d{5,})-")  # NNNNN-<seed>.png, past 99999 too

@@ -41,6 +41,8 @@ class LoadedPipeline:
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
     new_text_encoder: Callable[[str], None] | None = None
     build_digest: str | None = None  # the build's recipe digest (build.json), the PNGs' "Model hash"
+    # build.json: what the build was made from (checkpoint file, LoRAs, VAE), recorded in the PNGs
+    build_record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the model folder's own scheduler config (--scheduler makes its scheduler from it)
     scheduler_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the last prompt's embeddings, by (prompt, negative prompt, images per call, CFG): see encode_prompt
@@ -123,6 +125,7 @@ def load_pipeline(
         low_vram=low_vram,
         new_text_encoder=new_text_encoder,
         build_digest=(read_record(folder) or {}).get("digest"),
+        build_record=read_record(folder) or {},
         scheduler_config=dict(pipeline.scheduler.config),
     )
 

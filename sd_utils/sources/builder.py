@@ -394,10 +394,7 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
         if arch.name.startswith("random-"):
             pipeline.to(torch.float16)
         pipeline.save_pretrained(staging, safe_serialization=True)
-        save_sdxl_tokenizers(staging, names=("tokenizer_2",) if arch.refiner else ("tokenizer", "tokenizer_2"))
-        _register_tokenizers(staging, refiner=arch.refiner)
-        config = staging / "scheduler" / "scheduler_config.json"
-        config.write_text(json.dumps({**json.loads(config.read_text()), **SDXL_SCHEDULER_OTHER_KEYS}, indent=2) + "\n")
+        _finish_folder(staging, refiner=arch.refiner)
         record = {"architecture": arch.name, "weights": weights_fingerprint(arch), "format": folder_format(arch)}
         (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if destination.exists():
@@ -405,6 +402,38 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
         staging.rename(destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def _finish_folder(folder: Path, *, refiner: bool) -> None:
+    """What a saved pipeline lacks: the tokenizers, and the scheduler keys Euler ignores (see above)."""
+    import json
+
+    save_sdxl_tokenizers(folder, names=("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2"))
+    _register_tokenizers(folder, refiner=refiner)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **SDXL_SCHEDULER_OTHER_KEYS}, indent=2) + "\n")
+
+
+def write_configs(arch: Architecture, destination: Path) -> Path:
+    """Write ``arch`` as a diffusers folder of configs and tokenizers only, no weights: what diffusers'
+    ``from_single_file(config=...)`` needs to convert a checkpoint of this architecture without the hub."""
+    from accelerate import init_empty_weights
+
+    destination = Path(destination)
+    with init_empty_weights():  # the modules only serve their configs: no weights are allocated
+        pipeline = build_pipeline(arch, trained=False)
+    destination.mkdir(parents=True, exist_ok=True)
+    pipeline.save_config(destination)
+    for name, component in pipeline.components.items():
+        if component is None:
+            continue
+        config = getattr(component, "config", None)
+        if hasattr(config, "save_pretrained"):  # transformers' configs
+            config.save_pretrained(destination / name)
+        else:
+            component.save_config(destination / name)
+    _finish_folder(destination, refiner=arch.refiner)
     return destination
 
 

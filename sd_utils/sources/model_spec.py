@@ -17,6 +17,14 @@ from sd_utils.errors import ModelNotFoundError
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+# which diffusers component holds each ONNX submodel's weights and config.json
+COMPONENT_OF = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_encoder": "vae",
+    "vae_decoder": "vae",
+}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

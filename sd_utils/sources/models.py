@@ -1,4 +1,5 @@
-"""Turn ``--model_id`` into a local diffusers folder: a built-in architecture, a local folder, or a hub id."""
+"""Turn ``--model_id`` into a local diffusers folder: a built-in architecture, a local folder, a single-file
+checkpoint (converted once), or a hub id."""
 
 from __future__ import annotations
 
@@ -6,12 +7,21 @@ import dataclasses
 import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
-from sd_utils.files import exclusive
-from sd_utils.sources.builder import ARCHITECTURES, build_record, folder_format, materialize, weights_fingerprint
-from sd_utils.sources.model_spec import ModelSpec
+from sd_utils.files import exclusive, folder_digest, follow_umask
+from sd_utils.sources import single_file
+from sd_utils.sources.builder import (
+    ARCHITECTURES,
+    build_record,
+    folder_format,
+    materialize,
+    weights_fingerprint,
+    write_configs,
+)
+from sd_utils.sources.model_spec import COMPONENT_OF, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +36,51 @@ HUB_ALLOW_PATTERNS = [
 ]
 
 
+# the configs (no weights) of these architectures describe single files of SDXL 1.0's sizes when --config is not given
+STANDARD_CONFIGS = {False: "random-sdxl-base", True: "random-sdxl-refiner"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFile:
+    """The single file a model was converted from: shown in the PNGs' metadata and the window."""
+
+    path: Path
+    sha256: str
+
+    @property
+    def short_hash(self) -> str:
+        """The first 10 hex digits of the file's SHA-256, as A1111 and Civitai show a checkpoint's hash."""
+        return self.sha256[:10]
+
+
 @dataclasses.dataclass(frozen=True)
 class ResolvedModel:
     model_id: str
     path: Path
     spec: ModelSpec
+    checkpoint: CheckpointFile | None = None  # set when --model_id is a single file
+    config_digest: str | None = None  # of the configs a single file was converted with
+    loras: tuple = ()  # sources.lora.LoraFile, fused into the weights before export (--lora)
+
+    def describe(self) -> str:
+        """One line on what is loaded: the model (a single file with its short hash) and the LoRAs with scales."""
+        text = self.model_id
+        if self.checkpoint is not None:
+            text = f"{self.checkpoint.path.name} ({self.checkpoint.short_hash})"
+        if self.loras:
+            text += " + LoRA " + ", ".join(f"{lora.name} x{lora.scale:g} ({lora.short_hash})" for lora in self.loras)
+        return text
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The diffusers components with weights: what a LoRA may change."""
+        return tuple(dict.fromkeys(COMPONENT_OF[submodel] for submodel in self.spec.submodels))
 
     @property
     def output_name(self) -> Path:
-        """Relative folder under ``models/{optimized,unoptimized}``: the hub id, or a local folder's name."""
+        """Relative folder under ``models/{optimized,unoptimized}``: the hub id, a local folder's or file's name."""
+        if self.checkpoint is not None:
+            return Path(self.checkpoint.path.stem)
         as_path = Path(self.model_id)
         return Path(as_path.name) if as_path.is_absolute() or as_path.exists() else as_path
 
@@ -69,26 +115,87 @@ def ensure_builtin(name: str, *, models_dir: Path) -> Path:
     return path
 
 
-def resolve_model(model_id: str, *, models_dir: Path) -> ResolvedModel:
-    """Find or create the diffusers folder of ``model_id``; raises :class:`ModelNotFoundError` with the fix."""
+def resolve_model(
+    model_id: str, *, models_dir: Path, config: str | None = None, option: str = "--model_id"
+) -> ResolvedModel:
+    """Find or create the diffusers folder of ``model_id``; raises :class:`ModelNotFoundError` with the fix.
+
+    ``config``: for a single-file ``model_id``, a diffusers folder or hub id whose configs describe it (default: SDXL
+    1.0's own, written locally)."""
+    as_path = Path(model_id).expanduser()
     if model_id in ARCHITECTURES:
         path = ensure_builtin(model_id, models_dir=models_dir)
-    elif Path(model_id).expanduser().is_dir():
-        path = Path(model_id).expanduser().resolve()
-    elif Path(model_id).expanduser().exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+    elif as_path.is_dir():
+        path = as_path.resolve()
+    elif as_path.is_file():
+        return _resolve_single_file(model_id, as_path, models_dir=models_dir, config=config, option=option)
+    elif as_path.suffix.lower() in (".safetensors", *single_file.PICKLE_SUFFIXES):
+        raise ModelNotFoundError(f"{option} {model_id}: no such file; check the path")
+    elif model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
         raise ModelNotFoundError(
-            f"--model_id {model_id!r} is not a diffusers folder, a hub id (owner/name) or a built-in model; "
-            f"use a folder with model_index.json, a hub id, or one of: {', '.join(BUILTIN_MODELS)}"
+            f"{option} {model_id!r} is not a diffusers folder, a .safetensors checkpoint, a hub id (owner/name) or a "
+            f"built-in model; use one of those, e.g. one of: {', '.join(BUILTIN_MODELS)}"
         )
     else:
         path = download_snapshot(
             model_id,
             allow_patterns=HUB_ALLOW_PATTERNS,
-            option="--model_id",
+            option=option,
             fix="connect to the hub, pass a local diffusers folder, or use a built-in model "
             f"({', '.join(BUILTIN_MODELS)})",
         )
     return ResolvedModel(model_id=model_id, path=path, spec=ModelSpec.from_folder(path))
+
+
+def _resolve_single_file(model_id: str, file: Path, *, models_dir: Path, config: str | None, option: str):
+    checkpoint = single_file.classify(file, single_file.read_header(file, option), option)
+    config_root = config_folder(config, refiner=checkpoint.refiner, models_dir=models_dir)
+    digest = folder_digest(config_root)
+    path = single_file.converted_folder(
+        checkpoint, config_root=config_root, config_digest=digest, models_dir=models_dir
+    )
+    spec = ModelSpec.from_folder(path)
+    if spec.is_refiner != checkpoint.refiner:
+        kind = "a refiner" if checkpoint.refiner else "a base model"
+        raise ModelNotFoundError(f"{option} {file} is {kind} but --config {config} is not; give the configs of {kind}")
+    sha256 = single_file.read_record(path)["sha256"]
+    return ResolvedModel(
+        model_id=model_id,
+        path=path,
+        spec=spec,
+        checkpoint=CheckpointFile(path=file.resolve(), sha256=sha256),
+        config_digest=digest,
+    )
+
+
+CONFIG_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt"]
+
+
+def config_folder(config: str | None, *, refiner: bool, models_dir: Path) -> Path:
+    """The diffusers configs (and tokenizers) a single file is converted with: ``config`` (a folder or a hub id, of
+    which only configs are downloaded), or SDXL 1.0's base or refiner configs written locally."""
+    if config:
+        if Path(config).expanduser().is_dir():
+            root = Path(config).expanduser().resolve()
+        else:
+            root = download_snapshot(
+                config, allow_patterns=CONFIG_ALLOW_PATTERNS, option="--config", fix="give a local diffusers folder"
+            )
+        if not (root / "model_index.json").is_file():
+            raise ModelNotFoundError(f"--config {config} has no model_index.json; give a diffusers model folder")
+        return root
+    arch = ARCHITECTURES[STANDARD_CONFIGS[refiner]]
+    root = models_dir / "configs" / f"{arch.name}-{folder_format(arch)}"
+    if not (root / "model_index.json").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(root.with_name(f".{root.name}.lock"), waiting_for=f"writing {root}"):
+            if not (root / "model_index.json").is_file():
+                staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+                follow_umask(staging)
+                write_configs(arch, staging)
+                shutil.rmtree(root, ignore_errors=True)
+                staging.rename(root)
+    return root
 
 
 def download_snapshot(model_id: str, *, allow_patterns: list[str], option: str, fix: str) -> Path:

@@ -102,6 +102,9 @@ class GenerationWindow:
         self.cells = [ttk.Label(grid) for _ in range(MAX_IMAGES)]
         for index, cell in enumerate(self.cells):
             cell.grid(row=index // COLUMNS, column=index % COLUMNS, padx=2, pady=2)
+        vae = f" · VAE {options.use_fp16_fixed_vae}" if options.use_fp16_fixed_vae else ""
+        self.model_label = ttk.Label(frame, text=f"Model: {job.model.describe()}{vae}")
+        self.model_label.grid(row=6, column=0, columnspan=COLUMNS, sticky="w")
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.prompt.focus_set()
         root.after(POLL_MS, self._poll)

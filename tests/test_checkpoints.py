@@ -1,0 +1,281 @@
+"""Single-file checkpoints and LoRAs (issue #23): parity with diffusers folders and PyTorch, refusals, rebuilds.
+
+Every file is written here: tiny SDXL models in the single-file layout (``sources.original_layout``), LoRAs in
+diffusers/PEFT and kohya layouts (``tests/lora_files.py``), and the headers of other model families.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lora_files import write_kohya_lora, write_peft_lora
+from PIL import Image
+from test_parity import psnr
+
+from sd_utils.sources.original_layout import write_single_file
+from stable_diffusion_xl import main
+
+PROMPT = ["--prompt", "a red circle on the left", "--seed", "5", "--num_inference_steps", "4"]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+
+
+def _only_png(folder: Path) -> Path:
+    (png,) = sorted(folder.glob("*.png"))
+    return png
+
+
+@pytest.fixture(scope="module")
+def files(tiny_refiner_optimized, tmp_path_factory):
+    """The tiny base and refiner as single files, and two LoRAs for the base."""
+    root = tmp_path_factory.mktemp("files")
+    models = tiny_refiner_optimized.models_dir / "builtin"
+    return {
+        "base": write_single_file(models / "tiny", root / "tiny base.safetensors"),
+        "refiner": write_single_file(models / "tiny-refiner", root / "tiny-refiner.safetensors"),
+        "peft": write_peft_lora(models / "tiny", root / "style_peft.safetensors"),
+        "kohya": write_kohya_lora(models / "tiny", root / "detail_kohya.safetensors"),
+    }
+
+
+def test_single_file_base_and_refiner_give_the_folders_images(tiny_refiner_optimized, files, tmp_path, caplog):
+    """``--model_id FILE --config DIR`` (base; refiner with --base_images) = the same weights as a diffusers folder."""
+    work = tiny_refiner_optimized
+    builtin = work.models_dir / "builtin"
+    runs = {
+        "folder": ["--model_id", "tiny"],
+        "file": ["--model_id", str(files["base"]), "--config", str(builtin / "tiny")],
+    }
+    for name, model in runs.items():
+        assert main(work.args("--provider", "cpu", *model, *PROMPT, "--output_dir", str(tmp_path / name))) == 0
+    assert psnr(_pixels(_only_png(tmp_path / "folder")), _pixels(_only_png(tmp_path / "file"))) >= 60
+    base_png = _only_png(tmp_path / "folder")
+    refine = ["--base_images", str(base_png), "--strength", "0.5"]
+    refiners = {
+        "refined-folder": ["--model_id", "tiny-refiner"],
+        "refined-file": ["--model_id", str(files["refiner"]), "--config", str(builtin / "tiny-refiner")],
+    }
+    for name, model in refiners.items():
+        args = work.args("--provider", "cpu", *model, *refine, *PROMPT, "--output_dir", str(tmp_path / name))
+        assert main(args) == 0
+    refined = [_pixels(_only_png(tmp_path / name)) for name in refiners]
+    assert psnr(*refined) >= 60
+    text = Image.open(_only_png(tmp_path / "file")).text
+    sha = __import__("hashlib").sha256(files["base"].read_bytes()).hexdigest()
+    assert text["checkpoint"] == "tiny base.safetensors"
+    assert text["checkpoint_hash"] == sha[:10]
+    assert f"Model hash: {sha[:10]}, Model: tiny base," in text["parameters"]
+    # converted once: a second run converts nothing
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        args = work.args("--provider", "cpu", *runs["file"], *PROMPT, "--output_dir", str(tmp_path / "again"))
+        assert main(args) == 0
+    assert "converting" not in caplog.text
+    assert "optimizing" not in caplog.text
+
+
+def test_a_changed_single_file_is_converted_and_built_again(tiny_optimized, tmp_path, caplog):
+    builtin = tiny_optimized.models_dir / "builtin" / "tiny"
+    file = write_single_file(builtin, tmp_path / "model.safetensors")
+    models = tmp_path / "models"
+    args = ["--models_dir", str(models), "--cache_dir", str(tiny_optimized.cache_dir), "--provider", "cpu"]
+    run = [*args, "--model_id", str(file), "--config", str(builtin), *PROMPT]
+    assert main([*run, "--output_dir", str(tmp_path / "a")]) == 0
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(file)
+    state["model.diffusion_model.out.2.bias"] += 0.5  # another fine-tune of the same architecture
+    save_file(state, str(file))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main([*run, "--output_dir", str(tmp_path / "b")]) == 0
+    assert "converting" in caplog.text and "converted from an earlier version" in caplog.text
+    assert len([folder for folder in (models / "converted").iterdir() if not folder.name.startswith(".")]) == 1
+    assert psnr(_pixels(_only_png(tmp_path / "a")), _pixels(_only_png(tmp_path / "b"))) < 40
+
+
+def _torch_images(root: Path, loras: list[tuple[Path, float]], latents: torch.Tensor, call: dict) -> np.ndarray:
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=torch.float32)
+    names = []
+    for index, (path, _scale) in enumerate(loras):
+        pipeline.load_lora_weights(load_file(path), adapter_name=f"l{index}")
+        names.append(f"l{index}")
+    if names:
+        pipeline.set_adapters(names, adapter_weights=[scale for _path, scale in loras])
+    return pipeline(latents=latents.clone(), **call).images
+
+
+def _build_with(work, loras: list[tuple[Path, float]], caplog) -> tuple[Path, list[str]]:
+    """Build tiny with ``loras`` through the app; the optimized folder and the submodels whose workflow ran."""
+    from sd_utils import app
+    from sd_utils.options import parse_options
+
+    lora_args = [arg for path, scale in loras for arg in ("--lora", f"{path}:{scale}")]
+    options = parse_options(work.tiny("--prompt x", *lora_args))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sd_utils.build.olive_workflow"):
+        ready = app.prepare_models(options, app.plan(options))
+    ran = [line.split("] ")[1].split(":")[0] for line in caplog.messages if ": convert -> " in line]
+    return ready.model.optimized, ran
+
+
+def test_loras_match_diffusers_and_a_scale_change_rebuilds_only_the_unet(tiny_optimized, tiny_spec, files, caplog):
+    """One LoRA (kohya, UNet only), two (PEFT with both text encoders + kohya), then another scale of the kohya one:
+    ONNX vs diffusers PyTorch with the same LoRAs unfused at the same scales and the same latents >= 60 dB; each
+    build runs the Olive workflows of what its LoRAs change and reuses the rest."""
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
+
+    latents = torch.randn((1, tiny_spec.latent_channels, 8, 12), generator=torch.Generator().manual_seed(4))
+    call = {
+        "prompt": "a green star",
+        "negative_prompt": "blurry",
+        "width": 96,
+        "height": 64,
+        "num_inference_steps": 3,
+        "guidance_scale": 5.0,
+        "output_type": "np",
+    }
+    cases = [
+        ([(files["kohya"], 0.7)], ["unet"]),
+        ([(files["peft"], 1.0), (files["kohya"], 0.7)], ["text_encoder", "text_encoder_2", "unet"]),
+        ([(files["peft"], 1.0), (files["kohya"], 0.4)], ["unet"]),
+    ]
+    plain = None
+    for loras, expected_runs in cases:
+        folder, ran = _build_with(tiny_optimized, loras, caplog)
+        assert ran == expected_runs, loras
+        loaded = load_pipeline(
+            folder, tiny_spec, provider=PROVIDERS["cpu"], shape=Shape(batch=1, height=64, width=96), model_label="t"
+        )
+        actual = loaded.pipeline(latents=latents.clone(), **call).images
+        expected = _torch_images(tiny_spec.root, loras, latents, call)
+        assert psnr(expected, actual) >= 60, loras
+        if plain is None:
+            plain = _torch_images(tiny_spec.root, [], latents, call)
+        assert psnr(plain, actual) < 40  # the LoRA changed the image
+        record = json.loads((folder / "build.json").read_text())
+        assert [(lora["name"], lora["scale"]) for lora in record["loras"]] == [(p.stem, s) for p, s in loras]
+
+
+def test_lora_metadata_and_window_line(tiny_optimized, files, tmp_path):
+    args = tiny_optimized.tiny("--prompt a --seed 1 --num_inference_steps 2", "--output_dir", str(tmp_path))
+    assert main([*args, "--lora", f"{files['kohya']}:0.7"]) == 0
+    text = Image.open(_only_png(tmp_path)).text
+    sha = __import__("hashlib").sha256(files["kohya"].read_bytes()).hexdigest()[:10]
+    assert text["loras"] == f"detail_kohya:0.7:{sha}"
+    assert text["parameters"].startswith("a <lora:detail_kohya:0.7>\n")
+    assert f'Lora hashes: "detail_kohya: {sha}"' in text["parameters"]
+
+
+def test_kohya_names_land_on_the_modules_they_name(tiny_optimized, files, tmp_path):
+    """The kohya file's ``lora_unet_input_blocks_3_1_…attn1_to_q`` (sgm name) changes exactly diffusers'
+    ``down_blocks.1.attentions.0.…attn1.to_q`` by alpha/rank x up @ down x scale."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from sd_utils.build.lora_fusion import fuse_loras
+    from sd_utils.sources.lora import inspect_lora
+
+    root = tiny_optimized.models_dir / "builtin" / "tiny"
+    lora = inspect_lora(files["kohya"], 0.5, components=("text_encoder", "text_encoder_2", "unet", "vae"))
+    assert lora.targets == ("unet",)
+    fused = fuse_loras(root, (lora,), tmp_path / "fused")
+    assert sorted(p.name for p in fused.iterdir() if any(p.glob("*.safetensors"))) == ["unet"]
+    before = UNet2DConditionModel.from_pretrained(root / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(fused / "unet").state_dict()
+    tensors = load_file(files["kohya"])
+    stem = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"
+    down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
+    alpha = float(tensors[f"{stem}.alpha"])
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(after[key] - before[key], 0.5 * alpha / down.shape[0] * up @ down, atol=1e-5, rtol=1e-4)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(
+        name.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for name in changed
+    )
+
+
+class _Boom:
+    """Unpickling this writes a file: proof that a checkpoint was (not) unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+def _header_file(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({key: torch.zeros(shape) for key, shape in keys.items()}, str(path))
+    return path
+
+
+REFUSED = {
+    "sd15.safetensors": ({"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 8),
+                          "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "Stable Diffusion 1.x"),
+    "sd2.safetensors": ({"cond_stage_model.model.token_embedding.weight": (8, 8),
+                         "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "Stable Diffusion 2.x"),
+    "sd3.safetensors": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,)},
+                        "Stable Diffusion 3"),
+    "flux.safetensors": ({"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "a Flux model"),
+    "inpaint.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3),
+                             "conditioner.embedders.1.model.positional_embedding": (77, 8),
+                             "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)}, "inpainting model (9 UNet"),
+    "lora.safetensors": ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": (4, 8)}, "is a LoRA, not a model"),
+    "unet.safetensors": ({"down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3), "conv_in.weight": (8, 4, 3, 3)},
+                         "a UNet alone"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_is_not_an_sdxl_file_is_one_line(tiny_optimized, tmp_path, capsys, name):
+    keys, said = REFUSED[name]
+    path = _header_file(tmp_path / name, keys)
+    assert main(tiny_optimized.args("--provider", "cpu", "--model_id", str(path), "--prompt", "x")) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and said in error[0] and str(path) in error[0], error
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "model.bin", "renamed.safetensors"])
+def test_pickles_are_refused_without_unpickling(tiny_optimized, tmp_path, capsys, name):
+    marker = tmp_path / "marker"
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps({"state_dict": _Boom(marker)}))
+    for option in ("--model_id", "--lora"):
+        extra = [option, str(path)] if option == "--model_id" else ["--model_id", "tiny", "--lora", str(path)]
+        assert main(tiny_optimized.args("--provider", "cpu", *extra, "--prompt", "x")) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and str(path) in error[0] and ".safetensors" in error[0], error
+    assert not marker.exists()
+
+
+def test_loras_that_do_not_fit_are_one_line(tiny_refiner_optimized, files, tmp_path, capsys):
+    work = tiny_refiner_optimized
+    wrong_size = tmp_path / "other_base.safetensors"
+    write_kohya_lora(work.models_dir / "builtin" / "tiny-refiner", wrong_size)  # the refiner's UNet: other widths
+    cases = [
+        (["--model_id", "tiny-refiner", "--lora", str(files["peft"])], "text_encoder, which the model has not"),
+        (["--model_id", "tiny", "--lora", str(wrong_size)], "does not fit the model"),
+        (["--model_id", "tiny", "--lora", str(files["base"])], "it is a model checkpoint: pass it as --model_id"),
+        (["--model_id", "tiny", "--lora", str(tmp_path / "missing.safetensors")], "no such file"),
+        (["--model_id", "tiny", "--lora", f"{files['kohya']}:nan"], "LoRA scale"),
+    ]
+    for extra, said in cases:
+        assert main(work.args("--provider", "cpu", *extra, "--prompt", "x")) == 2, extra
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and said in error[0], (extra, error)
