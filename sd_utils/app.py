@@ -30,7 +30,8 @@ from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
 from sd_utils.sources.lora import inspect_lora
-from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_vae
+from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_unet, with_vae
+from sd_utils.sources.single_file import inspect_unet
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,11 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
 
     ``provider_table``: the rows ``--provider`` picks from (benchmarks and tests hand tuned ones)."""
     check_folders(options)
-    model = resolve_model(options.model_id, models_dir=options.models_dir, config=options.config)
+    model = resolve_model(
+        options.model_id, models_dir=options.models_dir, config=options.config, variant=options.variant
+    )
+    if options.unet:
+        model = dataclasses.replace(model, unet_file=inspect_unet(options.unet, model.spec.root / "unet"))
     if options.lora:
         loras = tuple(inspect_lora(path, scale, components=model.components) for path, scale in options.lora)
         model = dataclasses.replace(model, loras=loras)
@@ -71,6 +76,7 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
             options.refiner_model_id,
             models_dir=options.models_dir,
             config=options.refiner_config,
+            variant=options.variant,
             option="--refiner_model_id",
         )
         _check_hand_off(model, refiner)
@@ -274,10 +280,15 @@ def _optimize(
 ) -> BuildPaths:
     if fp16_vae is not None:  # copied only when a build needs it, not on every run
         with_vae(model, options.use_fp16_fixed_vae, destination=fp16_vae)
-    with contextlib.ExitStack() as stack:
-        fused = None
-        if model.loras:  # the fused weights live only as long as the build needs them
-            fused = fuse_loras(model.spec.root, model.loras, stack.enter_context(staged(options.models_dir, "lora-")))
+    with contextlib.ExitStack() as stack:  # the new weights live only as long as the build needs them
+        roots: dict[str, Path] = {}
+        if model.unet_file is not None:
+            staging = stack.enter_context(staged(options.models_dir, "unet-"))
+            roots["unet"] = with_unet(model.spec.root, model.unet_file.path, staging)
+        if model.loras:
+            staging = stack.enter_context(staged(options.models_dir, "lora-"))
+            fused = fuse_loras(model.spec.root, model.loras, staging, unet_root=roots.get("unet"))
+            roots.update({target: fused for lora in model.loras for target in lora.targets})
         return optimize(
             model,
             recipe=recipe,
@@ -287,7 +298,7 @@ def _optimize(
             clean_cache=options.clean_cache,
             tempdir=options.tempdir,
             fp16_vae=fp16_vae,
-            fused=fused,
+            component_roots=roots,
         )
 
 

@@ -26,6 +26,7 @@ class Options:
     config: str | None
     variant: str | None
     lora: tuple[tuple[Path, float], ...]
+    unet: Path | None
     provider: str
     device_id: int
     models_dir: Path
@@ -172,6 +173,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="which weight files of a hub --model_id to download: fp16 (half the size), fp32 (the plain files) "
         "or another variant the repository has (default: fp16 where the repository has it, else fp32)",
+    )
+    model.add_argument(
+        "--unet",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a UNet in diffusers' layout (.safetensors) that replaces --model_id's, e.g. SDXL-Lightning's "
+        "sdxl_lightning_4step_unet.safetensors; the other submodels are reused from --model_id's build",
     )
     model.add_argument(
         "--lora",

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,24 +85,33 @@ def test_single_file_base_and_refiner_give_the_folders_images(tiny_refiner_optim
     assert "optimizing" not in caplog.text
 
 
-def test_a_changed_single_file_is_converted_and_built_again(tiny_optimized, tmp_path, caplog):
+def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_optimized, tmp_path, caplog):
+    """Converted once per version of the file (by path, size and time); another version replaces the conversion
+    and has another build identity (its SHA-256), so its build is made anew."""
+    from safetensors.torch import load_file, save_file
+
+    from sd_utils.build.recipe import BuildRecipe
+    from sd_utils.sources.models import resolve_model
+
     builtin = tiny_optimized.models_dir / "builtin" / "tiny"
     file = write_single_file(builtin, tmp_path / "model.safetensors")
     models = tmp_path / "models"
-    args = ["--models_dir", str(models), "--cache_dir", str(tiny_optimized.cache_dir), "--provider", "cpu"]
-    run = [*args, "--model_id", str(file), "--config", str(builtin), *PROMPT]
-    assert main([*run, "--output_dir", str(tmp_path / "a")]) == 0
-    from safetensors.torch import load_file, save_file
-
+    first = resolve_model(str(file), models_dir=models, config=str(builtin))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert resolve_model(str(file), models_dir=models, config=str(builtin)).path == first.path
+    assert "converting" not in caplog.text
     state = load_file(file)
     state["model.diffusion_model.out.2.bias"] += 0.5  # another fine-tune of the same architecture
     save_file(state, str(file))
-    caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert main([*run, "--output_dir", str(tmp_path / "b")]) == 0
-    assert "converting" in caplog.text and "converted from an earlier version" in caplog.text
-    assert len([folder for folder in (models / "converted").iterdir() if not folder.name.startswith(".")]) == 1
-    assert psnr(_pixels(_only_png(tmp_path / "a")), _pixels(_only_png(tmp_path / "b"))) < 40
+        second = resolve_model(str(file), models_dir=models, config=str(builtin))
+    assert "converted from an earlier version" in caplog.text
+    assert second.path != first.path and not first.path.exists()
+    old_bias = load_file(builtin / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
+    new_bias = load_file(second.path / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
+    torch.testing.assert_close(new_bias, old_bias + 0.5)
+    assert BuildRecipe.of(second, provider="cpu").digest != BuildRecipe.of(first, provider="cpu").digest
 
 
 def _torch_images(root: Path, loras: list[tuple[Path, float]], latents: torch.Tensor, call: dict) -> np.ndarray:
@@ -279,3 +291,107 @@ def test_loras_that_do_not_fit_are_one_line(tiny_refiner_optimized, files, tmp_p
         assert main(work.args("--provider", "cpu", *extra, "--prompt", "x")) == 2, extra
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and said in error[0], (extra, error)
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_hub_repo(hub: Path, repo: str) -> Path:
+    """A repository in a Hugging Face cache folder, as an offline machine that downloaded it before has it."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    return folder / "snapshots" / COMMIT
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_optimized, tmp_path_factory):
+    """A Hugging Face cache with ``acme/tiny-xl`` (plain fp32 and fp16-variant weights) and ``acme/pickles`` (.bin)."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    hub = tmp_path_factory.mktemp("hub")
+    builtin = tiny_optimized.models_dir / "builtin" / "tiny"
+    snapshot = _fake_hub_repo(hub, "acme/tiny-xl")
+    shutil.copytree(builtin, snapshot)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(builtin)
+    pipeline.to(torch.float16).save_pretrained(snapshot, variant="fp16")
+    pickles = _fake_hub_repo(hub, "acme/pickles")
+    shutil.copytree(builtin, pickles, ignore=shutil.ignore_patterns("*.safetensors"))
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        (pickles / component / "pytorch_model.bin").write_bytes(b"not read")
+    return hub
+
+
+def _resolve_in_hub(hub: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    script = (
+        "import sys; from pathlib import Path; from sd_utils.sources.models import resolve_model; "
+        "from sd_utils.build.export_models import stored_dtype; "
+        "m = resolve_model(sys.argv[1], models_dir=Path(sys.argv[2]), variant=sys.argv[3] or None); "
+        "print(stored_dtype(m.path / 'unet'), stored_dtype(m.path / 'text_encoder_2'))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+
+
+@pytest.mark.parametrize(("variant", "dtype"), [("", "torch.float16"), ("fp32", "torch.float32")])
+def test_hub_models_use_the_fp16_variant_unless_told(hub, tmp_path, variant, dtype):
+    done = _resolve_in_hub(hub, tmp_path, "acme/tiny-xl", str(tmp_path / "models"), variant)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [dtype, dtype]
+
+
+def test_hub_repositories_without_safetensors_or_the_variant_are_one_line(hub, tmp_path):
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    script = str(Path(__file__).parents[1] / "stable_diffusion_xl.py")
+    cases = [
+        (["--model_id", "acme/pickles"], "has only pickled weights (.bin)"),
+        (["--model_id", "acme/tiny-xl", "--variant", "bf16"], "--variant bf16: acme/tiny-xl has no bf16"),
+    ]
+    for extra, said in cases:
+        args = [sys.executable, script, *extra, "--models_dir", str(tmp_path), "--provider", "cpu", "--prompt", "x"]
+        done = subprocess.run(args, env=env, capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and said in lines[0], (extra, done.stderr)
+
+
+def test_a_unet_file_replaces_the_models_unet_and_reuses_the_rest(tiny_refiner_optimized, tiny_spec, tmp_path, caplog):
+    """``--unet FILE`` (diffusers layout, as SDXL-Lightning's UNet-only files): only the UNet workflow runs, and the
+    images are diffusers' with that UNet; a UNet of another architecture is one line."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from sd_utils import app
+    from sd_utils.options import parse_options
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
+
+    work = tiny_refiner_optimized
+    state = load_file(tiny_spec.root / "unet" / "diffusion_pytorch_model.safetensors")
+    generator = torch.Generator().manual_seed(9)
+    state = {key: value + 0.02 * torch.randn(value.shape, generator=generator) for key, value in state.items()}
+    unet_file = tmp_path / "lightning_unet.safetensors"
+    save_file(state, str(unet_file))
+    options = parse_options(work.tiny("--prompt x", "--unet", str(unet_file)))
+    with caplog.at_level(logging.INFO, logger="sd_utils.build.olive_workflow"):
+        ready = app.prepare_models(options, app.plan(options))
+    assert [line.split("] ")[1].split(":")[0] for line in caplog.messages if ": convert -> " in line] == ["unet"]
+    latents = torch.randn((1, tiny_spec.latent_channels, 8, 8), generator=torch.Generator().manual_seed(2))
+    call = {"prompt": "a star", "width": 64, "height": 64, "num_inference_steps": 3, "output_type": "np"}
+    loaded = load_pipeline(
+        ready.model.optimized,
+        tiny_spec,
+        provider=PROVIDERS["cpu"],
+        shape=Shape(batch=1, height=64, width=64),
+        model_label="t",
+    )
+    actual = loaded.pipeline(latents=latents.clone(), **call).images
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_spec.root, torch_dtype=torch.float32)
+    reference.unet.load_state_dict(state)
+    assert psnr(reference(latents=latents.clone(), **call).images, actual) >= 60
+    refiner_unet = work.models_dir / "builtin" / "tiny-refiner" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert main(work.args("--provider", "cpu", "--model_id", "tiny", "--unet", str(refiner_unet), *PROMPT)) == 2

@@ -17,29 +17,34 @@ from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
 from sd_utils.sources.lora import LoraFile
+from sd_utils.sources.models import copy_configs
 
 logger = logging.getLogger(__name__)
 
 
-def _load_pipeline(root: Path):
+def _load_pipeline(root: Path, unet_root: Path):
     import diffusers
 
     from sd_utils.build.export_models import stored_dtype
 
     index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
     cls = getattr(diffusers, index["_class_name"])
+    # the weights' own dtype: fp16 checkpoints are fused in fp16, as A1111 and ComfyUI do, without an fp32 copy
+    dtype = stored_dtype(unet_root / "unet")
     diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components": the build logs its own steps
     try:
-        # the weights' own dtype: fp16 checkpoints are fused in fp16, as A1111 and ComfyUI do, without an fp32 copy
-        return cls.from_pretrained(root, torch_dtype=stored_dtype(root / "unet"))
+        unet = diffusers.UNet2DConditionModel.from_pretrained(unet_root / "unet", torch_dtype=dtype)
+        return cls.from_pretrained(root, unet=unet, torch_dtype=dtype)
     finally:
         diffusers.utils.logging.enable_progress_bar()
 
 
-def fuse_loras(root: Path, loras: tuple[LoraFile, ...], destination: Path) -> Path:
+def fuse_loras(root: Path, loras: tuple[LoraFile, ...], destination: Path, *, unet_root: Path | None = None) -> Path:
     """Write at ``destination`` a diffusers folder with ``root``'s configs and the components the LoRAs change, fused
-    at their scales; raise :class:`ModelNotFoundError` naming the file of a LoRA that does not fit the model."""
-    pipeline = _load_pipeline(root)
+    at their scales; raise :class:`ModelNotFoundError` naming the file of a LoRA that does not fit the model.
+
+    ``unet_root``: a folder whose UNet replaces ``root``'s (``--unet``)."""
+    pipeline = _load_pipeline(root, unet_root or root)
     names = [f"lora{index}" for index in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):
         _load_one(pipeline, lora, name)
@@ -47,8 +52,7 @@ def fuse_loras(root: Path, loras: tuple[LoraFile, ...], destination: Path) -> Pa
     pipeline.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     pipeline.fuse_lora(components=targets, adapter_names=names)
     pipeline.unload_lora_weights()
-    destination.mkdir(parents=True, exist_ok=True)
-    _copy_configs(root, destination)
+    copy_configs(root, destination)
     for target in targets:
         shutil.rmtree(destination / target, ignore_errors=True)
         getattr(pipeline, target).save_pretrained(destination / target, safe_serialization=True)
@@ -119,14 +123,3 @@ def _diffusers_notes() -> Iterator[list[str]]:
         library.removeHandler(handler)
         diffusers_logging.enable_default_handler()
         diffusers_logging.set_verbosity(verbosity)
-
-
-def _copy_configs(root: Path, destination: Path) -> None:
-    """``root``'s model index and every component's configs/tokenizer files (what the export reads besides weights)."""
-    shutil.copy2(root / "model_index.json", destination / "model_index.json")
-    for component in root.iterdir():
-        if component.is_dir():
-            for item in component.iterdir():
-                if item.is_file() and item.suffix in (".json", ".txt"):
-                    (destination / component.name).mkdir(exist_ok=True)
-                    shutil.copy2(item, destination / component.name / item.name)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -377,18 +377,18 @@ def _disk_full_is_one_line(models_dir: Path) -> Iterator[None]:
         ) from error
 
 
-def _export_roots(model: ResolvedModel, *, fp16_vae: Path | None, fused: Path | None) -> dict[str, Path]:
-    """The diffusers folder each submodel is exported from: the fp16-fixed VAE's, the LoRA-fused one, or the
-    model's own."""
+def _export_roots(
+    model: ResolvedModel, *, fp16_vae: Path | None, component_roots: Mapping[str, Path]
+) -> dict[str, Path]:
+    """The diffusers folder each submodel is exported from: the fp16-fixed VAE's, a staging folder with new weights
+    for its component (``component_roots``: LoRA-fused, ``--unet``), or the model's own."""
     roots = {}
     for submodel in model.spec.submodels:
         component = COMPONENT_OF[submodel]
         if fp16_vae is not None and component == "vae":
             roots[submodel] = fp16_vae
-        elif fused is not None and any(component in lora.targets for lora in model.loras):
-            roots[submodel] = fused
         else:
-            roots[submodel] = model.spec.root
+            roots[submodel] = component_roots.get(component, model.spec.root)
     return roots
 
 
@@ -402,7 +402,7 @@ def optimize(
     clean_cache: bool = False,
     tempdir: Path | None = None,
     fp16_vae: Path | None = None,
-    fused: Path | None = None,
+    component_roots: Mapping[str, Path] | None = None,
     project_dir: Path = PROJECT_DIR,
 ) -> BuildPaths:
     """Convert and optimize every submodel of ``model`` with Olive into the folders of ``recipe`` under ``models_dir``.
@@ -412,15 +412,16 @@ def optimize(
     has copied it out, which saves two copies of the weights on disk (~28 GB for SDXL base in fp32).
 
     ``fp16_vae``: a diffusers folder whose ``vae`` is an fp16-fixed VAE (see ``models.with_vae``); the VAE graphs are
-    exported from it and, on GPU providers, converted to fp16. ``fused``: a diffusers folder with the components
-    ``--lora`` files changed (see ``lora_fusion.fuse_loras``); those submodels are exported from it.
+    exported from it and, on GPU providers, converted to fp16. ``component_roots``: component -> a staging folder
+    holding its new weights (LoRA-fused, see ``lora_fusion``; ``--unet``); those submodels are exported from it.
 
     Submodels that another build already holds as this one would make them (see :func:`reusable_submodels`) are
     copied from it instead of running their workflow again.
     """
     with olive_cache(cache_dir, clean=clean_cache), staged(models_dir) as staging, _disk_full_is_one_line(models_dir):
         submodels = model.spec.submodels
-        roots = _export_roots(model, fp16_vae=fp16_vae, fused=fused)
+        component_roots = dict(component_roots or {})
+        roots = _export_roots(model, fp16_vae=fp16_vae, component_roots=component_roots)
         reused = reusable_submodels(models_dir, recipe, submodels)
         started = time.perf_counter()
         converted, optimized = {}, {}
@@ -431,8 +432,8 @@ def optimize(
                 continue
             logger.info("%s: convert -> %s", step, provider.optimize_pass)
             tick = time.perf_counter()
-            # a LoRA-fused export is never made again from the same folder: its cache goes with the staging folder
-            private = fused is not None and roots[submodel] == fused
+            # an export from a staging folder is never made again: its cache goes with the staging folder
+            private = roots[submodel] in component_roots.values()
             config = workflow_config(
                 load_template(submodel, project_dir=project_dir),
                 submodel=submodel,

@@ -77,6 +77,7 @@ class BuildRecipe:
     provider: str
     format: int = BUILD_FORMAT
     loras: tuple[dict[str, Any], ...] = ()  # --lora files fused into the weights (LoraFile.identity)
+    unet: dict[str, Any] | None = None  # --unet: the UNet file that replaces the model's (UnetFile.identity)
 
     @classmethod
     def of(cls, model: ResolvedModel, *, provider: str, vae: str | None = None, vae_root: Path | None = None):
@@ -90,13 +91,15 @@ class BuildRecipe:
             vae=vae_identity,
             provider=provider,
             loras=tuple(lora.identity() for lora in model.loras),
+            unet=model.unet_file.identity() if model.unet_file is not None else None,
         )
 
     @property
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
-        if not self.loras:  # builds without LoRAs keep the digests (folders) they had before --lora existed
-            del fields["loras"]
+        for name in ("loras", "unet"):  # builds without them keep the digests (folders) they had before
+            if not fields[name]:
+                del fields[name]
         content = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()[:8]
 
@@ -111,6 +114,7 @@ class BuildRecipe:
             "format": self.format,
             "vae": self.vae if component == "vae" else None,
             "loras": [lora for lora in self.loras if component in lora["targets"]],
+            "unet": self.unet if component == "unet" else None,
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 

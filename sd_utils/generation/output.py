@@ -71,13 +71,16 @@ def png_metadata(
 
 
 def made_from(record: dict) -> dict[str, str]:
-    """What a build's record says it was made from, as PNG text keys: the checkpoint file and its short hash, the
-    LoRAs (``name:scale:hash``, comma-separated) and the VAE (the model's own, or the fp16-fixed one)."""
+    """What a build's record says it was made from, as PNG text keys: the checkpoint file and its short hash, a
+    ``--unet`` file, the LoRAs (``name:scale:hash``, comma-separated) and the VAE (the model's own, or the
+    fp16-fixed one)."""
     facts = {}
     source = record.get("source") or {}
     if source.get("kind") == "file":
         facts["checkpoint"] = Path(source["source"]).name
         facts["checkpoint_hash"] = source["weights"][:10]
+    if record.get("unet"):
+        facts["unet"] = f"{record['unet']['name']}:{record['unet']['sha256'][:10]}"
     if record.get("loras"):
         facts["loras"] = ", ".join(
             f"{lora['name']}:{lora['scale']:g}:{lora['sha256'][:10]}" for lora in record["loras"]

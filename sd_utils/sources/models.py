@@ -4,7 +4,9 @@ checkpoint (converted once), or a hub id."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -26,14 +28,11 @@ from sd_utils.sources.model_spec import COMPONENT_OF, ModelSpec
 logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = tuple(ARCHITECTURES)
-# what an SDXL hub repository needs for us: configs, tokenizers and the fp32 safetensors of each component
-HUB_ALLOW_PATTERNS = [
-    "model_index.json",
-    "*/*.json",
-    "*/*.txt",
-    "*/diffusion_pytorch_model.safetensors",
-    "*/model.safetensors",
-]
+# what an SDXL hub repository needs for us besides weights: configs and tokenizers (of subfolders only: SDXL's repos
+# also hold a 7-GB single-file copy at the top)
+CONFIG_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt"]
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+PLAIN = "fp32"  # --variant's name for the plain (variant-less) weight files
 
 
 # the configs (no weights) of these architectures describe single files of SDXL 1.0's sizes when --config is not given
@@ -61,12 +60,15 @@ class ResolvedModel:
     checkpoint: CheckpointFile | None = None  # set when --model_id is a single file
     config_digest: str | None = None  # of the configs a single file was converted with
     loras: tuple = ()  # sources.lora.LoraFile, fused into the weights before export (--lora)
+    unet_file: single_file.UnetFile | None = None  # a UNet that replaces the model's (--unet)
 
     def describe(self) -> str:
         """One line on what is loaded: the model (a single file with its short hash) and the LoRAs with scales."""
         text = self.model_id
         if self.checkpoint is not None:
             text = f"{self.checkpoint.path.name} ({self.checkpoint.short_hash})"
+        if self.unet_file is not None:
+            text += f" + UNet {self.unet_file.path.name} ({self.unet_file.short_hash})"
         if self.loras:
             text += " + LoRA " + ", ".join(f"{lora.name} x{lora.scale:g} ({lora.short_hash})" for lora in self.loras)
         return text
@@ -116,12 +118,17 @@ def ensure_builtin(name: str, *, models_dir: Path) -> Path:
 
 
 def resolve_model(
-    model_id: str, *, models_dir: Path, config: str | None = None, option: str = "--model_id"
+    model_id: str,
+    *,
+    models_dir: Path,
+    config: str | None = None,
+    variant: str | None = None,
+    option: str = "--model_id",
 ) -> ResolvedModel:
     """Find or create the diffusers folder of ``model_id``; raises :class:`ModelNotFoundError` with the fix.
 
     ``config``: for a single-file ``model_id``, a diffusers folder or hub id whose configs describe it (default: SDXL
-    1.0's own, written locally)."""
+    1.0's own, written locally); ``variant``: for a hub id, which weight files (``--variant``)."""
     as_path = Path(model_id).expanduser()
     if model_id in ARCHITECTURES:
         path = ensure_builtin(model_id, models_dir=models_dir)
@@ -137,13 +144,7 @@ def resolve_model(
             f"built-in model; use one of those, e.g. one of: {', '.join(BUILTIN_MODELS)}"
         )
     else:
-        path = download_snapshot(
-            model_id,
-            allow_patterns=HUB_ALLOW_PATTERNS,
-            option=option,
-            fix="connect to the hub, pass a local diffusers folder, or use a built-in model "
-            f"({', '.join(BUILTIN_MODELS)})",
-        )
+        path = hub_model(model_id, variant=variant, option=option, models_dir=models_dir)
     return ResolvedModel(model_id=model_id, path=path, spec=ModelSpec.from_folder(path))
 
 
@@ -166,9 +167,6 @@ def _resolve_single_file(model_id: str, file: Path, *, models_dir: Path, config:
         checkpoint=CheckpointFile(path=file.resolve(), sha256=sha256),
         config_digest=digest,
     )
-
-
-CONFIG_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt"]
 
 
 def config_folder(config: str | None, *, refiner: bool, models_dir: Path) -> Path:
@@ -198,6 +196,146 @@ def config_folder(config: str | None, *, refiner: bool, models_dir: Path) -> Pat
     return root
 
 
+def weight_patterns(variant: str) -> list[str]:
+    """Hub file patterns of one variant's weights (``fp32``: the plain files), sharded or not."""
+    if variant == PLAIN:
+        return [
+            f"*/{stem}{suffix}"
+            for stem in WEIGHT_STEMS
+            for suffix in (".safetensors", "-*-of-*.safetensors", ".safetensors.index.json")
+        ]
+    return [
+        f"*/{stem}{suffix}"
+        for stem in WEIGHT_STEMS
+        for suffix in (
+            f".{variant}.safetensors",
+            f".{variant}-*-of-*.safetensors",
+            f".safetensors.index.{variant}.json",
+        )
+    ]
+
+
+def _variant_of(name: str) -> str | None:
+    """The variant a weight file belongs to (``fp32`` for plain ones), None for other files."""
+    for stem in WEIGHT_STEMS:
+        if name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json") or re.fullmatch(
+            rf"{stem}-\d+-of-\d+\.safetensors", name
+        ):
+            return PLAIN
+        match = re.fullmatch(rf"{stem}\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors", name) or re.fullmatch(
+            rf"{stem}\.safetensors\.index\.([A-Za-z0-9_]+)\.json", name
+        )
+        if match:
+            return match.group(1)
+    return None
+
+
+def choose_variant(model_id: str, files: list[str], requested: str | None, components: list[str], option: str) -> str:
+    """The variant of ``model_id``'s weights to use: ``requested``, else fp16 where every component has it, else the
+    plain files; a one-line error when there is none (pickled weights only, say)."""
+    have: dict[str, set[str]] = {}
+    for file in files:
+        folder, _, name = file.rpartition("/")
+        variant = _variant_of(name)
+        if folder in components and variant is not None:
+            have.setdefault(variant, set()).add(folder)
+    complete = sorted(variant for variant, folders in have.items() if folders >= set(components))
+    if requested is not None:
+        if requested in complete:
+            return requested
+        raise ModelNotFoundError(
+            f"--variant {requested}: {model_id} has no {requested} safetensors weights for every component; it has: "
+            f"{', '.join(complete) or 'none'}"
+        )
+    for variant in ("fp16", PLAIN):
+        if variant in complete:
+            return variant
+    if complete:
+        return complete[0]
+    if any(file.endswith((".bin", ".ckpt", ".pt", ".pth")) for file in files):
+        raise ModelNotFoundError(
+            f"{option} {model_id} has only pickled weights (.bin): {single_file.PICKLE_FIX}, or use a repository "
+            "with .safetensors weights"
+        )
+    raise ModelNotFoundError(f"{option} {model_id} has no safetensors weights for {', '.join(components)}")
+
+
+def _hub_files(model_id: str) -> list[str] | None:
+    """The repository's file list, or None when the hub cannot be asked (offline)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().list_repo_files(model_id)
+    except Exception:  # noqa: BLE001 - offline, unreachable, unknown repo: the local cache is tried next
+        return None
+
+
+def hub_model(model_id: str, *, variant: str | None, option: str, models_dir: Path) -> Path:
+    """A diffusers folder of hub model ``model_id`` with the chosen variant's weights under their plain names (links
+    into the Hugging Face cache), so that every loader reads the right files."""
+    fix = f"connect to the hub, pass a local diffusers folder, or use a built-in model ({', '.join(BUILTIN_MODELS)})"
+    files = _hub_files(model_id)
+    if files is None:  # offline: choose among the files the local cache has
+        snapshot = download_snapshot(model_id, allow_patterns=CONFIG_ALLOW_PATTERNS, option=option, fix=fix)
+        files = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
+    else:
+        snapshot = download_snapshot(model_id, allow_patterns=CONFIG_ALLOW_PATTERNS, option=option, fix=fix)
+    index = json.loads((snapshot / "model_index.json").read_text(encoding="utf-8"))
+    components = [name for name in ("unet", "vae", "text_encoder", "text_encoder_2") if (index.get(name) or [None])[0]]
+    chosen = choose_variant(model_id, files, variant, components, option)
+    snapshot = download_snapshot(
+        model_id, allow_patterns=CONFIG_ALLOW_PATTERNS + weight_patterns(chosen), option=option, fix=fix
+    )
+    logger.info("%s: using its %s weights", model_id, "plain (fp32)" if chosen == PLAIN else chosen)
+    return _variant_view(
+        snapshot, chosen, models_dir / "hub" / f"{model_id.replace('/', '--')}-{snapshot.name[:12]}-{chosen}"
+    )
+
+
+def _variant_view(snapshot: Path, variant: str, destination: Path) -> Path:
+    """``snapshot`` seen with only ``variant``'s weights, under plain names: links (copies where links fail)."""
+    if (destination / "model_index.json").is_file():
+        return destination
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=_made(destination.parent)))
+    for path in sorted(snapshot.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(snapshot)
+        found = _variant_of(path.name)
+        if found is not None and found != variant:
+            continue
+        name = path.name
+        if found is not None and variant != PLAIN:
+            name = name.replace(f".safetensors.index.{variant}.json", ".safetensors.index.json")
+            name = name.replace(f".{variant}.safetensors", ".safetensors")
+        target = staging / relative.parent / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link(path.resolve(), target)
+    try:
+        staging.rename(destination)
+    except OSError:  # another run made it first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (destination / "model_index.json").is_file():
+            raise
+    return destination
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _link(source: Path, target: Path) -> None:
+    """A symbolic link, else a hard link (Windows without the symlink privilege), else a copy."""
+    for make in (os.symlink, os.link):
+        try:
+            make(source, target)
+            return
+        except OSError:
+            continue
+    shutil.copy2(source, target)
+
+
 def download_snapshot(model_id: str, *, allow_patterns: list[str], option: str, fix: str) -> Path:
     """Fetch ``model_id`` from the hub, or take it from the local Hugging Face cache when offline; raise
     :class:`ModelNotFoundError` naming ``option`` and ``fix`` when neither works."""
@@ -222,6 +360,14 @@ VAE_ALLOW_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 def composed_with_vae_path(model: ResolvedModel, vae: str, *, models_dir: Path) -> Path:
     """Where :func:`with_vae` composes ``model`` with ``vae`` (known without downloading or copying anything)."""
     return models_dir / "composed" / f"{model.output_name.name}+{Path(vae).name}"
+
+
+def with_unet(root: Path, unet_file: Path, destination: Path) -> Path:
+    """Write at ``destination`` a diffusers folder with ``root``'s configs and ``unet_file`` as its UNet weights (a
+    link to the file where the system allows, else a copy)."""
+    copy_configs(root, destination)
+    _link(Path(unet_file).resolve(), destination / "unet" / "diffusion_pytorch_model.safetensors")
+    return destination
 
 
 def with_vae(model: ResolvedModel, vae: str, *, destination: Path) -> Path:
@@ -252,15 +398,21 @@ def with_vae(model: ResolvedModel, vae: str, *, destination: Path) -> Path:
                 f"--use_fp16_fixed_vae {vae} has {key}={config.get(key)}, the model's VAE has {original.get(key)}; "
                 "use the fp16-fixed VAE made for this model"
             )
-    composed = destination
-    if composed.exists():
-        shutil.rmtree(composed)
-    composed.mkdir(parents=True)
-    shutil.copy2(model.spec.root / "model_index.json", composed / "model_index.json")
-    for component in model.spec.root.iterdir():
-        if component.is_dir() and component.name != "vae":
-            for item in component.glob("*.json"):
-                (composed / component.name).mkdir(exist_ok=True)
-                shutil.copy2(item, composed / component.name / item.name)
-    shutil.copytree(source, composed / "vae", ignore=shutil.ignore_patterns(".*"))
-    return composed
+    if destination.exists():
+        shutil.rmtree(destination)
+    copy_configs(model.spec.root, destination)
+    shutil.rmtree(destination / "vae")
+    shutil.copytree(source, destination / "vae", ignore=shutil.ignore_patterns(".*"))
+    return destination
+
+
+def copy_configs(root: Path, destination: Path) -> None:
+    """``root``'s model index and every component's configs/tokenizer files (what the export reads besides weights)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / "model_index.json", destination / "model_index.json")
+    for component in root.iterdir():
+        if component.is_dir():
+            for item in component.iterdir():
+                if item.is_file() and item.suffix in (".json", ".txt"):
+                    (destination / component.name).mkdir(exist_ok=True)
+                    shutil.copy2(item, destination / component.name / item.name)

@@ -108,7 +108,10 @@ def classify(path: Path, header: dict[str, dict], option: str = "--model_id") ->
     if has("cond_stage_model.model."):
         raise found("a Stable Diffusion 2.x model, which this tool does not run", sdxl)
     if has("down_blocks.") and "conv_in.weight" in header:
-        raise found("a UNet alone in diffusers' layout, not a whole model", "give a whole SDXL checkpoint")
+        raise found(
+            "a UNet alone in diffusers' layout, not a whole model",
+            "give it with --unet FILE beside the --model_id it belongs to",
+        )
     refiner = has(BIGG_REFINER) and not has(BIGG_BASE)
     if not (has(UNET) and (has(BIGG_BASE) or refiner)):
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"
@@ -258,3 +261,46 @@ def _load_component(name: str, state: dict, *, checkpoint: Checkpoint, config_ro
             f"(e.g. {missing[0]}); pass --config DIR|ID with the configs of the checkpoint's architecture"
         )
     return module
+
+
+@dataclasses.dataclass(frozen=True)
+class UnetFile:
+    """``--unet FILE``: a UNet in diffusers' layout that replaces the model's (SDXL-Lightning's UNet-only files)."""
+
+    path: Path
+    sha256: str
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+    def identity(self) -> dict:
+        return {"name": self.path.stem, "sha256": self.sha256}
+
+
+def inspect_unet(path: Path, model_unet: Path) -> UnetFile:
+    """Check ``--unet path`` against the model's UNet folder ``model_unet``: the same tensors, the same shapes."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(f"--unet {path}: no such file; check the path")
+    header = read_header(path, "--unet")
+    if looks_like_lora(header):
+        raise ModelNotFoundError(f"--unet {path} is a LoRA; pass it with --lora FILE[:SCALE]")
+    own: dict[str, dict] = {}
+    for weights in sorted(model_unet.glob("*.safetensors")):
+        own.update(read_header(weights, "--model_id"))
+    if any(key.startswith(UNET) for key in header):
+        raise ModelNotFoundError(
+            f"--unet {path} is in the original (A1111) layout; give a UNet in diffusers' layout, or a whole checkpoint "
+            "as --model_id"
+        )
+    missing = sorted(set(own) - set(header))
+    extra = sorted(set(header) - set(own))
+    shapes = [key for key in own if key in header and own[key]["shape"] != header[key]["shape"]]
+    if missing or extra or shapes:
+        first = (missing and f"no {missing[0]}") or (extra and f"an unknown {extra[0]}") or f"{shapes[0]} differs"
+        raise ModelNotFoundError(
+            f"--unet {path} does not fit the UNet of --model_id ({len(missing) + len(extra) + len(shapes)} "
+            f"difference(s), e.g. {first}); give a UNet made for this model's architecture"
+        )
+    return UnetFile(path=path.resolve(), sha256=file_sha256(path))
