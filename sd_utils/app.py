@@ -194,6 +194,11 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
     """The run ``options`` ask for, checked against the model, with a seed drawn if none was given."""
     spec = model.spec
     refine = None
+    if spec.is_inpainting and not options.mask_image:
+        raise UserInputError(
+            f"--model_id {options.model_id} is an inpainting model (its UNet takes {spec.unet_in_channels} channels): "
+            "give the image with --base_images and what to repaint with --mask_image, or use a base model"
+        )
     if options.base_images:
         refine = _image_to_image(options, spec)
         width, height = refine.images[0].image.size

@@ -245,9 +245,9 @@ REFUSED = {
     "sd3.safetensors": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,)},
                         "Stable Diffusion 3"),
     "flux.safetensors": ({"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "a Flux model"),
-    "inpaint.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3),
-                             "conditioner.embedders.1.model.positional_embedding": (77, 8),
-                             "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)}, "inpainting model (9 UNet"),
+    "odd-unet.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": (8, 7, 3, 3),
+                              "conditioner.embedders.1.model.positional_embedding": (77, 8),
+                              "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)}, "takes 7 input channels"),
     "lora.safetensors": ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": (4, 8)}, "is a LoRA, not a model"),
     "unet.safetensors": ({"down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3), "conv_in.weight": (8, 4, 3, 3)},
                          "a UNet alone"),
@@ -395,3 +395,53 @@ def test_a_unet_file_replaces_the_models_unet_and_reuses_the_rest(tiny_refiner_o
     assert psnr(reference(latents=latents.clone(), **call).images, actual) >= 60
     refiner_unet = work.models_dir / "builtin" / "tiny-refiner" / "unet" / "diffusion_pytorch_model.safetensors"
     assert main(work.args("--provider", "cpu", "--model_id", "tiny", "--unet", str(refiner_unet), *PROMPT)) == 2
+
+
+def _tiny_inpainting_folder(tiny_root: Path, destination: Path) -> Path:
+    """The tiny base with a 9-channel inpainting UNet (its conv_in widened, deterministic weights), as a folder."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(tiny_root, destination)
+    unet = UNet2DConditionModel.from_pretrained(destination / "unet")
+    torch.manual_seed(21)
+    wide = UNet2DConditionModel.from_config({**unet.config, "in_channels": 9})
+    state = unet.state_dict()
+    state["conv_in.weight"] = torch.cat([state["conv_in.weight"], wide.conv_in.weight[:, 4:].detach()], dim=1)
+    wide.load_state_dict(state)
+    shutil.rmtree(destination / "unet")
+    wide.save_pretrained(destination / "unet")
+    index = json.loads((destination / "model_index.json").read_text())
+    (destination / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionXLInpaintPipeline"})
+    )
+    return destination
+
+
+def test_a_single_file_inpainting_checkpoint_matches_diffusers(tiny_optimized, tmp_path, capsys):
+    """A 9-channel SDXL inpainting checkpoint as a single file: the PNG equals diffusers' StableDiffusionXLInpaint
+    pipeline on the same weights, image, mask, strength and seed; text-to-image with it is one line."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    folder = _tiny_inpainting_folder(tiny_optimized.models_dir / "builtin" / "tiny", tmp_path / "tiny-inpainting")
+    file = write_single_file(folder, tmp_path / "tiny-inpainting.safetensors")
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (48, 0, 96, 64))
+    mask.save(tmp_path / "mask.png")
+    model = ["--model_id", str(file), "--config", str(folder), "--provider", "cpu", "--seed", "8"]
+    inputs = ["--base_images", str(tmp_path / "image.png"), "--mask_image", str(tmp_path / "mask.png")]
+    run = [*model, *inputs, "--prompt", "a red circle", "--num_inference_steps", "5", "--strength", "0.8"]
+    assert main(tiny_optimized.args(*run, "--output_dir", str(tmp_path / "out"))) == 0
+    reference = StableDiffusionXLInpaintPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    expected = reference(
+        prompt="a red circle", image=image, mask_image=mask, strength=0.8, num_inference_steps=5, guidance_scale=5.0,
+        height=64, width=96, output_type="np", generator=[torch.Generator().manual_seed(8)],
+    ).images[0]  # fmt: skip
+    assert psnr(np.round(expected * 255) / 255, _pixels(_only_png(tmp_path / "out"))) >= 60
+    capsys.readouterr()
+    assert main(tiny_optimized.args(*model, "--prompt", "x")) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is an inpainting model" in error[0] and "--mask_image" in error[0]

@@ -415,12 +415,16 @@ def _finish_folder(folder: Path, *, refiner: bool) -> None:
     config.write_text(json.dumps({**json.loads(config.read_text()), **SDXL_SCHEDULER_OTHER_KEYS}, indent=2) + "\n")
 
 
-def write_configs(arch: Architecture, destination: Path) -> Path:
+def write_configs(arch: Architecture, destination: Path, *, inpainting: bool = False) -> Path:
     """Write ``arch`` as a diffusers folder of configs and tokenizers only, no weights: what diffusers'
-    ``from_single_file(config=...)`` needs to convert a checkpoint of this architecture without the hub."""
+    ``from_single_file(config=...)`` needs to convert a checkpoint of this architecture without the hub.
+    ``inpainting``: the UNet takes the mask and the masked image's latents too (SDXL's inpainting checkpoints)."""
     from accelerate import init_empty_weights
 
     destination = Path(destination)
+    if inpainting:
+        latent = arch.vae["latent_channels"]
+        arch = dataclasses.replace(arch, unet={**arch.unet, "in_channels": 2 * latent + 1})
     with init_empty_weights():  # the modules only serve their configs: no weights are allocated
         pipeline = build_pipeline(arch, trained=False)
     destination.mkdir(parents=True, exist_ok=True)
@@ -434,6 +438,12 @@ def write_configs(arch: Architecture, destination: Path) -> Path:
         else:
             component.save_config(destination / name)
     _finish_folder(destination, refiner=arch.refiner)
+    if inpainting:
+        import json
+
+        index = json.loads((destination / "model_index.json").read_text())
+        index["_class_name"] = "StableDiffusionXLInpaintPipeline"
+        (destination / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return destination
 
 

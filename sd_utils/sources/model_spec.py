@@ -47,6 +47,7 @@ class ModelSpec:
     pipeline_class: str
     submodels: tuple[str, ...]
     latent_channels: int
+    unet_in_channels: int  # latent_channels, or 2 x latent_channels + 1 for an inpainting UNet (+ mask, masked image)
     vae_scale_factor: int
     unet_downscale: int
     attention_channels: tuple[int, ...]  # channel width of every UNet block with transformer layers
@@ -65,6 +66,11 @@ class ModelSpec:
     @property
     def is_refiner(self) -> bool:
         return "text_encoder" not in self.submodels
+
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting UNet: it takes the mask and the masked image's latents beside the latents (9 channels)."""
+        return self.unet_in_channels != self.latent_channels
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -111,6 +117,7 @@ class ModelSpec:
             pipeline_class=index["_class_name"],
             submodels=submodels,
             latent_channels=vae["latent_channels"],
+            unet_in_channels=unet.get("in_channels", vae["latent_channels"]),
             vae_scale_factor=vae_scale_factor,
             unet_downscale=2 ** (len(unet["block_out_channels"]) - 1),
             group_norm_sizes={
@@ -232,7 +239,7 @@ def _unet_io(spec: ModelSpec) -> SubmodelIO:
         n = latent_batch(shape)
         h, w = shape.height // spec.vae_scale_factor, shape.width // spec.vae_scale_factor
         return {
-            "sample": (n, spec.latent_channels, h, w),
+            "sample": (n, spec.unet_in_channels, h, w),
             "timestep": (),
             "encoder_hidden_states": (n, spec.text_length, spec.cross_attention_dim),
             "text_embeds": (n, spec.pooled_dim),

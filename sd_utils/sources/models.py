@@ -150,7 +150,7 @@ def resolve_model(
 
 def _resolve_single_file(model_id: str, file: Path, *, models_dir: Path, config: str | None, option: str):
     checkpoint = single_file.classify(file, single_file.read_header(file, option), option)
-    config_root = config_folder(config, refiner=checkpoint.refiner, models_dir=models_dir)
+    config_root = config_folder(config, checkpoint=checkpoint, models_dir=models_dir)
     digest = folder_digest(config_root)
     path = single_file.converted_folder(
         checkpoint, config_root=config_root, config_digest=digest, models_dir=models_dir
@@ -169,9 +169,9 @@ def _resolve_single_file(model_id: str, file: Path, *, models_dir: Path, config:
     )
 
 
-def config_folder(config: str | None, *, refiner: bool, models_dir: Path) -> Path:
-    """The diffusers configs (and tokenizers) a single file is converted with: ``config`` (a folder or a hub id, of
-    which only configs are downloaded), or SDXL 1.0's base or refiner configs written locally."""
+def config_folder(config: str | None, *, checkpoint: single_file.Checkpoint, models_dir: Path) -> Path:
+    """The diffusers configs (and tokenizers) ``checkpoint`` is converted with: ``config`` (a folder or a hub id, of
+    which only configs are downloaded), or SDXL 1.0's base, inpainting or refiner configs written locally."""
     if config:
         if Path(config).expanduser().is_dir():
             root = Path(config).expanduser().resolve()
@@ -182,15 +182,16 @@ def config_folder(config: str | None, *, refiner: bool, models_dir: Path) -> Pat
         if not (root / "model_index.json").is_file():
             raise ModelNotFoundError(f"--config {config} has no model_index.json; give a diffusers model folder")
         return root
-    arch = ARCHITECTURES[STANDARD_CONFIGS[refiner]]
-    root = models_dir / "configs" / f"{arch.name}-{folder_format(arch)}"
+    arch = ARCHITECTURES[STANDARD_CONFIGS[checkpoint.refiner]]
+    kind = "-inpainting" if checkpoint.inpainting else ""
+    root = models_dir / "configs" / f"{arch.name}{kind}-{folder_format(arch)}"
     if not (root / "model_index.json").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(root.with_name(f".{root.name}.lock"), waiting_for=f"writing {root}"):
             if not (root / "model_index.json").is_file():
                 staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
                 follow_umask(staging)
-                write_configs(arch, staging)
+                write_configs(arch, staging, inpainting=checkpoint.inpainting)
                 shutil.rmtree(root, ignore_errors=True)
                 staging.rename(root)
     return root

@@ -84,6 +84,7 @@ class Checkpoint:
     path: Path
     refiner: bool
     dtype: str  # the safetensors dtype most of its floating-point weights have (F16, BF16, F32)
+    inpainting: bool = False  # a 9-channel inpainting UNet (latents + mask + masked image latents)
 
 
 def classify(path: Path, header: dict[str, dict], option: str = "--model_id") -> Checkpoint:
@@ -117,18 +118,17 @@ def classify(path: Path, header: dict[str, dict], option: str = "--model_id") ->
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"
         raise found(f"not an SDXL checkpoint (its tensors start {sample})", sdxl)
     conv_in = header.get(f"{UNET}input_blocks.0.0.weight", {}).get("shape", [0, 4])
-    if len(conv_in) > 1 and conv_in[1] != 4:
-        raise found(
-            f"an SDXL inpainting model ({conv_in[1]} UNet input channels), which this tool does not run yet",
-            "use an SDXL base with --mask_image to inpaint",
-        )
+    in_channels = conv_in[1] if len(conv_in) > 1 else 4
+    if in_channels not in (4, 9) or (refiner and in_channels != 4):
+        raise found(f"an SDXL-like model whose UNet takes {in_channels} input channels", sdxl)
     if not has(VAE):
         raise found("an SDXL checkpoint without its VAE (no first_stage_model.* tensors)", "give a complete checkpoint")
     counts: dict[str, int] = {}
     for entry in header.values():
         if entry.get("dtype") in ("F16", "BF16", "F32"):
             counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
-    return Checkpoint(path=path, refiner=refiner, dtype=max(counts, key=counts.get) if counts else "F32")
+    dtype = max(counts, key=counts.get) if counts else "F32"
+    return Checkpoint(path=path, refiner=refiner, dtype=dtype, inpainting=in_channels == 9)
 
 
 def file_sha256(path: Path) -> str:
