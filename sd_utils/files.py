@@ -84,3 +84,24 @@ def folder_digest(root: Path) -> str:
         elif path.suffix in (".json", ".txt"):
             digest.update(f"{relative}:".encode() + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
+
+
+_BACKUP = re.compile(r"^\..+\.old-(\d+)-$")  # .<folder>.old-<pid>-
+
+
+def replace_folder(new: Path, destination: Path) -> None:
+    """Move ``new`` to ``destination``; an existing ``destination`` is removed only once ``new`` is in place."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(destination.parent, _BACKUP)  # of runs killed between the two renames
+    backup = None
+    if destination.exists():
+        backup = destination.with_name(f".{destination.name}.old-{os.getpid()}-")
+        destination.rename(backup)
+    try:
+        new.rename(destination)
+    except OSError:
+        if backup is not None:
+            backup.rename(destination)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup)

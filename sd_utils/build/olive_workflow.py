@@ -26,7 +26,7 @@ from typing import Any
 from sd_utils.build.olive_passes import package_config
 from sd_utils.build.recipe import BuildPaths, BuildRecipe
 from sd_utils.errors import DiskFullError, OptimizationError
-from sd_utils.files import disk_full, follow_umask, remove_stale
+from sd_utils.files import disk_full, follow_umask, replace_folder
 from sd_utils.runtime.providers import Provider
 from sd_utils.sources.model_spec import COMPONENT_OF, ModelSpec
 from sd_utils.sources.models import ResolvedModel
@@ -341,27 +341,6 @@ def olive_cache(cache_dir: Path, *, clean: bool) -> Iterator[Path]:
         if clean:
             logger.info("deleting the Olive cache %s (--clean_cache)", cache_dir)
             shutil.rmtree(cache_dir, ignore_errors=True)
-
-
-_BACKUP = re.compile(r"^\..+\.old-(\d+)-$")  # .<folder>.old-<pid>-
-
-
-def replace_folder(new: Path, destination: Path) -> None:
-    """Move ``new`` to ``destination``; an existing ``destination`` is removed only once ``new`` is in place."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(destination.parent, _BACKUP)  # of runs killed between the two renames
-    backup = None
-    if destination.exists():
-        backup = destination.with_name(f".{destination.name}.old-{os.getpid()}-")
-        destination.rename(backup)
-    try:
-        new.rename(destination)
-    except OSError:
-        if backup is not None:
-            backup.rename(destination)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup)
 
 
 @contextlib.contextmanager

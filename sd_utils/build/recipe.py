@@ -77,7 +77,7 @@ class BuildRecipe:
     provider: str
     format: int = BUILD_FORMAT
     loras: tuple[dict[str, Any], ...] = ()  # --lora files fused into the weights (LoraFile.identity)
-    unet: dict[str, Any] | None = None  # --unet: the UNet file that replaces the model's (UnetFile.identity)
+    unet: dict[str, Any] | None = None  # --unet: the UNet file that replaces the model's (HashedFile.identity)
 
     @classmethod
     def of(cls, model: ResolvedModel, *, provider: str, vae: str | None = None, vae_root: Path | None = None):

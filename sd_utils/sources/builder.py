@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sd_utils.files import follow_umask
+from sd_utils.files import follow_umask, replace_folder
 from sd_utils.sources.tokenizers import save_sdxl_tokenizers
 
 logger = logging.getLogger(__name__)
@@ -397,9 +397,7 @@ def materialize(arch: Architecture, destination: Path, *, seed: int = 0) -> Path
         _finish_folder(staging, refiner=arch.refiner)
         record = {"architecture": arch.name, "weights": weights_fingerprint(arch), "format": folder_format(arch)}
         (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if destination.exists():
-            shutil.rmtree(destination)
-        staging.rename(destination)
+        replace_folder(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination

@@ -20,25 +20,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraFile:
-    """One ``--lora``: the file, its scale, its content hash and the components it changes."""
+class LoraFile(single_file.HashedFile):
+    """One ``--lora``: the file and its content hash, its scale and the components it changes."""
 
-    path: Path
-    scale: float
-    sha256: str
-    targets: tuple[str, ...]  # diffusers components: unet, text_encoder, text_encoder_2
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-    @property
-    def short_hash(self) -> str:
-        return self.sha256[:10]
+    scale: float = 1.0
+    targets: tuple[str, ...] = ()  # diffusers components: unet, text_encoder, text_encoder_2
 
     def identity(self) -> dict[str, Any]:
         """What a build records of this LoRA (its content, not its path: a moved file is the same LoRA)."""
-        return {"name": self.name, "sha256": self.sha256, "scale": self.scale, "targets": list(self.targets)}
+        return {**super().identity(), "scale": self.scale, "targets": list(self.targets)}
 
 
 def lora_state_dict(path: Path) -> dict:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
-from sd_utils.files import exclusive, folder_digest, follow_umask
+from sd_utils.files import exclusive, folder_digest, follow_umask, replace_folder
 from sd_utils.sources import single_file
 from sd_utils.sources.builder import (
     ARCHITECTURES,
@@ -40,27 +40,14 @@ STANDARD_CONFIGS = {False: "random-sdxl-base", True: "random-sdxl-refiner"}
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointFile:
-    """The single file a model was converted from: shown in the PNGs' metadata and the window."""
-
-    path: Path
-    sha256: str
-
-    @property
-    def short_hash(self) -> str:
-        """The first 10 hex digits of the file's SHA-256, as A1111 and Civitai show a checkpoint's hash."""
-        return self.sha256[:10]
-
-
-@dataclasses.dataclass(frozen=True)
 class ResolvedModel:
     model_id: str
     path: Path
     spec: ModelSpec
-    checkpoint: CheckpointFile | None = None  # set when --model_id is a single file
+    checkpoint: single_file.HashedFile | None = None  # set when --model_id is a single file
     config_digest: str | None = None  # of the configs a single file was converted with
     loras: tuple = ()  # sources.lora.LoraFile, fused into the weights before export (--lora)
-    unet_file: single_file.UnetFile | None = None  # a UNet that replaces the model's (--unet)
+    unet_file: single_file.HashedFile | None = None  # a UNet that replaces the model's (--unet)
 
     def describe(self) -> str:
         """One line on what is loaded: the model (a single file with its short hash) and the LoRAs with scales."""
@@ -164,7 +151,7 @@ def _resolve_single_file(model_id: str, file: Path, *, models_dir: Path, config:
         model_id=model_id,
         path=path,
         spec=spec,
-        checkpoint=CheckpointFile(path=file.resolve(), sha256=sha256),
+        checkpoint=single_file.HashedFile(path=file.resolve(), sha256=sha256),
         config_digest=digest,
     )
 
@@ -192,8 +179,7 @@ def config_folder(config: str | None, *, checkpoint: single_file.Checkpoint, mod
                 staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
                 follow_umask(staging)
                 write_configs(arch, staging, inpainting=checkpoint.inpainting)
-                shutil.rmtree(root, ignore_errors=True)
-                staging.rename(root)
+                replace_folder(staging, root)
     return root
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
-from sd_utils.files import exclusive, follow_umask
+from sd_utils.files import exclusive, follow_umask, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +180,7 @@ def converted_folder(checkpoint: Checkpoint, *, config_root: Path, config_digest
                 "config": str(config_root),
             }
             (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
+            replace_folder(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
@@ -264,21 +262,27 @@ def _load_component(name: str, state: dict, *, checkpoint: Checkpoint, config_ro
 
 
 @dataclasses.dataclass(frozen=True)
-class UnetFile:
-    """``--unet FILE``: a UNet in diffusers' layout that replaces the model's (SDXL-Lightning's UNet-only files)."""
+class HashedFile:
+    """A weights file the user gave (a checkpoint, ``--unet``), known by its content: shown in the PNGs and the
+    window, and part of the build's identity."""
 
     path: Path
     sha256: str
 
     @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
     def short_hash(self) -> str:
+        """The first 10 hex digits of the SHA-256, as A1111 and Civitai show a checkpoint's hash."""
         return self.sha256[:10]
 
     def identity(self) -> dict:
-        return {"name": self.path.stem, "sha256": self.sha256}
+        return {"name": self.name, "sha256": self.sha256}
 
 
-def inspect_unet(path: Path, model_unet: Path) -> UnetFile:
+def inspect_unet(path: Path, model_unet: Path) -> HashedFile:
     """Check ``--unet path`` against the model's UNet folder ``model_unet``: the same tensors, the same shapes."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -303,4 +307,4 @@ def inspect_unet(path: Path, model_unet: Path) -> UnetFile:
             f"--unet {path} does not fit the UNet of --model_id ({len(missing) + len(extra) + len(shapes)} "
             f"difference(s), e.g. {first}); give a UNet made for this model's architecture"
         )
-    return UnetFile(path=path.resolve(), sha256=file_sha256(path))
+    return HashedFile(path=path.resolve(), sha256=file_sha256(path))
