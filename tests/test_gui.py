@@ -236,3 +236,14 @@ def test_window_settings_drive_the_run_and_stay_for_the_next(display, tiny_optim
     assert window.status.cget("text") == "Error: Guidance 'lots' is not a number"
     assert guard.foreign_calls == []
     window.close()
+
+
+def test_window_shows_the_model_and_its_loras(display, tiny_optimized, tmp_path):
+    from lora_files import write_kohya_lora
+
+    lora = write_kohya_lora(tiny_optimized.models_dir / "builtin" / "tiny", tmp_path / "detail_kohya.safetensors")
+    root, window, _guard = _window(tiny_optimized, tmp_path, extra=f"--lora {lora}:0.7")
+    root.update()
+    text = window.model_label.cget("text")
+    assert text.startswith("Model: tiny + LoRA detail_kohya x0.7 (") and root.title().startswith("sdxl-olive — tiny")
+    window.close()
