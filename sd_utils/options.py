@@ -196,7 +196,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--models_dir",
         type=Path,
         default=PROJECT_DIR / "models",
-        help="where built-in, unoptimized and optimized models live (default: models/ in the project folder)",
+        help="where built-in, converted (single-file), unoptimized and optimized models live (default: models/ in the "
+        "project folder)",
     )
     model.add_argument(
         "--provider",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -19,8 +21,14 @@ CPU = PROVIDERS["cpu"]
 
 
 def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 1.0) -> float:
+    """PSNR in dB; with ``PSNR_LOG=FILE`` in the environment each figure is also appended to FILE with the test's
+    name (the closing notes quote them)."""
     mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+    value = float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+    if os.environ.get("PSNR_LOG"):
+        with open(os.environ["PSNR_LOG"], "a", encoding="utf-8") as log:
+            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{value:.2f}\n")
+    return value
 
 
 @pytest.fixture(scope="module")
