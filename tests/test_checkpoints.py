@@ -88,6 +88,7 @@ def test_single_file_base_and_refiner_give_the_folders_images(tiny_refiner_optim
 def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_optimized, tmp_path, caplog):
     """Converted once per version of the file (by path, size and time); another version replaces the conversion
     and has another build identity (its SHA-256), so its build is made anew."""
+    import psutil
     from safetensors.torch import load_file, save_file
 
     from sd_utils.build.recipe import BuildRecipe
@@ -101,13 +102,16 @@ def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_op
     with caplog.at_level(logging.INFO):
         assert resolve_model(str(file), models_dir=models, config=str(builtin)).path == first.path
     assert "converting" not in caplog.text
+    dead = max(psutil.pids()) + 10_000  # no process has this pid
+    killed = models / "converted" / f".model-0badc0de-{dead}-x1y2"  # a conversion killed mid-way
+    killed.mkdir()
     state = load_file(file)
     state["model.diffusion_model.out.2.bias"] += 0.5  # another fine-tune of the same architecture
     save_file(state, str(file))
     with caplog.at_level(logging.INFO):
         second = resolve_model(str(file), models_dir=models, config=str(builtin))
     assert "converted from an earlier version" in caplog.text
-    assert second.path != first.path and not first.path.exists()
+    assert second.path != first.path and not first.path.exists() and not killed.exists()
     old_bias = load_file(builtin / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
     new_bias = load_file(second.path / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
     torch.testing.assert_close(new_bias, old_bias + 0.5)
@@ -251,6 +255,8 @@ REFUSED = {
     "lora.safetensors": ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": (4, 8)}, "is a LoRA, not a model"),
     "unet.safetensors": ({"down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3), "conv_in.weight": (8, 4, 3, 3)},
                          "a UNet alone"),
+    "pruned.safetensors": ({"model.diffusion_model.label_emb.0.0.weight": (8, 8),
+                            "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)}, "without its text encoders"),
 }  # fmt: skip
 
 

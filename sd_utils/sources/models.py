@@ -176,7 +176,7 @@ def config_folder(config: str | None, *, checkpoint: single_file.Checkpoint, mod
         root.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(root.with_name(f".{root.name}.lock"), waiting_for=f"writing {root}"):
             if not (root / "model_index.json").is_file():
-                staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+                staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-{os.getpid()}-", dir=root.parent))
                 follow_umask(staging)
                 write_configs(arch, staging, inpainting=checkpoint.inpainting)
                 replace_folder(staging, root)

@@ -14,12 +14,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
-from sd_utils.files import exclusive, follow_umask, replace_folder
+from sd_utils.files import exclusive, follow_umask, remove_stale, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ CLIP_L = "conditioner.embedders.0.transformer."
 BIGG_BASE = "conditioner.embedders.1.model."
 BIGG_REFINER = "conditioner.embedders.0.model."
 RECORD = "sdxl_olive_single_file.json"
+STAGING = re.compile(r"^\..*-[0-9a-f]{8}-(\d+)-\w+$")  # .<stem>-<key>-<pid>-<random>: a conversion in progress
 # bumped when the conversion changes what it writes, so older converted folders are not reused
 CONVERT_FORMAT = 1
 
@@ -114,6 +116,8 @@ def classify(path: Path, header: dict[str, dict], option: str = "--model_id") ->
             "give it with --unet FILE beside the --model_id it belongs to",
         )
     refiner = has(BIGG_REFINER) and not has(BIGG_BASE)
+    if f"{UNET}label_emb.0.0.weight" in header and not (has(BIGG_BASE) or refiner):
+        raise found("an SDXL checkpoint without its text encoders (no conditioner.* tensors)", "give a complete one")
     if not (has(UNET) and (has(BIGG_BASE) or refiner)):
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"
         raise found(f"not an SDXL checkpoint (its tensors start {sample})", sdxl)
@@ -165,6 +169,7 @@ def converted_folder(checkpoint: Checkpoint, *, config_root: Path, config_digest
     with exclusive(folder.with_name(f".{folder.name}.lock"), waiting_for=f"converting {checkpoint.path}"):
         if read_record(folder).get("identity") == identity:
             return folder
+        remove_stale(folder.parent, STAGING)  # of conversions killed mid-way: each can hold a whole model
         _remove_older_conversions(folder.parent, checkpoint.path)
         logger.info(
             "converting %s into the diffusers folder %s (once per version of the file)", checkpoint.path, folder
