@@ -66,19 +66,32 @@ def _sgm_name(diffusers_name: str, unet_config: dict) -> str:
     raise KeyError(diffusers_name)
 
 
-def write_kohya_lora(root: Path, destination: Path, *, rank: int = 4, alpha: float = 2.0, seed: int = 1) -> Path:
-    """A kohya/A1111 LoRA for ``root``: UNet attention only, in sgm block names, with an ``alpha`` per module."""
+def write_kohya_lora(
+    root: Path, destination: Path, *, rank: int = 4, alpha: float = 2.0, seed: int = 1, text_encoders: bool = False
+) -> Path:
+    """A kohya/A1111 LoRA for ``root``: UNet attention in sgm block names, with an ``alpha`` per module; with
+    ``text_encoders``, the text encoders' attention too (``lora_te1_*``, ``lora_te2_*``)."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     generator = torch.Generator().manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(root / "unet")
     config = json.loads((root / "unet" / "config.json").read_text())
+    modules = [
+        ("lora_unet_" + _sgm_name(name, config), layer)
+        for name, layer in _linear_modules(unet, UNET_TARGETS)
+        if ".attentions." in name
+    ]
+    if text_encoders:
+        for prefix, folder, cls in (("lora_te1_", "text_encoder", CLIPTextModel),
+                                    ("lora_te2_", "text_encoder_2", CLIPTextModelWithProjection)):  # fmt: skip
+            if (root / folder).is_dir():
+                encoder = cls.from_pretrained(root / folder)
+                modules += [(prefix + name, layer) for name, layer in _linear_modules(encoder, TEXT_TARGETS)]
     tensors = {}
-    for name, layer in _linear_modules(unet, UNET_TARGETS):
-        if ".attentions." not in name:
-            continue
-        kohya = "lora_unet_" + re.sub(r"[.]", "_", _sgm_name(name, config))
+    for name, layer in modules:
+        kohya = re.sub(r"[.]", "_", name)
         tensors[f"{kohya}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=generator) * 0.3
         tensors[f"{kohya}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.3
         tensors[f"{kohya}.alpha"] = torch.tensor(alpha)

@@ -46,6 +46,7 @@ def files(tiny_refiner_optimized, tmp_path_factory):
         "refiner": write_single_file(models / "tiny-refiner", root / "tiny-refiner.safetensors"),
         "peft": write_peft_lora(models / "tiny", root / "style_peft.safetensors"),
         "kohya": write_kohya_lora(models / "tiny", root / "detail_kohya.safetensors"),
+        "kohya_te": write_kohya_lora(models / "tiny", root / "style_kohya_te.safetensors", seed=2, text_encoders=True),
     }
 
 
@@ -147,9 +148,9 @@ def _build_with(work, loras: list[tuple[Path, float]], caplog) -> tuple[Path, li
 
 
 def test_loras_match_diffusers_and_a_scale_change_rebuilds_only_the_unet(tiny_optimized, tiny_spec, files, caplog):
-    """One LoRA (kohya, UNet only), two (PEFT with both text encoders + kohya), then another scale of the kohya one:
-    ONNX vs diffusers PyTorch with the same LoRAs unfused at the same scales and the same latents >= 60 dB; each
-    build runs the Olive workflows of what its LoRAs change and reuses the rest."""
+    """One LoRA (kohya, UNet only), two (PEFT and kohya, both with UNet and text-encoder layers), then another scale
+    of the first: ONNX vs diffusers PyTorch with the same LoRAs unfused at the same scales and the same latents
+    >= 60 dB; each build runs the Olive workflows of what its LoRAs change and reuses the rest."""
     from sd_utils.runtime.pipeline import load_pipeline
     from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.model_spec import Shape
@@ -166,8 +167,8 @@ def test_loras_match_diffusers_and_a_scale_change_rebuilds_only_the_unet(tiny_op
     }
     cases = [
         ([(files["kohya"], 0.7)], ["unet"]),
-        ([(files["peft"], 1.0), (files["kohya"], 0.7)], ["text_encoder", "text_encoder_2", "unet"]),
-        ([(files["peft"], 1.0), (files["kohya"], 0.4)], ["unet"]),
+        ([(files["peft"], 1.0), (files["kohya_te"], 0.7)], ["text_encoder", "text_encoder_2", "unet"]),
+        ([(files["kohya"], 0.4)], ["unet"]),
     ]
     plain = None
     for loras, expected_runs in cases:
@@ -184,6 +185,18 @@ def test_loras_match_diffusers_and_a_scale_change_rebuilds_only_the_unet(tiny_op
         assert psnr(plain, actual) < 40  # the LoRA changed the image
         record = json.loads((folder / "build.json").read_text())
         assert [(lora["name"], lora["scale"]) for lora in record["loras"]] == [(p.stem, s) for p, s in loras]
+        # fused before export: the graphs and their fusions are the plain model's, op for op
+        for submodel in ("unet", "text_encoder_2"):
+            assert _op_counts(folder / submodel) == _op_counts(tiny_optimized.build().optimized / submodel)
+
+
+def _op_counts(submodel_folder: Path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(submodel_folder / "model.onnx"), load_external_data=False).graph
+    return dict(collections.Counter(node.op_type for node in graph.node))
 
 
 def test_lora_metadata_and_window_line(tiny_optimized, files, tmp_path):
