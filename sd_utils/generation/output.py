@@ -107,12 +107,11 @@ def _a1111_value(value: object) -> str:
 
 def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed: int) -> str:
     """The ``parameters`` text chunk in A1111's format (prompt, ``Negative prompt:`` line, then ``Key: value`` pairs),
-    which A1111's PNG Info, Civitai and ComfyUI read. ``Model hash`` is the build's digest (build.json): a diffusers
-    folder has no single checkpoint file to hash as A1111 does."""
+    which A1111's PNG Info, Civitai and ComfyUI read. ``Model hash`` is a single-file checkpoint's short SHA-256, as
+    A1111's; a diffusers folder has no single file to hash, so it is the build's digest (build.json) there."""
     sampler, schedule = a1111_names(loaded.scheduler_config, request.scheduler)
     record = loaded.build_record
-    source = record.get("source") or {}
-    from_file = source.get("kind") == "file"
+    facts = made_from(record)
     loras = record.get("loras") or []
     fields = {
         "Steps": request.num_inference_steps,
@@ -121,8 +120,8 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
         "CFG scale": f"{request.effective_guidance_scale:g}",
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
-        "Model hash": source["weights"][:10] if from_file else loaded.build_digest,
-        "Model": Path(source["source"]).stem if from_file else loaded.model_label,
+        "Model hash": facts.get("checkpoint_hash", loaded.build_digest),
+        "Model": Path(facts["checkpoint"]).stem if "checkpoint" in facts else loaded.model_label,
         "VAE": _vae_name(record),
         "Denoising strength": request.refine.strength if request.refine is not None else None,
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256'][:10]}" for lora in loras) or None,

@@ -40,13 +40,17 @@ class LoadedPipeline:
     low_vram: bool = False  # the text encoders exist only while they encode a prompt (see encode_prompt)
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
     new_text_encoder: Callable[[str], None] | None = None
-    build_digest: str | None = None  # the build's recipe digest (build.json), the PNGs' "Model hash"
-    # build.json: what the build was made from (checkpoint file, LoRAs, VAE), recorded in the PNGs
+    # build.json: what the build was made from (checkpoint file, LoRAs, VAE) and its digest, recorded in the PNGs
     build_record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the model folder's own scheduler config (--scheduler makes its scheduler from it)
     scheduler_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the last prompt's embeddings, by (prompt, negative prompt, images per call, CFG): see encode_prompt
     prompt_embeddings: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def build_digest(self) -> str | None:
+        """The build's recipe digest (build.json): the PNGs' "Model hash" when no checkpoint file has one."""
+        return self.build_record.get("digest")
 
 
 def load_pipeline(
@@ -124,7 +128,6 @@ def load_pipeline(
         vae_tiling=vae_tiling,
         low_vram=low_vram,
         new_text_encoder=new_text_encoder,
-        build_digest=(read_record(folder) or {}).get("digest"),
         build_record=read_record(folder) or {},
         scheduler_config=dict(pipeline.scheduler.config),
     )

@@ -262,11 +262,9 @@ def hub_model(model_id: str, *, variant: str | None, option: str, models_dir: Pa
     into the Hugging Face cache), so that every loader reads the right files."""
     fix = f"connect to the hub, pass a local diffusers folder, or use a built-in model ({', '.join(BUILTIN_MODELS)})"
     files = _hub_files(model_id)
+    snapshot = download_snapshot(model_id, allow_patterns=CONFIG_ALLOW_PATTERNS, option=option, fix=fix)
     if files is None:  # offline: choose among the files the local cache has
-        snapshot = download_snapshot(model_id, allow_patterns=CONFIG_ALLOW_PATTERNS, option=option, fix=fix)
         files = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
-    else:
-        snapshot = download_snapshot(model_id, allow_patterns=CONFIG_ALLOW_PATTERNS, option=option, fix=fix)
     index = json.loads((snapshot / "model_index.json").read_text(encoding="utf-8"))
     components = [name for name in ("unet", "vae", "text_encoder", "text_encoder_2") if (index.get(name) or [None])[0]]
     chosen = choose_variant(model_id, files, variant, components, option)
@@ -283,7 +281,8 @@ def _variant_view(snapshot: Path, variant: str, destination: Path) -> Path:
     """``snapshot`` seen with only ``variant``'s weights, under plain names: links (copies where links fail)."""
     if (destination / "model_index.json").is_file():
         return destination
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=_made(destination.parent)))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
     for path in sorted(snapshot.rglob("*")):
         if not path.is_file():
             continue
@@ -305,11 +304,6 @@ def _variant_view(snapshot: Path, variant: str, destination: Path) -> Path:
         if not (destination / "model_index.json").is_file():
             raise
     return destination
-
-
-def _made(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _link(source: Path, target: Path) -> None:

@@ -208,10 +208,11 @@ def _components(checkpoint: Checkpoint) -> dict[str, str]:
 
 def convert(checkpoint: Checkpoint, *, config_root: Path, destination: Path) -> None:
     """Write ``checkpoint`` as a diffusers folder at ``destination``, one component at a time, in its own dtype."""
-    import torch
     from safetensors import safe_open
 
-    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[checkpoint.dtype]
+    from sd_utils.build.export_models import SAFETENSORS_DTYPES  # imports torch: only when converting
+
+    dtype = SAFETENSORS_DTYPES[checkpoint.dtype]
     index = json.loads((config_root / "model_index.json").read_text(encoding="utf-8"))
     with safe_open(checkpoint.path, framework="pt") as weights:
         keys = list(weights.keys())
