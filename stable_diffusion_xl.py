@@ -17,6 +17,10 @@ from collections.abc import Mapping
 
 # Olive's telemetry tries to reach its server at exit (~10 s when offline); users can opt back in.
 os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+if os.environ["OLIVE_DISABLE_TELEMETRY"] == "1":
+    # Olive 0.13 queues a heartbeat before it reads OLIVE_DISABLE_TELEMETRY, and its OpenTelemetry exporter still
+    # waits ~10 s at exit to send it; OpenTelemetry's own switch makes that logger a no-op.
+    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 from sd_utils.errors import SdxlOliveError
 from sd_utils.options import Options, parse_options
@@ -37,7 +41,16 @@ def configure_logging(*, debug: bool) -> None:
 def run(options: Options, *, provider_table: Mapping[str, Provider] | None = None) -> int:
     from sd_utils import app
 
+    if options.ray:  # a missing install must never cost a model build
+        from sd_utils.jobs.ray_job import check_ray_installed
+
+        check_ray_installed()
     job = app.plan(options, provider_table=provider_table or PROVIDERS)
+    works = None
+    if options.prompts_file:
+        from sd_utils.jobs.run import plan_rows
+
+        works = plan_rows(options, job)  # every row checked before anything is built
     ready = app.prepare_models(options, job)
     if options.optimize:
         for paths in filter(None, (ready.model, ready.refiner)):
@@ -47,10 +60,10 @@ def run(options: Options, *, provider_table: Mapping[str, Provider] | None = Non
         from sd_utils.ui.gui import run_window
 
         return run_window(options, job, ready)
-    if options.prompts_file:
+    if works is not None:
         from sd_utils.jobs.run import run_job
 
-        made, skipped = run_job(options, job, ready)
+        made, skipped = run_job(options, job, ready, works)
         manifest = options.output_dir / "manifest.jsonl"
         print(f"Job done: {made} image(s) made, {skipped} already there; manifest: {manifest}")
         return 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd_utils.build.export_models import dummy_inputs, load_submodel
 from sd_utils.generation import safety
+from sd_utils.optimize.export_models import dummy_inputs, load_submodel
 from sd_utils.sources.model_spec import ModelSpec, submodel_io
 
 

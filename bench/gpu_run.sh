@@ -6,13 +6,13 @@
 #                                  benchmark's variants, UNET_VARIANTS=a@sdpa_kernel=8,... adds a UNet-only run after
 #                                  it, LAST_VARIANTS=c,d a last whole-pipeline run, FP16_VAE_VARIANTS=e and
 #                                  FP32_VAE_VARIANTS=f runs with the whole VAE decoder in fp16 / fp32
-#                                  (bench/vae_variant.py), VARIANTS=none no benchmark; MEMORY_FIT=g,h runs
+#                                  (bench/experiments/vae_variant.py), VARIANTS=none no benchmark; MEMORY_FIT=g,h runs
 #                                  bench/memory_fit.py with those variants (budgets: MEMORY_BUDGETS, more tool
 #                                  options for every trial: MEMORY_FIT_ARGS="--use_fp16_fixed_vae DIR" or
 #                                  "--low_vram"; MEMORY_FIT_RUNS=2: two runs per process, as the window makes them;
 #                                  first images kept in /tmp/sdxl/fit_images); while the CPU
 #                                  builds, the GPU runs the gpu-marked tests, times the provider probe and tries
-#                                  memory_fit.py on the tiny model (and bench/fp8_gemm.py with FP8=1: "side" job)
+#                                  memory_fit.py on the tiny model (and bench/experiments/fp8_gemm.py with FP8=1: "side" job)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh survey   one run for every figure of the H200 issue, in the background: base and refiner
 #                                  builds + --optimize in parallel on the CPU while the GPU runs the gpu-marked tests
@@ -64,7 +64,7 @@ for run in range(3):
     if [ -n "${FP8:-}" ]; then
       echo "== fp8 GEMMs $(date +%T)"
       until [ -f "$WORK/models/builtin/$MODEL/unet/config.json" ]; do sleep 5; done
-      python3 bench/fp8_gemm.py --model_dir "$WORK/models/builtin/$MODEL" > "$WORK/fp8_gemm.json"
+      python3 bench/experiments/fp8_gemm.py --model_dir "$WORK/models/builtin/$MODEL" > "$WORK/fp8_gemm.json"
     fi
     echo "== side DONE $(date +%T)"
     ;;
@@ -129,14 +129,14 @@ for run in range(3):
     [ -x /usr/bin/time ] && timer="/usr/bin/time -v"
     $timer python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda \
       --models_dir "$WORK/models" --cache_dir "$WORK/cache" 2>&1 | grep --line-buffered -vE "TracerWarning|^\s+(if|assert) "
-    python3 bench/fused_ops.py "$WORK/models/optimized/$MODEL" > "$WORK/fused_ops.json"
+    python3 bench/experiments/fused_ops.py "$WORK/models/optimized/$MODEL" > "$WORK/fused_ops.json"
     df -h "$WORK"
     for precision in fp16 fp32; do
       variants=FP${precision#fp}_VAE_VARIANTS
       [ -n "${!variants:-}" ] || continue
       echo "== $precision VAE decoder $(date +%T)"
       rm -rf "$WORK/${precision}vae"
-      python3 bench/vae_variant.py --precision $precision --model_dir "$WORK/models/builtin/$MODEL" \
+      python3 bench/experiments/vae_variant.py --precision $precision --model_dir "$WORK/models/builtin/$MODEL" \
         --onnx_dir "$WORK/models/optimized/$MODEL" --out "$WORK/${precision}vae" 2>&1 | tail -n 2
     done
     # the GPU to itself

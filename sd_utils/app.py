@@ -16,9 +16,6 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from sd_utils.build.lora_fusion import fuse_loras
-from sd_utils.build.olive_workflow import optimize, staged
-from sd_utils.build.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
 from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive
 from sd_utils.generation.base_images import load_base_images, load_masks
@@ -26,6 +23,9 @@ from sd_utils.generation.request import GeneratedImage, GenerationRequest, Refin
 from sd_utils.generation.run import generate_images
 from sd_utils.generation.safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
 from sd_utils.generation.schedulers import make_scheduler
+from sd_utils.optimize.lora_fusion import fuse_loras
+from sd_utils.optimize.olive_workflow import optimize, staged
+from sd_utils.optimize.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
 from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
@@ -45,7 +45,6 @@ class Job:
     request: GenerationRequest | None
     refiner: ResolvedModel | None = None
     checker: CheckerSource | None = None
-    works: tuple = ()  # a --prompts_file job's rows as requests (jobs.run.RowWork), checked before building
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +83,6 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
         options.provider, for_inference=options.runs_inference, device_id=options.device_id, table=provider_table
     )
     request = generation_request(options, model) if options.generates and not options.prompts_file else None
-    works = _job_rows(options, model) if options.prompts_file else ()
     if options.interactive:  # the window builds its requests later: check sizes now, before optimizing
         generation_request(dataclasses.replace(options, prompt=options.prompt or "check"), model)
     checker = find_checker(
@@ -93,17 +91,7 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
         has_component=model.spec.has_safety_checker,
         models_dir=options.models_dir,
     )
-    return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker, works=works)
-
-
-def _job_rows(options: Options, model: ResolvedModel) -> tuple:
-    """Every row of ``--prompts_file`` as a request, all checked; the images already in --output_dir are skipped."""
-    from sd_utils.jobs.manifest import JobFolder
-    from sd_utils.jobs.prompts_file import read_prompts_file
-    from sd_utils.jobs.run import row_requests
-
-    rows = read_prompts_file(options.prompts_file)
-    return tuple(row_requests(options, model, rows, JobFolder(options.output_dir)))
+    return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker)
 
 
 def _writable_folder(option: str, folder: Path) -> None:
@@ -121,16 +109,12 @@ def _writable_folder(option: str, folder: Path) -> None:
 
 def check_folders(options: Options) -> None:
     """What can only fail later, checked before anything is built: the folders the run writes, a display for the
-    window, Ray for ``--ray`` (a wrong option or a missing install must never cost an optimization run)."""
+    window (a wrong option must never cost an optimization run; ``jobs`` checks its own needs, such as Ray)."""
     _writable_folder("--models_dir", options.models_dir)
     if options.cache_dir.exists() and not options.cache_dir.is_dir():
         raise UserInputError(f"--cache_dir {options.cache_dir} is a file, not a folder; give a folder")
     if options.runs_inference:
         _writable_folder("--output_dir", options.output_dir)
-    if options.ray:
-        from sd_utils.jobs.ray_job import check_ray_installed
-
-        check_ray_installed()
     if options.interactive and sys.platform.startswith("linux"):
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
             raise UserInputError(

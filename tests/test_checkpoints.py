@@ -92,7 +92,7 @@ def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_op
     import psutil
     from safetensors.torch import load_file, save_file
 
-    from sd_utils.build.recipe import BuildRecipe
+    from sd_utils.optimize.recipe import BuildRecipe
     from sd_utils.sources.models import resolve_model
 
     builtin = tiny_optimized.models_dir / "builtin" / "tiny"
@@ -141,7 +141,7 @@ def _build_with(work, loras: list[tuple[Path, float]], caplog) -> tuple[Path, li
     lora_args = [arg for path, scale in loras for arg in ("--lora", f"{path}:{scale}")]
     options = parse_options(work.tiny("--prompt x", *lora_args))
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sd_utils.build.olive_workflow"):
+    with caplog.at_level(logging.INFO, logger="sd_utils.optimize.olive_workflow"):
         ready = app.prepare_models(options, app.plan(options))
     ran = [line.split("] ")[1].split(":")[0] for line in caplog.messages if ": convert -> " in line]
     return ready.model.optimized, ran
@@ -215,7 +215,7 @@ def test_kohya_names_land_on_the_modules_they_name(tiny_optimized, files, tmp_pa
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from sd_utils.build.lora_fusion import fuse_loras
+    from sd_utils.optimize.lora_fusion import fuse_loras
     from sd_utils.sources.lora import inspect_lora
 
     root = tiny_optimized.models_dir / "builtin" / "tiny"
@@ -346,7 +346,7 @@ def hub(tiny_optimized, tmp_path_factory):
 def _resolve_in_hub(hub: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     script = (
         "import sys; from pathlib import Path; from sd_utils.sources.models import resolve_model; "
-        "from sd_utils.build.export_models import stored_dtype; "
+        "from sd_utils.optimize.export_models import stored_dtype; "
         "m = resolve_model(sys.argv[1], models_dir=Path(sys.argv[2]), variant=sys.argv[3] or None); "
         "print(stored_dtype(m.path / 'unet'), stored_dtype(m.path / 'text_encoder_2'))"
     )
@@ -396,7 +396,7 @@ def test_a_unet_file_replaces_the_models_unet_and_reuses_the_rest(tiny_refiner_o
     unet_file = tmp_path / "lightning_unet.safetensors"
     save_file(state, str(unet_file))
     options = parse_options(work.tiny("--prompt x", "--unet", str(unet_file)))
-    with caplog.at_level(logging.INFO, logger="sd_utils.build.olive_workflow"):
+    with caplog.at_level(logging.INFO, logger="sd_utils.optimize.olive_workflow"):
         ready = app.prepare_models(options, app.plan(options))
     assert [line.split("] ")[1].split(":")[0] for line in caplog.messages if ": convert -> " in line] == ["unet"]
     latents = torch.randn((1, tiny_spec.latent_channels, 8, 8), generator=torch.Generator().manual_seed(2))

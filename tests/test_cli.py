@@ -11,8 +11,8 @@ import onnx
 import pytest
 from PIL import Image
 
-from sd_utils.build import olive_workflow
 from sd_utils.errors import OptimizationError
+from sd_utils.optimize import olive_workflow
 from stable_diffusion_xl import main
 from tests.conftest import Workspace
 
@@ -130,7 +130,7 @@ def test_rerun_uses_the_olive_cache_and_swaps(tiny_optimized, capsys):
 def test_clean_cache_moves_the_results_out_and_leaves_no_cache(tiny_optimized, tmp_path):
     """--clean_cache: both folders complete and loadable by onnx (no file shares its data with a cache: onnx refuses
     hard-linked external data), and no Olive cache left behind to hold a second copy of the weights."""
-    from sd_utils.build.olive_workflow import external_data_files
+    from sd_utils.optimize.olive_workflow import external_data_files
 
     models, cache = tmp_path / "models", tmp_path / "cache"
     shutil.copytree(tiny_optimized.models_dir / "builtin", models / "builtin")
@@ -149,7 +149,7 @@ def test_a_build_records_its_recipe_and_another_recipe_is_not_current(tiny_optim
     VAE or provider, an older layout) or that has none is not current, so it is rebuilt, never used."""
     import json
 
-    from sd_utils.build.recipe import BUILD_FILE, BuildRecipe
+    from sd_utils.optimize.recipe import BUILD_FILE, BuildRecipe
     from sd_utils.sources.models import resolve_model
 
     model = resolve_model("tiny", models_dir=tiny_optimized.models_dir)

@@ -93,7 +93,7 @@ def test_dml_vae_encoder_stays_fp32(dml_build):
 
 def test_dml_vae_decoder_is_fp16_with_an_fp32_last_up_block(dml_build):
     """Where SDXL's decoder overflows fp16 (its last up-block) it stays fp32; the rest, most of its work, is fp16."""
-    from sd_utils.build.fp16_islands import downstream_nodes
+    from sd_utils.optimize.fp16_islands import downstream_nodes
 
     graph = _graph(dml_build, "vae_decoder")
     assert _io_types(graph) == {"FLOAT"}
@@ -200,7 +200,7 @@ def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
 
 def test_fp16_fixed_vae_makes_the_vae_fp16_on_gpu_providers(tiny_optimized, tmp_path):
     """--use_fp16_fixed_vae DIR: the VAE graphs come from that VAE and are converted to fp16 with fp32 I/O."""
-    from sd_utils.build.recipe import BuildRecipe
+    from sd_utils.optimize.recipe import BuildRecipe
     from sd_utils.sources.models import resolve_model
 
     models = tmp_path / "models"
@@ -243,7 +243,7 @@ def test_the_fp32_island_keeps_an_overflowing_vae_decoder_finite(tiny_spec, tmp_
     and as the fp32 decode (PSNR >= 35 dB). The same build without the island gives inf/NaN: the overflow is real."""
     import onnxruntime as ort
 
-    from sd_utils.build.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
+    from sd_utils.optimize.olive_workflow import load_template, run_submodel, unsupported_fusions, workflow_config
     from sd_utils.runtime.providers import PROVIDERS
 
     vae = _overflowing_vae_model(tiny_spec, tmp_path / "model")

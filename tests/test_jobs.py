@@ -101,8 +101,8 @@ def test_a_killed_job_resumes_to_the_same_images(tiny_optimized, local_job, tmp_
         "    if calls[0] == 4: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return original(*args, **kwargs)\n"
         "output.save_png_as = killing\n"
-        "from sd_utils.jobs import run\n"
-        "run.save_png_as = killing\n"
+        "from sd_utils.jobs import rows\n"
+        "rows.save_png_as = killing\n"
         "import stable_diffusion_xl\n"
         "sys.exit(stable_diffusion_xl.main(sys.argv[1:]))\n"
     )  # a fault injected into the test's own subprocess

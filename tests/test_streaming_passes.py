@@ -1,4 +1,4 @@
-"""The streaming Olive passes (sd_utils/build/olive_passes.py) against Olive's stock passes on the tiny model.
+"""The streaming Olive passes (sd_utils/optimize/olive_passes.py) against Olive's stock passes on the tiny model.
 
 Same workflow configs, only the pass ``type`` swapped: the optimized graphs must have the same fused operators, carry
 the same tensors (bit for bit) and, on CPU, compute the same outputs.
@@ -17,8 +17,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from sd_utils.build.export_models import stored_dtype
-from sd_utils.build.olive_workflow import (
+from sd_utils.optimize.export_models import stored_dtype
+from sd_utils.optimize.olive_workflow import (
     external_data_files,
     load_template,
     run_submodel,
@@ -136,9 +136,9 @@ def test_submodels_load_in_their_stored_dtype(tiny_spec, tmp_path):
 
 def test_tensors_a_fusion_makes_go_to_the_spill_file(tmp_path, monkeypatch):
     """What a fusion adds never enters the protobuf, and a later fusion reads it back through the current directory."""
-    from sd_utils.build.external_data import ExternalDataWriter
-    from sd_utils.build.fp16_islands import transformers_module
-    from sd_utils.build.olive_passes import fusions_write_to
+    from sd_utils.optimize.external_data import ExternalDataWriter
+    from sd_utils.optimize.fp16_islands import transformers_module
+    from sd_utils.optimize.olive_passes import fusions_write_to
 
     OnnxModel = transformers_module("onnx_model").OnnxModel  # noqa: N806 - the class the fusions extend
     assert issubclass(transformers_module("onnx_model_unet").UnetOnnxModel, OnnxModel)
@@ -165,7 +165,7 @@ def test_no_fused_weight_stays_in_the_protobuf(optimize, tmp_path):
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    from sd_utils.build import external_data, olive_passes
+    from sd_utils.optimize import external_data, olive_passes
 
     source = optimize("unet", "cpu", False, converted=True)
     exported = tmp_path / "model.onnx"
@@ -199,7 +199,7 @@ def test_fp16_conversion_of_a_tensor_matches_onnxruntimes():
     values kept off zero, zeros, infinities and NaNs unchanged; across chunk boundaries too."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from sd_utils.build.fp16_islands import to_float16
+    from sd_utils.optimize.fp16_islands import to_float16
 
     edges = [0.0, -0.0, 1e-9, -1e-9, 3e-8, 5.96e-08, -5.96e-08, 1e-7, 6.1e-5, 1.0, -2.5, 65504.0, 65519.0, -7e4, 1e30]
     edges += [np.inf, -np.inf, np.nan]
@@ -219,7 +219,7 @@ def test_vae_decoder_island_stays_fp32_through_the_fusions(optimize, provider):
     """From the last upsampler on, the decoder is fp32: its weights, and no tensor passes through fp16 on the way, also
     after the CUDA fusions put NHWC Transposes between the nodes (ONNX Runtime's conversion left fp32 -> fp16 -> fp32
     casts there)."""
-    from sd_utils.build.fp16_islands import downstream_nodes
+    from sd_utils.optimize.fp16_islands import downstream_nodes
 
     graph = onnx.load(str(optimize("vae_decoder", provider, False)), load_external_data=False).graph
     weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
@@ -234,7 +234,7 @@ def test_vae_decoder_island_stays_fp32_through_the_fusions(optimize, provider):
 
 
 def test_fp32_island_needs_a_node_of_the_model():
-    from sd_utils.build.fp16_islands import island_inputs
+    from sd_utils.optimize.fp16_islands import island_inputs
 
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [], [])
     assert island_inputs(graph, ["relu"]) == ["x"]
@@ -244,7 +244,7 @@ def test_fp32_island_needs_a_node_of_the_model():
 
 def test_round_trips_through_fp16_inside_an_island_are_closed():
     """a -> Cast(fp16) -> Cast(fp32) -> b, both island nodes: b reads a's fp32 result; a Cast from outside stays."""
-    from sd_utils.build.fp16_islands import close_fp16_round_trips, fp32_island
+    from sd_utils.optimize.fp16_islands import close_fp16_round_trips, fp32_island
 
     make = onnx.helper.make_node
     nodes = [

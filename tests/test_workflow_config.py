@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from olive.hardware import AcceleratorSpec
 
-from sd_utils.build import olive_passes
-from sd_utils.build.olive_workflow import PROJECT_DIR, load_template, unsupported_fusions, workflow_config
 from sd_utils.errors import OptimizationError
+from sd_utils.optimize import olive_passes
+from sd_utils.optimize.olive_workflow import PROJECT_DIR, load_template, unsupported_fusions, workflow_config
 from sd_utils.runtime.providers import PROVIDERS
 from sd_utils.sources.builder import ARCHITECTURES, materialize
 from sd_utils.sources.model_spec import SUBMODELS, ModelSpec
@@ -85,7 +85,7 @@ def test_config_for_provider(spec, submodel, provider):
     assert template == pristine, "the template must not be modified"
     assert list(config["passes"]) == ["convert", row.optimize_pass]
     convert, optimize = config["passes"].values()
-    assert convert["type"] == "StreamingOnnxConversion"  # weights streamed: see sd_utils/build/olive_passes.py
+    assert convert["type"] == "StreamingOnnxConversion"  # weights streamed: see sd_utils/optimize/olive_passes.py
     assert convert["torch_dtype"] == "float32"
     assert convert["target_opset"] >= 17
     assert not convert.get("use_dynamo_exporter", False)  # TorchScript exporter: the fusions expect its graphs
@@ -233,7 +233,7 @@ def test_staging_folders_of_killed_runs_are_deleted(tmp_path):
     it, but never a live process's folder or a folder it cannot attribute."""
     import os
 
-    from sd_utils.build.olive_workflow import staging_folder
+    from sd_utils.optimize.olive_workflow import staging_folder
 
     dead = tmp_path / ".optimize-999999999-abc"  # no such process
     (dead / "olive").mkdir(parents=True)
@@ -246,3 +246,13 @@ def test_staging_folders_of_killed_runs_are_deleted(tmp_path):
     assert new.name.startswith(f".optimize-{os.getpid()}-")
     assert not dead.exists()
     assert live.exists() and unknown.exists()
+
+
+def test_olives_cache_key_holds_the_code_not_the_project_folder(spec):
+    """Olive hashes every file under ``script_dir`` into its cache key: the project folder (virtual environment,
+    models, outputs) cost minutes per submodel. The export pass's ``code_digest`` keys the cache by the code."""
+    config = _config("unet", "cpu", spec)
+    assert "script_dir" not in config["input_model"]
+    accelerator = AcceleratorSpec(accelerator_type="cpu", execution_provider="CPUExecutionProvider")
+    option = olive_passes.StreamingOnnxConversion._default_config(accelerator)["code_digest"]
+    assert option.default_value == olive_passes.code_digest() and len(option.default_value) == 16

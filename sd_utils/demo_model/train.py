@@ -52,7 +52,7 @@ SETTINGS = {
     "refiner_steps": 800,
     "refiner_max_timestep": 400,
     # Min-SNR-5 loss weighting for the base UNet: the same 192k samples score 99% with it, 64% without
-    # (bench/demo_sweep.py, bench/NOTES.md)
+    # (bench/experiments/demo_sweep.py, bench/NOTES.md)
     "unet_snr_gamma": 5.0,
     "caption_dropout": 0.1,
     "ema_decay": 0.999,

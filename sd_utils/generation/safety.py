@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from sd_utils.build.olive_workflow import (
+from sd_utils.errors import ModelNotFoundError
+from sd_utils.optimize.olive_workflow import (
     external_data_files,
     load_template,
     olive_cache,
@@ -24,7 +25,6 @@ from sd_utils.build.olive_workflow import (
     staged,
     workflow_config,
 )
-from sd_utils.errors import ModelNotFoundError
 from sd_utils.runtime.providers import Provider, check_session_provider, new_session, share_arena
 from sd_utils.sources.models import download_snapshot
 

@@ -50,7 +50,7 @@ class ImageActor:
     def _make_row(self, row_index: int, indices: list[int], folder, made: dict[str, list]) -> None:
         import dataclasses
 
-        from sd_utils.jobs.run import run_row
+        from sd_utils.jobs.rows import run_row
 
         def add(index: int, name: str, seed: int, seconds: float | None) -> None:
             for column, value in zip(RESULT_COLUMNS, (row_index, index, name, seed, seconds), strict=True):
@@ -129,7 +129,7 @@ def _start(address: str | None) -> None:
 
 def run_on_ray(options, job, ready, works, folder, *, identity: dict[str, str]) -> int:
     """Make the job's missing images on Ray; returns how many were made."""
-    import ray  # installed: app.check_folders called check_ray_installed before anything was built
+    import ray  # installed: the CLI called check_ray_installed before anything was built
 
     items = [
         {"row_index": row_index, "image_index": index}
@@ -152,7 +152,7 @@ def _run_dataset(ray, options, job, ready, works, folder, *, items: list[dict], 
     """The missing images through ``map_batches`` over the actor pool; the manifest written as results arrive."""
     from tqdm import tqdm
 
-    from sd_utils.jobs.run import manifest_entry
+    from sd_utils.jobs.rows import manifest_entry
 
     workers = options.workers or default_workers(job.provider)
     logger.info("running %d image(s) on Ray with %d actor(s)", len(items), workers)

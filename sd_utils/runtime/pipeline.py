@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sd_utils.build.recipe import read_record
+from sd_utils.optimize.recipe import read_record
 from sd_utils.runtime import optimum_adapter
 from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
 from sd_utils.runtime.providers import (

@@ -3,7 +3,7 @@
 diffusers reads every LoRA layout users have (diffusers/PEFT keys, kohya/A1111 ``lora_unet_*``/``lora_te1_*``/
 ``lora_te2_*`` keys, in diffusers' or the original block names) and converts them to one layout; what the file
 changes (UNet, text encoders) is read from that. The LoRAs are fused into the weights before export
-(``sd_utils/build/lora_fusion.py``), so the ONNX graphs are those of a plain model.
+(``sd_utils/optimize/lora_fusion.py``), so the ONNX graphs are those of a plain model.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def convert(checkpoint: Checkpoint, *, config_root: Path, destination: Path) -> 
     """Write ``checkpoint`` as a diffusers folder at ``destination``, one component at a time, in its own dtype."""
     from safetensors import safe_open
 
-    from sd_utils.build.export_models import SAFETENSORS_DTYPES  # imports torch: only when converting
+    from sd_utils.optimize.export_models import SAFETENSORS_DTYPES  # imports torch: only when converting
 
     dtype = SAFETENSORS_DTYPES[checkpoint.dtype]
     index = json.loads((config_root / "model_index.json").read_text(encoding="utf-8"))

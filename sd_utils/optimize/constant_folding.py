@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sd_utils.build.external_data import save_model
+from sd_utils.optimize.external_data import save_model
 
 # onnx.save_model's default: smaller tensors stay inside the .onnx file
 

@@ -1,6 +1,7 @@
 """Which demo-model training recipe learns fastest? Train the base UNet under several settings and score each.
 
-    python bench/demo_sweep.py --device cuda --variants "default:;plain:unet_snr_gamma=0;short:unet_steps=3000"
+    python bench/experiments/demo_sweep.py --device cuda \
+        --variants "default:;plain:unet_snr_gamma=0;short:unet_steps=3000"
 
 Each variant (``name:key=value,...``: changes to ``sd_utils.demo_model.train.SETTINGS``) trains a fresh base UNet in
 its own process, all variants at once, against the shipped VAE (the VAE is not what is compared), then draws the 96
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 
 from sd_utils.demo_model import quality, shapes, train  # noqa: E402

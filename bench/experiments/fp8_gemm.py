@@ -1,6 +1,6 @@
 """Would fp8 matrix products buy the UNet step its missing milliseconds? One run, one card, GPU time only.
 
-    python bench/fp8_gemm.py --model_dir models/builtin/random-sdxl-base [--size 1024]
+    python bench/experiments/fp8_gemm.py --model_dir models/builtin/random-sdxl-base [--size 1024]
 
 Lists the matrix products of one SDXL UNet step (batch 2: one image with classifier-free guidance) from the model's
 own linear layers, run on the meta device, with the packing ONNX Runtime's UNet fusions do (self-attention Q, K and
@@ -27,9 +27,9 @@ import re
 import sys
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(PROJECT_DIR / "bench"))  # benchmark.py
 
 METHODS = ("fp16", "fp8_w8a8", "fp8_w8a16", "fp8_gemm")
 FP8_MAX = 448.0  # largest finite float8 E4M3FN value

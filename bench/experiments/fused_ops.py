@@ -1,6 +1,6 @@
 """Print, as JSON, the fused (com.microsoft) operators and weight dtypes of every submodel of an ONNX pipeline folder.
 
-python bench/fused_ops.py models/optimized/random-sdxl-base
+python bench/experiments/fused_ops.py models/optimized/random-sdxl-base
 """
 
 from __future__ import annotations

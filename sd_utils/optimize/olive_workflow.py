@@ -23,10 +23,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sd_utils.build.olive_passes import package_config
-from sd_utils.build.recipe import BuildPaths, BuildRecipe
 from sd_utils.errors import DiskFullError, OptimizationError
 from sd_utils.files import disk_full, follow_umask, replace_folder
+from sd_utils.optimize.olive_passes import package_config
+from sd_utils.optimize.recipe import BuildPaths, BuildRecipe
 from sd_utils.runtime.providers import Provider
 from sd_utils.sources.model_spec import COMPONENT_OF, ModelSpec
 from sd_utils.sources.models import ResolvedModel
@@ -87,10 +87,12 @@ def workflow_config(
     for option, reason in (disabled_fusions or {}).items():
         logger.info("%s: %s off (%s)", submodel, option, reason)
         optimize.setdefault("optimization_options", {})[option] = False
+    # No script_dir: Olive hashes every file under it into the model's cache key (the project folder holds the
+    # virtual environment, models/ and outputs/: minutes per submodel, and a new PNG missed the cache). sd_utils is
+    # importable in this process already; the export pass's code_digest option keys the cache by the code instead.
     config["input_model"].update(
         model_path=str(model_path),
         model_script=str(project_dir / config["input_model"]["model_script"]),
-        script_dir=str(project_dir),
     )
     config.update(cache_dir=str(cache_dir), output_dir=str(output_dir))
     return config
@@ -279,7 +281,7 @@ def _assemble(
 def reusable_submodels(models_dir: Path, recipe: BuildRecipe, submodels) -> dict[str, BuildPaths]:
     """The submodels another complete build already holds exactly as ``recipe`` would make them (same
     :meth:`BuildRecipe.submodel_key`): another LoRA or scale changes the UNet (and text encoders), not the VAE."""
-    from sd_utils.build.recipe import build_damage, read_record
+    from sd_utils.optimize.recipe import build_damage, read_record
 
     found: dict[str, BuildPaths] = {}
     own = recipe.folder_name

@@ -1,6 +1,6 @@
 """One step of the optimized full-size UNet on CPU against diffusers PyTorch on the same weights.
 
-    python bench/full_unet_step.py --model_dir models/builtin/random-sdxl-base \
+    python bench/experiments/full_unet_step.py --model_dir models/builtin/random-sdxl-base \
         --onnx_dir models/optimized/random-sdxl-base [--size 512]
 
 ONNX Runtime first, then PyTorch (fp32, the classic attention the export uses), never both in memory: each holds the
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from sd_utils.build.export_models import load_submodel
+    from sd_utils.optimize.export_models import load_submodel
     from sd_utils.sources.model_spec import ModelSpec, Shape, submodel_io
 
     spec = ModelSpec.from_folder(args.model_dir)

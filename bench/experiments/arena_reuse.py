@@ -1,6 +1,6 @@
 """Where the memory of a dropped CUDA session goes: back to CUDA, or kept by ONNX Runtime, and for what.
 
-    python bench/arena_reuse.py
+    python bench/experiments/arena_reuse.py
 
 ``--low_vram`` drops the text encoders' sessions once the prompt is encoded (sd_utils/generation.py). On the H100
 (bench/NOTES.md, run 13) dropping them returned nothing to CUDA, yet the UNet's activations then ran in that memory.
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 
 GIB = 2**30

@@ -22,6 +22,8 @@ Both take the options of the pass they extend, so a config switches between stoc
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,14 +40,14 @@ from olive.passes.onnx.conversion import OnnxConversion, _get_dummy_inputs
 from olive.passes.onnx.transformer_optimization import OrtTransformersOptimization
 from olive.passes.pass_config import PassConfigParam
 
-from sd_utils.build.constant_folding import fold_and_attach
-from sd_utils.build.external_data import (
+from sd_utils.optimize.constant_folding import fold_and_attach
+from sd_utils.optimize.external_data import (
     ExternalDataWriter,
     ExternalTensors,
     save_model,
     working_directory,
 )
-from sd_utils.build.fp16_islands import (
+from sd_utils.optimize.fp16_islands import (
     close_fp16_round_trips,
     fp16_conversion_streams,
     fp32_island,
@@ -93,8 +95,34 @@ def _stand_in_parameters(module, dtype) -> Iterator[None]:
             owner._parameters[name] = parameter
 
 
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def code_digest(project_dir: Path = PROJECT_DIR) -> str:
+    """A digest of the Python sources that load, export and optimize models (``user_script.py`` and ``sd_utils``):
+    part of Olive's cache key, so an upgraded sdxl-olive never reuses what older code exported."""
+    digest = hashlib.sha256()
+    for path in sorted([project_dir / "user_script.py", *(project_dir / "sd_utils").rglob("*.py")]):
+        digest.update(path.relative_to(project_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class StreamingOnnxConversion(OnnxConversion):
-    """``OnnxConversion`` (TorchScript exporter) with weights streamed to disk instead of held in the protobuf."""
+    """``OnnxConversion`` (TorchScript exporter) with weights streamed to disk instead of held in the protobuf.
+
+    One option more than the stock pass: ``code_digest`` (default: this checkout's), which only enters the pass's
+    cache key."""
+
+    @classmethod
+    def _default_config(cls, accelerator_spec) -> dict[str, PassConfigParam]:
+        config = super()._default_config(accelerator_spec)
+        config["code_digest"] = PassConfigParam(
+            type_=str,
+            default_value=code_digest(),
+            description="Digest of the code that loads and exports the model: a new version misses Olive's cache.",
+        )
+        return config
 
     def _convert_model_on_device(self, model, config, output_model_path, device, torch_dtype=None):
         import tempfile

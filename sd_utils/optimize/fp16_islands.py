@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from sd_utils.build.external_data import ExternalDataWriter, ExternalTensors
+from sd_utils.optimize.external_data import ExternalDataWriter, ExternalTensors
 
 # onnx.save_model's default: smaller tensors stay inside the .onnx file
 

@@ -1,6 +1,6 @@
 """Peak memory of the VAE decoder, whole image against ``--vae_tiling``, on the CPU provider (no GPU needed):
 
-    python bench/vae_tiling_memory.py --model_dir models/builtin/random-sdxl-base --size 1024
+    python bench/experiments/vae_tiling_memory.py --model_dir models/builtin/random-sdxl-base --size 1024
 
 Builds the decoder with the tool's own Olive workflow for ``--provider cpu`` (fp32; once, into ``--work``), then
 decodes one random latent in a fresh process per way, its session's dims pinned as the tool pins them (whole image,
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 
 
@@ -65,7 +65,7 @@ def decode(args) -> dict:
 def build(model_dir: Path, work: Path) -> Path:
     from vae_variant import decoder_workflow  # bench/, this script's folder
 
-    from sd_utils.build.olive_workflow import run_submodel
+    from sd_utils.optimize.olive_workflow import run_submodel
     from sd_utils.runtime.providers import PROVIDERS
 
     config = decoder_workflow(model_dir, PROVIDERS["cpu"], work)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def _load_pipeline(root: Path, unet_root: Path):
     import diffusers
 
-    from sd_utils.build.export_models import stored_dtype
+    from sd_utils.optimize.export_models import stored_dtype
 
     index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
     cls = getattr(diffusers, index["_class_name"])

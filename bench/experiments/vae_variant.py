@@ -1,6 +1,6 @@
 """An optimized pipeline folder with another VAE decoder, for the image benchmark, without a second full-size build:
 
-    python bench/vae_variant.py --precision fp16 --model_dir models/builtin/random-sdxl-base \
+    python bench/experiments/vae_variant.py --precision fp16 --model_dir models/builtin/random-sdxl-base \
         --onnx_dir models/optimized/random-sdxl-base --out /tmp/fp16-vae
     python bench/benchmark.py ... --onnx_dir /tmp/fp16-vae --variants ort_optimized_cudagraph
 
@@ -19,14 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 
 
 def decoder_workflow(model_dir: Path, provider, work: Path, *, vae_float16: bool = False) -> dict:
     """The tool's Olive workflow config for ``model_dir``'s VAE decoder alone on ``provider``, cache and output in
     ``work``."""
-    from sd_utils.build.olive_workflow import load_template, unsupported_fusions, workflow_config
+    from sd_utils.optimize.olive_workflow import load_template, unsupported_fusions, workflow_config
     from sd_utils.sources.model_spec import ModelSpec
 
     return workflow_config(
@@ -44,7 +44,7 @@ def decoder_workflow(model_dir: Path, provider, work: Path, *, vae_float16: bool
 
 
 def main(argv=None) -> int:
-    from sd_utils.build.olive_workflow import external_data_files, run_submodel
+    from sd_utils.optimize.olive_workflow import external_data_files, run_submodel
     from sd_utils.runtime.providers import PROVIDERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

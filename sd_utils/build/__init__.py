@@ -1,1 +1,0 @@
-"""Building a model: the build's identity, Olive workflows and the custom passes they run."""
