@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")  # see stable_diffusion_xl.py
 # no test may reach a model hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # each pytest-xdist worker's torch (and its subprocesses') gets its share of the cores: torch threads of several
+    # workers on the same cores spin against each other
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +32,7 @@ class Workspace:
 
     def build(self, model_id: str = "tiny", provider: str = "cpu"):
         """The folders (``optimized``, ``unoptimized``) of ``model_id``'s build for ``provider`` in this workspace."""
-        from sd_utils.build.recipe import BuildRecipe
+        from sd_utils.optimize.recipe import BuildRecipe
         from sd_utils.sources.models import resolve_model
 
         model = resolve_model(model_id, models_dir=self.models_dir)
@@ -36,18 +44,52 @@ class Workspace:
 
 
 @pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder all pytest-xdist workers of this run share (each worker's own temp folder is one level below)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(shared_dir: Path, name: str, make: Callable[[Workspace], None]) -> Workspace:
+    """The workspace ``make`` fills, made by the first worker of the run that asks for it and reused by the others
+    (read-only: tests copy it, see :func:`copy_workspace`)."""
+    from sd_utils.files import exclusive
+
+    seed = Workspace(models_dir=shared_dir / name / "models", cache_dir=shared_dir / name / "cache")
+    done = shared_dir / name / "done"
+    with exclusive(shared_dir / f"{name}.lock", waiting_for=f"building the test models {name!r}"):
+        if not done.exists():
+            make(seed)
+            done.touch()
+    return seed
+
+
+def copy_workspace(source: Workspace, destination: Workspace) -> Workspace:
+    """``source``'s models and Olive cache copied into ``destination`` (times kept: builds stay current)."""
+    shutil.copytree(source.models_dir, destination.models_dir, symlinks=True, dirs_exist_ok=True)
+    shutil.copytree(source.cache_dir, destination.cache_dir, symlinks=True, dirs_exist_ok=True)
+    return destination
+
+
+def _optimize_tiny_models(work: Workspace) -> None:
+    from stable_diffusion_xl import main
+
+    assert main(work.tiny("--optimize")) == 0
+    assert main(work.args("--optimize", "--model_id", "tiny-refiner", "--provider", "cpu")) == 0
+
+
+@pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
+    """This worker's workspace, empty until a fixture below fills it."""
     root = tmp_path_factory.mktemp("workspace")
     return Workspace(models_dir=root / "models", cache_dir=root / "cache")
 
 
 @pytest.fixture(scope="session")
-def tiny_optimized(workspace):
-    """``--optimize --model_id tiny --provider cpu`` run once through ``main``; returns the workspace."""
-    from stable_diffusion_xl import main
-
-    assert main(workspace.tiny("--optimize")) == 0
-    return workspace
+def tiny_optimized(workspace, shared_dir):
+    """The tiny base and refiner optimized for CPU through the real CLI and Olive, once per test run (whichever
+    worker comes first builds them), copied into this worker's workspace; returns the workspace."""
+    return copy_workspace(built_once(shared_dir, "tiny-cpu", _optimize_tiny_models), workspace)
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +101,7 @@ def tiny_spec(tiny_optimized):
 
 @pytest.fixture(scope="session")
 def tiny_refiner_optimized(tiny_optimized):
-    """``--optimize --model_id tiny-refiner`` into the same workspace as the tiny base."""
-    from stable_diffusion_xl import main
-
-    assert main(tiny_optimized.args("--optimize", "--model_id", "tiny-refiner", "--provider", "cpu")) == 0
+    """The workspace of :func:`tiny_optimized`, which has the tiny refiner's build too."""
     return tiny_optimized
 
 

@@ -52,7 +52,7 @@ def test_training_runs_end_to_end_and_records_how(tmp_path):
 
     from sd_utils.demo_model import train
 
-    small = {"images": 64, "vae_steps": 40, "vae_batch": 4, "unet_steps": 40, "unet_batch": 4, "refiner_steps": 40}
+    small = {"images": 16, "vae_steps": 8, "vae_batch": 4, "unet_steps": 8, "unet_batch": 4, "refiner_steps": 8}
     assert train.main(["--out", str(tmp_path), *(f"--set={key}={value}" for key, value in small.items())]) == 0
     recorded = json.loads((tmp_path / "settings.json").read_text(encoding="utf-8"))
     assert recorded["settings"] == {**train.SETTINGS, **small}

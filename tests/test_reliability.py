@@ -95,7 +95,7 @@ def test_a_broken_model_index_is_named(tiny_optimized, tmp_path, capsys):
 
 
 def test_a_broken_build_record_means_not_built(tiny_optimized, tmp_path):
-    from sd_utils.build.recipe import BUILD_FILE, BuildRecipe, read_record
+    from sd_utils.optimize.recipe import BUILD_FILE, BuildRecipe, read_record
     from sd_utils.sources.models import resolve_model
 
     work = _workspace_copy(tiny_optimized, tmp_path)
@@ -227,33 +227,33 @@ sys.exit(stable_diffusion_xl.main(sys.argv[4:]))
 # (phase, function whose n-th call the process dies in)
 PHASES = [
     ("building the built-in model", "sd_utils.sources.builder", "save_sdxl_tokenizers", 1),
-    ("an Olive workflow", "sd_utils.build.olive_workflow", "pass_outputs", 3),
-    ("assembling the build", "sd_utils.build.olive_workflow", "_place", 4),
-    ("swapping the build in", "sd_utils.build.olive_workflow", "replace_folder", 2),
+    ("an Olive workflow", "sd_utils.optimize.olive_workflow", "pass_outputs", 3),
+    ("assembling the build", "sd_utils.optimize.olive_workflow", "_place", 4),
+    ("swapping the build in", "sd_utils.optimize.olive_workflow", "replace_folder", 2),
     ("writing a PNG", "sd_utils.generation.output", "_link_free_name", 1),
 ]
 
 
-@pytest.mark.parametrize(("phase", "module", "function", "call"), PHASES, ids=[phase for phase, *_ in PHASES])
-def test_a_run_killed_mid_phase_leaves_nothing_a_later_run_uses(
-    tiny_optimized, tmp_path, phase, module, function, call
-):
+def _run(args: list[str], *, killed_at: tuple[str, str, int] | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own, killed (SIGKILL) in the ``call``-th call of ``module.function`` if given."""
+    script = ["-c", KILLED_AT, *map(str, killed_at)] if killed_at else ["stable_diffusion_xl.py"]
+    command = [sys.executable, *script, *args]
+    return subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600)
+
+
+def test_runs_killed_in_each_phase_leave_nothing_a_later_run_uses(tiny_optimized, tmp_path):
+    """One workspace, one run killed per phase, in the order a run goes through them: each run must first recover
+    from the kill before it (a half-built model, a half-run workflow, a half-assembled or half-swapped build) to reach
+    its own phase, no kill leaves an image named like one, and the last run completes with nothing left over."""
     work = Workspace(models_dir=tmp_path / "models", cache_dir=tmp_path / "cache")
     shutil.copytree(tiny_optimized.cache_dir, work.cache_dir, symlinks=True)  # Olive's work is cached: quick runs
     out = tmp_path / "out"
     args = work.tiny(QUICK, "--output_dir", str(out))
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AT, module, function, str(call), *args],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not list(out.glob("[0-9]*.png"))  # killed before an image was complete: none is named like one
-    again = subprocess.run(
-        [sys.executable, "stable_diffusion_xl.py", *args], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600
-    )
+    for phase, module, function, call in PHASES:
+        killed = _run(args, killed_at=(module, function, call))
+        assert killed.returncode == -signal.SIGKILL, f"{phase}: {killed.stderr[-2000:]}"
+        assert not list(out.glob("[0-9]*.png")), phase  # killed before an image was complete: none named like one
+    again = _run(args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(list(out.glob("[0-9]*.png"))) == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no partial file left behind
