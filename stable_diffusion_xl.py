@@ -44,7 +44,7 @@ def run(options: Options, *, provider_table: Mapping[str, Provider] | None = Non
     if options.ray:  # a missing install must never cost a model build
         from sd_utils.jobs.ray_job import check_ray_installed
 
-        check_ray_installed()
+        check_ray_installed(options.ray)
     job = app.plan(options, provider_table=provider_table or PROVIDERS)
     works = None
     if options.prompts_file:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -115,18 +116,22 @@ _aesthetic = _in_range(float, 0, "an aesthetic score from 0 to 10", maximum=10)
 
 
 def _lora(text: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]``: the scale is what follows the last colon when it is a number (so ``C:\\x.safetensors``
-    and paths with colons stay paths)."""
+    """``FILE[:SCALE]``: the scale is what follows the last colon when it is a number; when it is not, the text is a
+    path if it names a file or the part after the colon looks like one (``C:\\x.safetensors``), else an error."""
     path, _, scale = text.rpartition(":")
-    if path:
-        try:
-            value = float(scale)
-        except ValueError:
+    if not path or Path(text).expanduser().exists():
+        return Path(text), 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        if any(char in scale for char in "/\\."):
             return Path(text), 1.0
-        if not (math.isfinite(value) and -10 <= value <= 10):
-            raise argparse.ArgumentTypeError(f"expected a LoRA scale from -10 to 10 after the colon, got {scale}")
-        return Path(path), value
-    return Path(text), 1.0
+        raise argparse.ArgumentTypeError(
+            f"{text}: scale {scale!r} is not a number; write FILE:0.8 (or FILE alone for 1.0)"
+        ) from None
+    if not (math.isfinite(value) and -10 <= value <= 10):
+        raise argparse.ArgumentTypeError(f"expected a LoRA scale from -10 to 10 after the colon, got {scale}")
+    return Path(path), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -510,6 +515,17 @@ def _check_job_options(options: Options) -> None:
             raise UserInputError(f"{flag} and --prompts_file: give one (put the prompt in the file)")
     if options.base_images or options.refiner_model_id:
         raise UserInputError("--prompts_file jobs are text-to-image; run --base_images or --refiner_model_id alone")
+    if options.workers and not options.ray:
+        raise UserInputError(f"--workers {options.workers} sets the Ray actors of a job: add --ray (or drop --workers)")
+    if options.ray not in (None, "local", "auto") and not _RAY_ADDRESS.match(options.ray):
+        raise UserInputError(
+            f"--ray {options.ray} is not a Ray address; give --ray alone (a local runtime), --ray auto, "
+            "--ray HOST:PORT or --ray ray://HOST:PORT"
+        )
+
+
+# what --ray takes besides 'auto': HOST:PORT of a cluster's head (GCS), or ray://HOST:PORT (Ray Client)
+_RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
 def check_image_size(width: int, height: int, *, multiple: int) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,14 @@ def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_op
     with caplog.at_level(logging.INFO):
         assert resolve_model(str(file), models_dir=models, config=str(builtin)).path == first.path
     assert "converting" not in caplog.text
+    other_config = tmp_path / "other_config"  # the same file with other configs: a conversion of its own
+    shutil.copytree(builtin, other_config)
+    scheduler = other_config / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "timestep_spacing": "trailing"}))
+    with caplog.at_level(logging.INFO):
+        other = resolve_model(str(file), models_dir=models, config=str(other_config))
+    assert other.path != first.path and first.path.exists()  # the file did not change: nothing deleted
+    assert "earlier version" not in caplog.text
     dead = max(psutil.pids()) + 10_000  # no process has this pid
     killed = models / "converted" / f".model-0badc0de-{dead}-x1y2"  # a conversion killed mid-way
     killed.mkdir()
@@ -112,7 +121,7 @@ def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_op
     with caplog.at_level(logging.INFO):
         second = resolve_model(str(file), models_dir=models, config=str(builtin))
     assert "converted from an earlier version" in caplog.text
-    assert second.path != first.path and not first.path.exists() and not killed.exists()
+    assert second.path != first.path and not first.path.exists() and not killed.exists() and not other.path.exists()
     old_bias = load_file(builtin / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
     new_bias = load_file(second.path / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
     torch.testing.assert_close(new_bias, old_bias + 0.5)
@@ -206,7 +215,10 @@ def test_lora_metadata_and_window_line(tiny_optimized, files, tmp_path):
     sha = __import__("hashlib").sha256(files["kohya"].read_bytes()).hexdigest()[:10]
     assert text["loras"] == f"detail_kohya:0.7:{sha}"
     assert text["parameters"].startswith("a <lora:detail_kohya:0.7>\n")
-    assert f'Lora hashes: "detail_kohya: {sha}"' in text["parameters"]
+    # A1111's and Civitai's LoRA hash: of the tensor data after the safetensors header, 12 digits
+    data = files["kohya"].read_bytes()
+    tensors = __import__("hashlib").sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
+    assert f'Lora hashes: "detail_kohya: {tensors}"' in text["parameters"]
 
 
 def test_kohya_names_land_on_the_modules_they_name(tiny_optimized, files, tmp_path):

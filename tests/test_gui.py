@@ -168,6 +168,21 @@ def test_failing_generation_shows_the_error_and_reenables(display, tiny_optimize
     window.close()
 
 
+def test_a_long_error_wraps_instead_of_widening_the_window(display, tiny_optimized, tmp_path):
+    def broken(request, **callbacks):
+        raise RuntimeError("the provider failed: " + "a very long message " * 100)
+
+    root, window, _ = _window(tiny_optimized, tmp_path, generate=broken)
+    root.update_idletasks()
+    width = root.winfo_reqwidth()
+    window.prompt.insert(0, "x")
+    window.button.invoke()
+    _pump(root, lambda: "Error" in window.status.cget("text"), timeout=30)
+    root.update_idletasks()
+    assert root.winfo_reqwidth() <= width + 4  # the Stop button stays in view
+    window.close()
+
+
 def test_num_images_is_clamped_to_nine(display, tiny_optimized, tmp_path):
     _root, window, _ = _window(tiny_optimized, tmp_path, extra="--num_images 20")
     assert len(window.cells) == 9

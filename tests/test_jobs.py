@@ -116,12 +116,12 @@ def test_a_killed_job_resumes_to_the_same_images(tiny_optimized, local_job, tmp_
     _check_job(out)
     seeded = {name: data for name, data in _pngs(reference).items() if not name.startswith(("00002-", "00003-"))}
     assert {name: data for name, data in _pngs(out).items() if name in seeded} == seeded
-    assert not [path for path in out.iterdir() if path.name.startswith(".")]
+    assert not [path for path in out.iterdir() if path.name.startswith(".") and path.name != ".job.lock"]
 
 
 def test_bad_rows_are_one_line_and_nothing_runs(workspace, tmp_path, capsys):
     cases = [
-        ({"prompt": "x", "seed": -1}, "row 2, seed: -1 is not an integer >= 0"),
+        ({"prompt": "x", "seed": -1}, "row 2, seed: -1 is not an integer from 0 to 4294967295"),
         ({"prompt": "x", "num_images": "two"}, "row 2, num_images: 'two' is not a positive integer"),
         ({"prompt": "x", "scheduler": "plms"}, "row 2, scheduler: unknown scheduler 'plms'"),
         ({"prompt": "x", "colour": "red"}, "row 2: unknown field 'colour'"),
@@ -150,7 +150,6 @@ def test_txt_and_csv_prompt_files(tmp_path):
         ("a red circle, dark", 3, 7.5),
         ("a star", None, None),
     ]
-    assert rows[0].key != rows[1].key
 
 
 # ---------------------------------------------------------------------------------------------------------- Ray
@@ -224,3 +223,91 @@ def test_ray_not_installed_is_said_before_anything_is_built(workspace, tmp_path,
     assert main([*args, "--ray", "--models_dir", str(models), "--output_dir", str(tmp_path / "out")]) == 3
     assert "--ray needs Ray, which is not installed: pip install 'ray[data]==2.60.0'" in capsys.readouterr().err
     assert not models.exists()
+
+
+# ------------------------------------------------------------------------------- reliability of jobs (issue 31)
+
+
+def test_a_job_run_again_with_other_settings_makes_its_own_images(tiny_optimized, tmp_path, capsys):
+    """Everything that decides the pixels is in an image's key: other steps (command line) or another size (row)
+    make new images, never 'already there'; the manifest says which settings made each."""
+    rows = [{"prompt": "a red circle", "seed": 3}, {"prompt": "a blue square"}]
+    prompts, out = _job_file(tmp_path, rows), tmp_path / "out"
+    assert main(_args(tiny_optimized, prompts, out)) == 0
+    assert "Job done: 2 image(s) made, 0 already there" in capsys.readouterr().out
+    assert main(_args(tiny_optimized, prompts, out, "--num_inference_steps", "3")) == 0
+    assert "Job done: 2 image(s) made, 0 already there" in capsys.readouterr().out
+    assert main(_args(tiny_optimized, _job_file(tmp_path, [{**rows[0], "width": 64}, rows[1]]), out)) == 0
+    assert "Job done: 1 image(s) made, 1 already there" in capsys.readouterr().out
+    steps = sorted((entry["row"], entry["num_inference_steps"], entry["width"]) for entry in _manifest(out))
+    assert steps == [(1, 2, 64), (1, 2, 128), (1, 3, 128), (2, 2, 128), (2, 3, 128)]
+    assert len(_pngs(out)) == 5
+
+
+def test_identical_rows_are_distinct_images_and_resume_alike(tiny_optimized, tmp_path, capsys):
+    prompts, out = tmp_path / "same.TXT", tmp_path / "out"  # upper-case suffixes are accepted
+    prompts.write_text("a red circle\n" * 3, encoding="utf-8")
+    assert main(_args(tiny_optimized, prompts, out)) == 0
+    first = _pngs(out)
+    assert len(first) == 3 and len({name.split("-")[1] for name in first}) == 3  # three keys
+    (out / sorted(first)[1]).unlink()  # as if the job had been killed before this image
+    assert main(_args(tiny_optimized, prompts, out)) == 0
+    assert "Job done: 1 image(s) made, 2 already there" in capsys.readouterr().out.splitlines()[-1]
+    again = _pngs(out)
+    assert len(again) == 3 and {name: again[name] for name in first if name in again} == {
+        name: data for name, data in first.items() if name != sorted(first)[1]
+    }
+
+
+def test_seedless_rows_take_their_seeds_from_the_command_line(tiny_optimized, tmp_path):
+    rows = [{"prompt": "a red circle", "num_images": 2}, {"prompt": "a blue star", "seed": 100}, {"prompt": "a sun"}]
+    out = tmp_path / "out"
+    assert main(_args(tiny_optimized, _job_file(tmp_path, rows), out, "--seed", "10")) == 0
+    assert sorted((entry["row"], entry["seed"]) for entry in _manifest(out)) == [(1, 10), (1, 11), (2, 100), (3, 12)]
+
+
+def test_two_runs_of_one_job_at_once_make_each_image_once(tiny_optimized, tmp_path):
+    rows = [{"prompt": f"a red circle number {index}"} for index in range(4)]
+    out = tmp_path / "out"
+    command = [sys.executable, "stable_diffusion_xl.py", *_args(tiny_optimized, _job_file(tmp_path, rows), out)]
+    runs = [subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert len(_pngs(out)) == 4 == len(_manifest(out))
+    made = [int(line.split()[2]) for text in outputs for line in text.splitlines() if line.startswith("Job done")]
+    assert sorted(made) == [0, 4]  # the second run waited for the first, then found everything made
+
+
+def test_a_manifest_line_cut_by_a_kill_is_repaired(tiny_optimized, local_job, tmp_path):
+    prompts, reference = local_job
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    manifest = (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "manifest.jsonl").write_text("".join(manifest[:-1]) + manifest[-1][:20], encoding="utf-8")
+    assert main(_args(tiny_optimized, prompts, out)) == 0
+    _check_job(out)  # the cut line's image is listed again, and every line parses
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "x", "seed": True}, "seed: True is not an integer from 0 to 4294967295"),
+        ({"prompt": "x", "seed": 2**32}, "seed: 4294967296 is not an integer from 0 to 4294967295"),
+        ({"prompt": ["a", "b"]}, "prompt: ['a', 'b'] is not text"),
+        ({"prompt": "x", "guidance_scale": False}, "guidance_scale: False is not 0 to 100"),
+        ({"prompt": "x", "num_images": 100_000_000}, "num_images 100000000 is over 100,000; split the row"),
+    ],
+)
+def test_row_types_are_checked(workspace, tmp_path, capsys, row, message):
+    prompts = _job_file(tmp_path, [{"prompt": "fine"}, row])
+    assert main(_args(workspace, prompts, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"--prompts_file {prompts} row 2" in err and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_csv_row_with_an_unquoted_comma_is_refused(workspace, tmp_path, capsys):
+    prompts = tmp_path / "p.CSV"
+    prompts.write_text('prompt,seed\n"a red circle, on the left",1\na red circle, on the left,2\n', encoding="utf-8")
+    assert main(_args(workspace, prompts, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"--prompts_file {prompts} row 2 has 3 cells but the header has 2: quote a prompt" in err, err

@@ -290,3 +290,126 @@ def test_a_kill_during_optimize_with_clean_cache_does_not_break_the_next_run(tmp
     assert "had lost models of an earlier run" in again.stderr  # detected, and the cache rebuilt
     record = json.loads((work.build().optimized / "build.json").read_text(encoding="utf-8"))
     assert record["optimized"] is True
+
+
+# ----------------------------------------------------------------------------------------- files (issue 31)
+
+
+def _truncated(source: Path, destination: Path) -> Path:
+    """``source`` cut to 60% of its bytes, as an interrupted download leaves it."""
+    data = source.read_bytes()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_bytes(data[: len(data) * 6 // 10])
+    return destination
+
+
+def test_truncated_safetensors_are_one_line_naming_the_file(tiny_optimized, tmp_path, capsys):
+    from sd_utils.sources.original_layout import write_single_file
+    from tests.lora_files import write_peft_lora
+
+    tiny = tiny_optimized.models_dir / "builtin" / "tiny"
+    lora = _truncated(write_peft_lora(tiny, tmp_path / "full_lora.safetensors"), tmp_path / "lora.safetensors")
+    checkpoint = _truncated(write_single_file(tiny, tmp_path / "full.safetensors"), tmp_path / "model.safetensors")
+    unet = _truncated(tiny / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet.safetensors")
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny, folder)
+    _truncated(
+        tiny / "vae" / "diffusion_pytorch_model.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors"
+    )
+    (folder / "sdxl_olive_builtin.json").unlink()
+    cases = [
+        (["--model_id", str(checkpoint)], checkpoint),
+        (["--model_id", "tiny", "--lora", str(lora)], lora),
+        (["--model_id", "tiny", "--unet", str(unet)], unet),
+        (["--model_id", str(folder)], folder / "vae" / "diffusion_pytorch_model.safetensors"),
+    ]
+    for extra, named in cases:
+        assert main(tiny_optimized.args("--provider", "cpu", *extra, "--prompt", "x")) == 2, extra
+        err = capsys.readouterr().err
+        assert f"{named} is incomplete:" in err and "download or copy it again" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message", "code"),
+    [
+        (["--lora", "{tmp}"], "--lora {tmp} is a folder; give the LoRA's .safetensors file in it", 2),
+        (["--lora", "{tmp}/x.safetensors:abc"], "scale 'abc' is not a number; write FILE:0.8", 2),
+        (["--prompts_file", "{tmp}/p.txt", "--workers", "2"], "--workers 2 sets the Ray actors of a job: add --ray", 2),
+        (["--prompts_file", "{tmp}/p.txt", "--ray", "bogus"], "--ray bogus is not a Ray address", 2),
+    ],
+)
+def test_lora_and_ray_values_get_their_own_line(workspace, tmp_path, capsys, extra, message, code):
+    (tmp_path / "p.txt").write_text("a red circle\n", encoding="utf-8")
+    args = [part.format(tmp=tmp_path) for part in extra]
+    if "--prompts_file" not in args:
+        args += ["--prompt", "x"]
+    assert main(workspace.args("--model_id", "tiny", "--provider", "cpu", *args)) == code
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ray_client_addresses_need_ray_client(workspace, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else find_spec(name, *a))
+    (tmp_path / "p.txt").write_text("a red circle\n", encoding="utf-8")
+    args = ["--prompts_file", str(tmp_path / "p.txt"), "--ray", "ray://127.0.0.1:10001"]
+    assert main(workspace.args("--model_id", "tiny", "--provider", "cpu", *args)) == 3
+    assert "pip install 'ray[data,client]==2.60.0'" in capsys.readouterr().err
+
+
+def test_a_16_bit_png_is_read_by_its_range(tmp_path):
+    import numpy as np
+
+    from sd_utils.generation.base_images import load_base_images, load_masks
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    (image,) = load_base_images([tmp_path / "deep.png"], size=None, multiple=16)
+    (mask,) = load_masks([tmp_path / "deep.png"], size=(64, 64))
+    expected = np.round(ramp / 257).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(image.image)[..., 0], expected)
+    np.testing.assert_array_equal(np.asarray(mask.image), expected)
+
+
+def test_pngs_record_the_scheduler_that_ran(tiny_optimized, tmp_path):
+    assert main(tiny_optimized.tiny(QUICK, "--output_dir", str(tmp_path))) == 0
+    (png,) = tmp_path.glob("*.png")
+    assert Image.open(png).text["scheduler"] == "euler"  # the tiny model's own (EulerDiscreteScheduler)
+
+
+def test_lora_hashes_are_the_hash_civitai_uses(tmp_path):
+    """A1111 and Civitai hash a LoRA's tensor data after the safetensors header (kohya's addnet hash)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sd_utils.sources.single_file import file_sha256
+
+    path = tmp_path / "lora.safetensors"
+    save_file({"x.lora_down.weight": torch.ones(2, 2)}, path, metadata={"ss_note": "a"})
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    assert file_sha256(path, tensors_only=True) == hashlib.sha256(data[header:]).hexdigest()
+    save_file({"x.lora_down.weight": torch.ones(2, 2)}, path, metadata={"ss_note": "another"})
+    assert file_sha256(path, tensors_only=True) == hashlib.sha256(data[header:]).hexdigest()  # metadata aside
+
+
+def test_a_lora_for_another_layout_is_refused_not_half_applied(tiny_optimized, tmp_path, capsys):
+    """Layers of a deeper UNet (transformer blocks the tiny model has not): diffusers' converter drops them without
+    a word, so the LoRA would apply in part; the build stops instead, naming the file and the count."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.lora_files import write_kohya_lora
+
+    tiny = tiny_optimized.models_dir / "builtin" / "tiny"
+    tensors = load_file(write_kohya_lora(tiny, tmp_path / "kohya.safetensors", text_encoders=True))
+    deeper = {key.replace("transformer_blocks_0", "transformer_blocks_7"): value for key, value in tensors.items()}
+    save_file(deeper, tmp_path / "deeper.safetensors")
+    assert main(tiny_optimized.tiny(QUICK, "--lora", str(tmp_path / "deeper.safetensors"))) == 2
+    err = capsys.readouterr().err
+    assert f"--lora {tmp_path / 'deeper.safetensors'}: 32 of its 88 layers have no match in the model" in err, err

@@ -67,10 +67,22 @@ def _open_all(paths: list[Path], option: str, convert) -> list[tuple[Path, objec
         try:
             with Image.open(path) as image:
                 image.load()
-                opened.append((path, convert(image)))
+                opened.append((path, convert(_to_8_bit(image))))
         except (UnidentifiedImageError, OSError) as error:
             raise UserInputError(f"{option} {path} is not a readable image ({error}); give a PNG or JPEG") from None
     return opened
+
+
+def _to_8_bit(image):
+    """16-bit grayscale (PIL's "I;16*" and "I" modes) scaled from its 0-65535 range to 8 bits; PIL's own conversion
+    clips it at 255, which reads a 16-bit image as white. Other modes as they are."""
+    import numpy as np
+    from PIL import Image
+
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8), mode="L")
 
 
 def _to_rgb(image):

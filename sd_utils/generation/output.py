@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sd_utils.files import follow_umask, remove_stale
 from sd_utils.generation.request import GenerationRequest
-from sd_utils.generation.schedulers import a1111_names
+from sd_utils.generation.schedulers import a1111_names, scheduler_name
 from sd_utils.runtime.pipeline import LoadedPipeline
 
 
@@ -62,12 +62,17 @@ def png_metadata(
             metadata["mask_image"] = refine.masks[index % len(refine.masks)].path.name
     if refiner is not None:
         metadata.update(refiner_model=refiner.model_label, high_noise_frac=str(request.high_noise_frac))
-    if request.scheduler is not None:
-        metadata["scheduler"] = request.scheduler
+    metadata["scheduler"] = scheduler_name(loaded.scheduler_config, request.scheduler)
     if request.timestep_spacing is not None:
         metadata["timestep_spacing"] = request.timestep_spacing
     metadata["parameters"] = a1111_parameters(loaded, request, seed=seed)
     return metadata
+
+
+def _lora_hash(lora: dict) -> str:
+    """A1111's and Civitai's short LoRA hash: 12 hex digits of the tensor data's SHA-256 (older build records hold
+    only the whole file's hash, shown in its place)."""
+    return (lora.get("tensors_sha256") or lora["sha256"])[:12]
 
 
 def made_from(record: dict) -> dict[str, str]:
@@ -124,7 +129,7 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
         "Model": Path(facts["checkpoint"]).stem if "checkpoint" in facts else loaded.model_label,
         "VAE": _vae_name(record),
         "Denoising strength": request.refine.strength if request.refine is not None else None,
-        "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256'][:10]}" for lora in loras) or None,
+        "Lora hashes": ", ".join(f"{lora['name']}: {_lora_hash(lora)}" for lora in loras) or None,
         "Version": "sdxl-olive",
     }
     line = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in fields.items() if value is not None)

@@ -53,6 +53,8 @@ SAMPLERS: dict[str, Sampler] = {
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' class of a model folder's own scheduler -> its A1111 name (for PNG info when --scheduler is not given)
 _A1111_OF_CLASS = {row.scheduler_class: row.a1111_sampler for row in SAMPLERS.values() if not row.config}
+# ... and its --scheduler name (the PNG's scheduler key records the one that ran)
+_NAME_OF_CLASS = {row.scheduler_class: name for name, row in SAMPLERS.items() if not row.config}
 
 
 def scheduler_class(name: str):
@@ -81,6 +83,15 @@ def make_scheduler(model_config: dict[str, Any], name: str | None, timestep_spac
         config["timestep_spacing"] = timestep_spacing
     # only what this class takes: another class's options (Euler's sigmas for LCM) would each print a warning
     return cls.from_config({key: value for key, value in config.items() if key in accepted})
+
+
+def scheduler_name(model_config: dict[str, Any], name: str | None) -> str:
+    """The ``--scheduler`` name of the scheduler a run uses: ``name``, or the model's own (its class name where the
+    tool has no name for it)."""
+    if name is not None:
+        return name
+    own = model_config.get("_class_name", "")
+    return _NAME_OF_CLASS.get(own, own)
 
 
 def a1111_names(model_config: dict[str, Any], name: str | None) -> tuple[str, str]:

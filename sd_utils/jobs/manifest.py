@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.jsonl"
+JOB_LOCK = ".job.lock"  # held by the run writing into the folder
 # <row number>-<row key>-<image index>-<seed>.png
 _IMAGE = re.compile(r"^(\d+)-([0-9a-f]{12})-(\d+)-(\d+)\.png$")
 
@@ -39,6 +40,7 @@ class JobFolder:
                     self.images[(key, index)] = int(match.group(4))
                     self.files.setdefault(key, {})[index] = item.name
         self.listed: set[str] = set()
+        self._checked_tail = False
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -55,11 +57,23 @@ class JobFolder:
     def complete(self, key: str, index: int) -> bool:
         return (key, index) in self.images
 
+    def _cut_partial_line(self) -> None:
+        """Drop a last line a kill cut short (no newline): the next line would be glued to it, and both lost."""
+        if not self.path.is_file():
+            return
+        with self.path.open("rb+") as manifest:
+            data = manifest.read()
+            if data and not data.endswith(b"\n"):
+                manifest.truncate(data.rfind(b"\n") + 1)
+
     def record(self, entry: dict[str, Any]) -> None:
         """Append ``entry`` (its ``file`` names the image) to the manifest unless it is listed already."""
         with self._lock:
             if entry["file"] in self.listed:
                 return
+            if not self._checked_tail:
+                self._cut_partial_line()
+                self._checked_tail = True
             with self.path.open("a", encoding="utf-8") as manifest:
                 manifest.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 manifest.flush()

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 INSTALL = "pip install 'ray[data]==2.60.0'"
+CLIENT_INSTALL = "pip install 'ray[data,client]==2.60.0'"
 # what an actor returns per image it made (or found made by a killed attempt: seconds None)
 RESULT_COLUMNS = ("row_index", "image_index", "file", "seed", "seconds")
 
@@ -73,12 +74,17 @@ class ImageActor:
         run_row(self.generator.generate, work, self.options.output_dir, on_image=on_image)
 
 
-def check_ray_installed() -> None:
-    """Raise :class:`SetupError` with the install command when Ray is missing (without importing it: slow)."""
+def check_ray_installed(address: str) -> None:
+    """Raise :class:`SetupError` with the install command when Ray is missing, or Ray Client's gRPC for a
+    ``ray://`` address (found without importing either: slow)."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see README)")
+        raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see docs/batch.md)")
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise SetupError(
+            f"--ray {address} connects through Ray Client, which is not installed: {CLIENT_INSTALL} (see docs/batch.md)"
+        )
 
 
 def default_workers(provider) -> int:

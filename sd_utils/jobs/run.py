@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import time
 
-from sd_utils.app import Generator, Job
+from sd_utils.app import Generator, Job, build_recipe
+from sd_utils.files import exclusive
 from sd_utils.generation.request import GeneratedImage
-from sd_utils.jobs.manifest import JobFolder
+from sd_utils.jobs.manifest import JOB_LOCK, JobFolder
 from sd_utils.jobs.prompts_file import read_prompts_file
 from sd_utils.jobs.rows import RowWork, manifest_entry, row_requests, run_row
 from sd_utils.options import Options
@@ -50,18 +51,23 @@ def plan_rows(options: Options, job: Job) -> list[RowWork]:
     """Every row of ``--prompts_file`` as a request, all checked before anything is built; the images already in
     --output_dir are skipped."""
     rows = read_prompts_file(options.prompts_file)
-    return row_requests(options, job.model, rows, JobFolder(options.output_dir))
+    recipe, _ = build_recipe(options, job.model, job.provider)
+    return row_requests(options, job.model, rows, JobFolder(options.output_dir), build=recipe.digest)
 
 
 def run_job(options: Options, job: Job, ready, works: list[RowWork]) -> tuple[int, int]:
-    """The planned rows: the images missing in --output_dir, locally or on Ray; (made, already there)."""
-    options.output_dir.mkdir(parents=True, exist_ok=True)
-    folder = JobFolder(options.output_dir)
-    identity = {"model": job.model.model_id, "build": ready.model.optimized.name, "provider": job.provider.name}
-    list_existing(works, folder, identity=identity)
-    already = sum(work.request.num_images - work.pending for work in works)
-    if options.ray:
-        from sd_utils.jobs.ray_job import run_on_ray
+    """The planned rows: the images missing in --output_dir, locally or on Ray; (made, already there).
 
-        return run_on_ray(options, job, ready, works, folder, identity=identity), already
-    return run_local(options, job, ready, works, folder, identity=identity), already
+    One job at a time writes into a folder: a second run of it waits, then makes only what the first left."""
+    options.output_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(options.output_dir / JOB_LOCK, waiting_for=f"writing into --output_dir {options.output_dir}"):
+        folder = JobFolder(options.output_dir)
+        works = [work.against(folder) for work in works]
+        identity = {"model": job.model.model_id, "build": ready.model.optimized.name, "provider": job.provider.name}
+        list_existing(works, folder, identity=identity)
+        already = sum(work.request.num_images - work.pending for work in works)
+        if options.ray:
+            from sd_utils.jobs.ray_job import run_on_ray
+
+            return run_on_ray(options, job, ready, works, folder, identity=identity), already
+        return run_local(options, job, ready, works, folder, identity=identity), already

@@ -89,6 +89,31 @@ def _load_one(pipeline, lora: LoraFile, name: str) -> None:
             f"--lora {lora.path} does not fit the model: none of its layers is one of the model's; give a LoRA "
             "made for SDXL"
         )
+    _check_every_layer_placed(pipeline, lora, name, components=loaded)
+
+
+# the down (A) matrix of one LoRA layer in each layout diffusers reads: kohya, PEFT, diffusers' older one
+_LAYER_KEYS = ("lora_down.weight", "lora_A.weight", "lora.down.weight")
+
+
+def _check_every_layer_placed(pipeline, lora: LoraFile, name: str, *, components: set[str]) -> None:
+    """Every LoRA layer of the file must have become an adapter layer of the model: diffusers' converters drop the
+    keys they cannot map (another UNet layout), which would apply the LoRA in part, silently."""
+    from safetensors import safe_open
+
+    with safe_open(lora.path, framework="pt") as weights:
+        in_file = sum(key.endswith(_LAYER_KEYS) for key in weights.keys())  # noqa: SIM118 (safe_open is no dict)
+    placed = sum(
+        1
+        for component in components
+        for _, module in getattr(pipeline, component).named_modules()
+        if name in getattr(module, "lora_A", {})
+    )
+    if placed < in_file:
+        raise ModelNotFoundError(
+            f"--lora {lora.path}: {in_file - placed} of its {in_file} layers have no match in the model (it was "
+            "made for another model's layout); give a LoRA made for this model"
+        )
 
 
 def _first_reason(error: BaseException) -> str:

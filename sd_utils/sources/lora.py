@@ -25,10 +25,16 @@ class LoraFile(single_file.HashedFile):
 
     scale: float = 1.0
     targets: tuple[str, ...] = ()  # diffusers components: unet, text_encoder, text_encoder_2
+    tensors_sha256: str = ""  # of the tensor data alone: A1111's and Civitai's LoRA hash (its first 12 digits)
 
     def identity(self) -> dict[str, Any]:
         """What a build records of this LoRA (its content, not its path: a moved file is the same LoRA)."""
-        return {**super().identity(), "scale": self.scale, "targets": list(self.targets)}
+        return {
+            **super().identity(),
+            "scale": self.scale,
+            "targets": list(self.targets),
+            "tensors_sha256": self.tensors_sha256,
+        }
 
 
 def lora_state_dict(path: Path) -> dict:
@@ -55,6 +61,8 @@ def inspect_lora(path: Path, scale: float, *, components: tuple[str, ...]) -> Lo
     """Check ``--lora path`` against a model with ``components``; one-line :class:`ModelNotFoundError` when it is not
     a LoRA, or changes a component the model does not have."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ModelNotFoundError(f"--lora {path} is a folder; give the LoRA's .safetensors file in it")
     if not path.is_file():
         raise ModelNotFoundError(f"--lora {path}: no such file; check the path")
     header = single_file.read_header(path, "--lora")
@@ -72,7 +80,13 @@ def inspect_lora(path: Path, scale: float, *, components: tuple[str, ...]) -> Lo
             f"--lora {path} changes {what}, which the model has not (it has {', '.join(components)}); "
             "give a LoRA made for this kind of model (an SDXL base LoRA for a base)"
         )
-    return LoraFile(path=path.resolve(), scale=scale, sha256=single_file.file_sha256(path), targets=targets)
+    return LoraFile(
+        path=path.resolve(),
+        scale=scale,
+        sha256=single_file.file_sha256(path),
+        targets=targets,
+        tensors_sha256=single_file.file_sha256(path, tensors_only=True),
+    )
 
 
 def _is_model(header: dict) -> bool:

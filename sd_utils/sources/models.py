@@ -121,6 +121,7 @@ def resolve_model(
         path = ensure_builtin(model_id, models_dir=models_dir)
     elif as_path.is_dir():
         path = as_path.resolve()
+        single_file.check_folder_weights(path, option)
     elif as_path.is_file():
         return _resolve_single_file(model_id, as_path, models_dir=models_dir, config=config, option=option)
     elif as_path.suffix.lower() in (".safetensors", *single_file.PICKLE_SUFFIXES):
@@ -359,7 +360,9 @@ def with_vae(model: ResolvedModel, vae: str, *, destination: Path) -> Path:
     import shutil
 
     source = Path(vae).expanduser()
-    if not source.is_dir():
+    if source.is_dir():
+        single_file.check_folder_weights(source, "--use_fp16_fixed_vae")
+    else:
         source = download_snapshot(
             vae,
             allow_patterns=VAE_ALLOW_PATTERNS,

@@ -9,6 +9,7 @@ no hub is needed and at most one component's weights are in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sd_utils.errors import ModelNotFoundError
@@ -61,7 +63,30 @@ def read_header(path: Path, option: str) -> dict[str, dict]:
             f"{option} {path} is not a safetensors file (its header does not parse); if it is a pickled checkpoint "
             f"renamed, {PICKLE_FIX}"
         ) from None
-    return {key: value for key, value in header.items() if key != "__metadata__"}
+    tensors = {key: value for key, value in header.items() if key != "__metadata__"}
+    check_complete(path, option, header_size=size, tensors=tensors)
+    return tensors
+
+
+def check_complete(path: Path, option: str, *, header_size: int, tensors: dict[str, dict]) -> None:
+    """Raise a one-line :class:`ModelNotFoundError` when ``path`` is shorter than its header says (an interrupted
+    download or copy): safetensors would fail later with no file named."""
+    try:
+        needed = 8 + header_size + max((int(entry["data_offsets"][1]) for entry in tensors.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ModelNotFoundError(f"{option} {path} has a damaged safetensors header; download it again") from None
+    have = path.stat().st_size
+    if have < needed:
+        raise ModelNotFoundError(
+            f"{option} {path} is incomplete: {have:,} of its {needed:,} bytes (an interrupted download or copy?); "
+            "download or copy it again"
+        )
+
+
+def check_folder_weights(folder: Path, option: str) -> None:
+    """Every ``.safetensors`` file under a diffusers folder complete (see :func:`check_complete`); headers only."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        read_header(path, f"{option} {folder}:")
 
 
 def looks_like_lora(keys) -> bool:
@@ -135,9 +160,13 @@ def classify(path: Path, header: dict[str, dict], option: str = "--model_id") ->
     return Checkpoint(path=path, refiner=refiner, dtype=dtype, inpainting=in_channels == 9)
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, *, tensors_only: bool = False) -> str:
+    """The SHA-256 of the file, or with ``tensors_only`` of its tensor data after the safetensors header: the hash
+    A1111 and Civitai give a LoRA (kohya's "addnet" hash; metadata edits do not change it)."""
     digest = hashlib.sha256()
     with path.open("rb") as stream:
+        if tensors_only:
+            stream.seek(8 + int.from_bytes(stream.read(8), "little"))
         while chunk := stream.read(16 * 2**20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -192,9 +221,15 @@ def converted_folder(checkpoint: Checkpoint, *, config_root: Path, config_digest
 
 
 def _remove_older_conversions(parent: Path, source: Path) -> None:
-    """Converted folders of earlier versions of ``source``: each holds a whole model (GBs) nobody reads any more."""
+    """Converted folders of earlier versions of ``source`` (the file changed since): each holds a whole model (GBs)
+    nobody reads any more. Conversions of the same version with other configs (``--config``) are kept."""
+    current = file_identity(source)
     for folder in parent.iterdir():
-        if folder.is_dir() and read_record(folder).get("source") == str(source.resolve()):
+        record = read_record(folder) if folder.is_dir() else {}
+        if record.get("source") != str(source.resolve()):
+            continue
+        made_from, _, rest = str(record.get("identity", "")).partition("|")
+        if made_from != current or not rest.endswith(f"|{CONVERT_FORMAT}"):
             logger.info("deleting %s, converted from an earlier version of %s", folder, source)
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -233,6 +268,23 @@ def convert(checkpoint: Checkpoint, *, config_root: Path, destination: Path) -> 
     shutil.copy2(config_root / "model_index.json", destination / "model_index.json")
 
 
+@contextlib.contextmanager
+def _without_empty_fp32_note() -> Iterator[None]:
+    """diffusers 0.39's ``from_single_file`` casts with ``to(dtype)`` and then warns that the modules "that should be
+    kept in float32: []" (none) might be cast: a warning about nothing, on every conversion. Only that one is dropped.
+    """
+    noisy = logging.getLogger("diffusers.models.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+    noisy.addFilter(keep)
+    try:
+        yield
+    finally:
+        noisy.removeFilter(keep)
+
+
 def _load_component(name: str, state: dict, *, checkpoint: Checkpoint, config_root: Path, dtype):
     """One diffusers/transformers module from its part of the checkpoint, by diffusers' single-file converters."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -242,9 +294,10 @@ def _load_component(name: str, state: dict, *, checkpoint: Checkpoint, config_ro
     try:
         if name in ("unet", "vae"):
             cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
-            module = cls.from_single_file(
-                state, config=str(config_root), subfolder=name, torch_dtype=dtype, local_files_only=True
-            )
+            with _without_empty_fp32_note():
+                module = cls.from_single_file(
+                    state, config=str(config_root), subfolder=name, torch_dtype=dtype, local_files_only=True
+                )
         else:
             # each encoder gets only its own tensors: diffusers tells the two CLIPs apart by their widths otherwise,
             # which fails for models where both have the same width

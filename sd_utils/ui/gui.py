@@ -97,6 +97,10 @@ class GenerationWindow:
         self.progress.grid(row=3, column=0, columnspan=COLUMNS, sticky="ew", pady=4)
         self.status = ttk.Label(frame, text=self._ready_text())
         self.status.grid(row=4, column=0, columnspan=COLUMNS, sticky="w")
+        # a long message wraps at the frame's width instead of widening the window past the screen (and Stop)
+        root.update_idletasks()
+        self.status.configure(wraplength=max(200, frame.winfo_reqwidth() - 16))
+        frame.bind("<Configure>", lambda event: self.status.configure(wraplength=max(200, event.width - 16)))
         grid = ttk.Frame(frame)
         grid.grid(row=5, column=0, columnspan=COLUMNS, sticky="w")
         self.cells = [ttk.Label(grid) for _ in range(MAX_IMAGES)]
