@@ -19,6 +19,7 @@ from pathlib import Path
 from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive
 from sd_utils.generation.base_images import load_base_images, load_masks
+from sd_utils.generation.prompt_syntax import chunk_count
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
 from sd_utils.generation.run import generate_images
 from sd_utils.generation.safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
@@ -335,11 +336,22 @@ class Generator:
     def __init__(self, options: Options, job: Job, ready: ReadyModels):
         self.options, self.job, self.ready = options, job, ready
         self._loaded: tuple[object, LoadedPipeline, LoadedPipeline | None] | None = None
+        self._tokenizer = None  # the model's tokenizer_2, for counting prompt chunks
         self.safety_checker = None
         if ready.checker is not None:
             self.safety_checker = OnnxSafetyChecker(ready.checker, provider=job.provider, device_id=options.device_id)
         else:
             logger.info("no safety checker: images are not checked (--safety_checker ID|DIR adds one)")
+
+    def _text_chunks(self, request: GenerationRequest) -> int:
+        """How many 77-token chunks the request's prompts take (A1111's grammar): the UNet's sessions are pinned to
+        77 x this many text positions."""
+        if self._tokenizer is None:
+            from transformers import CLIPTokenizer
+
+            self._tokenizer = CLIPTokenizer.from_pretrained(self.job.model.spec.root / "tokenizer_2")
+        negative = request.negative_prompt if request.uses_cfg else None
+        return chunk_count(self._tokenizer, request.prompt, negative)
 
     def _pipelines(self, request: GenerationRequest) -> tuple[LoadedPipeline, LoadedPipeline | None]:
         key = (None if self.options.dynamic_dims else request.shape, request.task)
@@ -365,6 +377,7 @@ class Generator:
             request.num_calls,
             request.seed,
         )
+        request = dataclasses.replace(request, text_chunks=self._text_chunks(request))
         model, refiner = self._pipelines(request)
         return generate_images(
             model,

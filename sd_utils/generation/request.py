@@ -46,6 +46,7 @@ class GenerationRequest:
     refine: RefineSettings | None = None
     high_noise_frac: float | None = None  # base -> refiner hand-off point ("ensemble of experts")
     image_indices: tuple[int, ...] | None = None  # which of the run's images to make (a resumed job); None: all
+    text_chunks: int = 1  # the prompts' chunks of 77 tokens (see generation/prompt_syntax.py), set before a run
 
     @property
     def task(self) -> str:
@@ -72,7 +73,11 @@ class GenerationRequest:
     @property
     def shape(self) -> Shape:
         return Shape(
-            batch=self.batch_size, height=self.height, width=self.width, classifier_free_guidance=self.uses_cfg
+            batch=self.batch_size,
+            height=self.height,
+            width=self.width,
+            classifier_free_guidance=self.uses_cfg,
+            text_chunks=self.text_chunks,
         )
 
     @property

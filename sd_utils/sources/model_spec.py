@@ -157,6 +157,7 @@ class Shape:
     height: int
     width: int
     classifier_free_guidance: bool = True
+    text_chunks: int = 1  # prompt chunks of 77 tokens (long prompts, BREAK): the UNet's text sequence is 77 x this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +231,7 @@ def _unet_io(spec: ModelSpec) -> SubmodelIO:
             "unet_sample_height": shape.height // spec.vae_scale_factor,
             "unet_sample_width": shape.width // spec.vae_scale_factor,
             "unet_hidden_batch": n,
-            "unet_hidden_sequence": spec.text_length,
+            "unet_hidden_sequence": spec.text_length * shape.text_chunks,
             "unet_text_embeds_batch": n,
             "unet_time_ids_batch": n,
         }
