@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None, *, provider_table: Mapping[str, Provider
     them (default: :data:`sd_utils.runtime.providers.PROVIDERS`)."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        configure_logging(debug=debug)  # before parsing: --from_png reports what it read
         options = parse_options(argv)
-        configure_logging(debug=options.debug)
         return run(options, provider_table=provider_table)
     except SdxlOliveError as error:
         if debug:

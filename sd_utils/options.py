@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import re
 import sys
@@ -17,6 +18,8 @@ from sd_utils.sources.models import BUILTIN_MODELS, DEFAULT_FP16_VAE
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 MAX_SEED = 2**32 - 1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Options:
     vae_tiling: bool
     low_vram: bool
     prompt: str | None
+    from_png: Path | None
     negative_prompt: str | None
     num_images: int
     batch_size: int
@@ -246,7 +250,21 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     generate = parser.add_argument_group("generation")
-    generate.add_argument("--prompt", default=None, help="text prompt; generates images when given")
+    generate.add_argument(
+        "--prompt",
+        default=None,
+        help="text prompt; generates images when given. A1111's syntax: (word) x1.1, [word] /1.1, (word:1.3), "
+        "BREAK starts a new 75-token chunk; longer prompts are read whole, in chunks",
+    )
+    generate.add_argument(
+        "--from_png",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="make a PNG's image again from its A1111 parameters (this tool's, A1111's, Forge's): prompt, negative "
+        "prompt, steps, sampler and schedule type, CFG scale, seed, size (and denoising strength with "
+        "--base_images); options given on the command line win",
+    )
     generate.add_argument("--negative_prompt", default=None, help="what the images should not show")
     generate.add_argument(
         "--num_images",
@@ -447,7 +465,10 @@ def _add_safety_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_options(argv: list[str] | None = None) -> Options:
     """Parse ``argv`` (``sys.argv[1:]`` by default) into validated :class:`Options`."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.from_png is not None:
+        _take_from_png(args, given=_given_options(argv))
     if args.num_images is None:
         args.num_images = max(1, len(args.base_images))
     args.base_images = tuple(args.base_images)
@@ -456,6 +477,41 @@ def parse_options(argv: list[str] | None = None) -> Options:
     options = Options(**vars(args))
     check_options(options)
     return options
+
+
+def _given_options(argv: list[str]) -> set[str]:
+    """The options ``argv`` sets itself (abbreviations and ``--flag=value`` included), not by default."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse has no public "was it given" query
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _take_from_png(args: argparse.Namespace, *, given: set[str]) -> None:
+    """``--from_png``: the PNG's parameters for every option the command line does not set itself."""
+    from sd_utils.generation.png_parameters import read_png_parameters
+
+    found = read_png_parameters(args.from_png)
+    values = dict(found.options)
+    if given & {"image_size", "width", "height"}:  # the command line's size wins as a whole
+        for name in ("image_size", "width", "height"):
+            values.pop(name, None)
+    if not args.base_images:
+        values.pop("strength", None)  # txt2img (A1111 writes it for hires fix too)
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+    made_with = " ".join(filter(None, (found.model, f"[{found.model_hash}]" if found.model_hash else None)))
+    loras = ", ".join(f"{name} x{weight:g}" for name, weight in found.loras)
+    logger.info(
+        "--from_png %s: %s%s%s",
+        args.from_png,
+        ", ".join(
+            f"{name} {value!r}" for name, value in values.items() if name not in given | {"prompt", "image_size"}
+        ),
+        f"; made with model {made_with}" if made_with else "",
+        f"; its LoRAs ({loras}) are not loaded: add --lora FILE:SCALE for each" if loras else "",
+    )
 
 
 def check_options(options: Options) -> None:

@@ -188,3 +188,63 @@ def test_a_plain_prompt_is_encoded_exactly_as_before(tiny_optimized, tiny_spec):
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     for name, value in zip(names, theirs, strict=True):
         assert torch.equal(torch.as_tensor(np.asarray(ours[name])), torch.as_tensor(np.asarray(value))), name
+
+
+# --------------------------------------------------------------------------------------------------- --from_png
+
+A1111_PARAMETERS = (
+    "masterpiece, (best quality:1.2), a red circle <lora:detail:0.8>\n"
+    "on the left, dark background\n"
+    "Negative prompt: lowres, (blurry:1.3)\n"
+    "worst quality\n"
+    "Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234567, Size: 832x1216, "
+    'Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Denoising strength: 0.35, Lora hashes: "detail: 62a4dfb3c1b0", '
+    "Version: v1.10.1"
+)
+
+
+def test_an_a1111_parameters_text_gives_every_field():
+    from sd_utils.generation.png_parameters import parse_parameters, scheduler_of
+
+    found = parse_parameters(A1111_PARAMETERS)
+    assert found.options == {
+        "prompt": "masterpiece, (best quality:1.2), a red circle \non the left, dark background",
+        "negative_prompt": "lowres, (blurry:1.3)\nworst quality",
+        "num_inference_steps": 28,
+        "guidance_scale": 6.5,
+        "seed": 1234567,
+        "strength": 0.35,
+        "width": 832,
+        "height": 1216,
+        "image_size": None,
+        "scheduler": "dpmpp_2m_karras",
+    }
+    assert (found.model, found.model_hash, found.loras) == ("sd_xl_base_1.0", "31e35c80fc", (("detail", 0.8),))
+    assert scheduler_of("Euler a", "Automatic") == "euler_a"
+    assert scheduler_of("DPM++ 2M Karras", None) == "dpmpp_2m_karras"  # A1111 before schedule types
+    assert scheduler_of("DPM++ 2M SDE", "Automatic") == "dpmpp_2m_sde"
+    assert scheduler_of("Restart", "Automatic") is None  # not one of the tool's: the model's own runs
+
+
+def test_from_png_makes_the_same_pixels_and_the_command_line_wins(tiny_optimized, tmp_path, capsys):
+    from PIL import Image
+
+    from stable_diffusion_xl import main
+
+    run = "--num_inference_steps 3 --guidance_scale 6.5 --scheduler dpmpp_2m_karras --seed 42 --width 96 --height 64"
+    prompt = ["--prompt", "a (red:1.3) circle, [blurry] BREAK dark", "--negative_prompt", "green, ugly"]
+    assert main(tiny_optimized.tiny(run, *prompt, "--output_dir", str(tmp_path / "first"))) == 0
+    (first,) = (tmp_path / "first").glob("*.png")
+    assert main(tiny_optimized.tiny("", "--from_png", str(first), "--output_dir", str(tmp_path / "again"))) == 0
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert first.name == again.name and Image.open(first).tobytes() == Image.open(again).tobytes()
+    assert Image.open(again).text["prompt"] == prompt[1]  # recorded as written
+    args = ["--from_png", str(first), "--seed", "7", "--output_dir", str(tmp_path / "seven")]
+    assert main(tiny_optimized.tiny("", *args)) == 0
+    (seven,) = (tmp_path / "seven").glob("*.png")
+    assert seven.name.endswith("-7.png") and Image.open(seven).size == (96, 64)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    capsys.readouterr()
+    assert main(tiny_optimized.tiny("", "--from_png", str(tmp_path / "plain.png"))) == 2
+    err = capsys.readouterr().err
+    assert "has no A1111 parameters" in err and len(err.strip().splitlines()) == 1
