@@ -30,6 +30,7 @@ from sd_utils.optimize.recipe import BuildPaths, BuildRecipe, build_damage, lega
 from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
+from sd_utils.sources.embeddings import Embeddings, load_embeddings
 from sd_utils.sources.lora import inspect_lora
 from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_unet, with_vae
 from sd_utils.sources.single_file import inspect_unet
@@ -46,6 +47,7 @@ class Job:
     request: GenerationRequest | None
     refiner: ResolvedModel | None = None
     checker: CheckerSource | None = None
+    embeddings: Embeddings = dataclasses.field(default_factory=Embeddings)  # --embedding, --embedding_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,8 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
         has_component=model.spec.has_safety_checker,
         models_dir=options.models_dir,
     )
-    return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker)
+    embeddings = load_embeddings(options.embedding, options.embedding_dir, model_root=model.spec.root)
+    return Job(model=model, provider=provider, request=request, refiner=refiner, checker=checker, embeddings=embeddings)
 
 
 def _writable_folder(option: str, folder: Path) -> None:
@@ -312,7 +315,12 @@ def prepare_models(options: Options, job: Job) -> ReadyModels:
 
 
 def open_pipeline(
-    options: Options, model: ResolvedModel, provider: Provider, paths: BuildPaths, request: GenerationRequest
+    options: Options,
+    model: ResolvedModel,
+    provider: Provider,
+    paths: BuildPaths,
+    request: GenerationRequest,
+    embeddings: Embeddings | None = None,
 ) -> LoadedPipeline:
     folder = paths.unoptimized if options.test_unoptimized else paths.optimized
     return load_pipeline(
@@ -326,6 +334,7 @@ def open_pipeline(
         low_vram=options.low_vram,
         # a refiner in a hand-off gets the base's latents: optimum's image-to-image pipeline
         task="img2img" if model.spec.is_refiner and request.task == "text2img" else request.task,
+        embeddings=embeddings,
     )
 
 
@@ -351,16 +360,19 @@ class Generator:
 
             self._tokenizer = CLIPTokenizer.from_pretrained(self.job.model.spec.root / "tokenizer_2")
         negative = request.negative_prompt if request.uses_cfg else None
-        return chunk_count(self._tokenizer, request.prompt, negative)
+        return chunk_count(self._tokenizer, request.prompt, negative, words=self.job.embeddings.words)
 
     def _pipelines(self, request: GenerationRequest) -> tuple[LoadedPipeline, LoadedPipeline | None]:
         key = (None if self.options.dynamic_dims else request.shape, request.task)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # drop the old sessions before creating new ones
-            model = open_pipeline(self.options, self.job.model, self.job.provider, self.ready.model, request)
+            job = self.job
+            model = open_pipeline(self.options, job.model, job.provider, self.ready.model, request, job.embeddings)
             refiner = None
-            if self.job.refiner is not None:
-                refiner = open_pipeline(self.options, self.job.refiner, self.job.provider, self.ready.refiner, request)
+            if job.refiner is not None:
+                refiner = open_pipeline(
+                    self.options, job.refiner, job.provider, self.ready.refiner, request, job.embeddings
+                )
             self._loaded = (key, model, refiner)
         return self._loaded[1], self._loaded[2]
 

@@ -30,6 +30,8 @@ class Options:
     config: str | None
     variant: str | None
     lora: tuple[tuple[Path, float], ...]
+    embedding: tuple[Path, ...]
+    embedding_dir: tuple[Path, ...]
     unet: Path | None
     provider: str
     device_id: int
@@ -200,6 +202,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 keys) fused into --model_id's UNet and text "
         "encoders before export, at SCALE (default 1.0); repeat for several. Each LoRA set is its own build; "
         "submodels it does not touch are reused",
+    )
+    model.add_argument(
+        "--embedding",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an SDXL textual-inversion embedding (.safetensors with clip_l and clip_g vectors); its file name "
+        "without the suffix is the word for it in prompts. Repeatable; no new build",
+    )
+    model.add_argument(
+        "--embedding_dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of SDXL embeddings, each usable by its file name in prompts (other files are skipped)",
     )
     model.add_argument(
         "--models_dir",
@@ -474,6 +493,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     args.base_images = tuple(args.base_images)
     args.mask_image = tuple(args.mask_image)
     args.lora = tuple(args.lora)
+    args.embedding, args.embedding_dir = tuple(args.embedding), tuple(args.embedding_dir)
     options = Options(**vars(args))
     check_options(options)
     return options

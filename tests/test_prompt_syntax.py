@@ -248,3 +248,86 @@ def test_from_png_makes_the_same_pixels_and_the_command_line_wins(tiny_optimized
     assert main(tiny_optimized.tiny("", "--from_png", str(tmp_path / "plain.png"))) == 2
     err = capsys.readouterr().err
     assert "has no A1111 parameters" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------- textual-inversion embeddings
+
+
+def _embedding_file(path, widths=(32, 32), vectors=2, seed=0):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    save_file(
+        {
+            "clip_l": rng.standard_normal((vectors, widths[0])).astype(np.float32),
+            "clip_g": rng.standard_normal((vectors, widths[1])).astype(np.float32),
+        },
+        path,
+    )
+    return path
+
+
+def test_an_embedding_matches_diffusers_load_textual_inversion(tiny_optimized, tiny_spec, tmp_path):
+    """The word of an embedding file in a prompt gives the hidden states diffusers gives after
+    ``load_textual_inversion`` into both encoders, from the optimized encoders with no new build (weights apply too)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.numpy import load_file
+
+    from sd_utils.generation.prompts import encode_prompt
+    from sd_utils.generation.request import GenerationRequest
+    from sd_utils.sources.embeddings import load_embeddings
+
+    path = _embedding_file(tmp_path / "shiny.safetensors")
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_spec.root, torch_dtype=torch.float32)
+    tensors = load_file(path)
+    for key, encoder, tokenizer in (
+        ("clip_l", "text_encoder", "tokenizer"),
+        ("clip_g", "text_encoder_2", "tokenizer_2"),
+    ):
+        reference.load_textual_inversion(
+            torch.from_numpy(tensors[key]),
+            token="shiny",
+            text_encoder=getattr(reference, encoder),
+            tokenizer=getattr(reference, tokenizer),
+        )
+    embeddings = load_embeddings([path], [], model_root=tiny_spec.root)
+    for prompt in ("a shiny red circle, dark background", "a (shiny:1.3) red circle BREAK dark background"):
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=None,
+            num_images=1,
+            batch_size=1,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            seed=0,
+            width=64,
+            height=64,
+            text_chunks=2 if "BREAK" in prompt else 1,
+        )
+        loaded = load_pipeline(
+            tiny_optimized.build().optimized,
+            tiny_spec,
+            provider=PROVIDERS["cpu"],
+            shape=request.shape,
+            model_label="t",
+            embeddings=embeddings,
+        )
+        ours = encode_prompt(loaded, request, 1)["prompt_embeds"]
+        if "BREAK" in prompt:  # the grammar's chunks through diffusers' encoders, weights applied as A1111 does
+            expected, _ = _reference_embeddings(reference, prompt.replace("shiny", "shiny shiny_1"))
+        else:
+            with torch.no_grad():
+                expected = reference.encode_prompt(prompt=prompt, do_classifier_free_guidance=False)[0]
+        assert psnr(expected.numpy(), ours.numpy(), peak=float(expected.abs().max())) >= 60, prompt
+
+
+def test_embeddings_that_do_not_fit_are_one_line(tiny_optimized, tmp_path, capsys):
+    from stable_diffusion_xl import main
+
+    narrow = _embedding_file(tmp_path / "narrow.safetensors", widths=(16, 32))
+    assert main(tiny_optimized.tiny("--prompt x", "--embedding", str(narrow))) == 2
+    err = capsys.readouterr().err
+    assert f"--embedding {narrow}: its clip_l vectors are 2x16, the model's text_encoder takes width 32" in err
+    (tmp_path / "lora.safetensors").write_bytes(narrow.read_bytes()[:-10])  # an interrupted download
+    assert main(tiny_optimized.tiny("--prompt x", "--embedding", str(tmp_path / "lora.safetensors"))) == 2
+    assert "is incomplete" in capsys.readouterr().err

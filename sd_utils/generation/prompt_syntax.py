@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
+
+from sd_utils.sources.embeddings import word_pattern
 
 EMPHASIS = 1.1  # what one pair of round brackets multiplies a weight by (square brackets divide)
 CHUNK_TOKENS = 75  # tokens of a chunk between its start and end tokens (CLIP reads 77)
@@ -101,9 +104,10 @@ class Chunk:
     weights: tuple[float, ...]
 
 
-def chunks(tokenizer, prompt: str) -> list[Chunk]:
+def chunks(tokenizer, prompt: str, words: Mapping[str, tuple[int, ...]] | None = None) -> list[Chunk]:
     """``prompt`` (the grammar above) as the chunks ``tokenizer``'s text encoder reads, each ``model_max_length``
-    (77) ids long. An empty prompt is one chunk, as a plain tokenizer call gives it."""
+    (77) ids long. An empty prompt is one chunk, as a plain tokenizer call gives it. ``words``: whole words that stand
+    for token ids of their own (textual-inversion embeddings), weighted like the text around them."""
     length = tokenizer.model_max_length
     per_chunk = min(CHUNK_TOKENS, length - 2)
     made: list[Chunk] = []
@@ -125,7 +129,7 @@ def chunks(tokenizer, prompt: str) -> list[Chunk]:
         if is_break(text):
             close()
             continue
-        for token in tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+        for token in _tokens(tokenizer, text, words or {}):
             if len(ids) == per_chunk:
                 close()
             ids.append(token)
@@ -135,6 +139,19 @@ def chunks(tokenizer, prompt: str) -> list[Chunk]:
     return made
 
 
-def chunk_count(tokenizer, *prompts: str | None) -> int:
+def _tokens(tokenizer, text: str, words: Mapping[str, tuple[int, ...]]) -> list[int]:
+    """The token ids of ``text``, ``words`` replaced by their own ids."""
+    pattern = word_pattern(words)
+    parts = pattern.split(text) if pattern else [text]
+    tokens: list[int] = []
+    for index, part in enumerate(parts):  # split() puts the matched words at the odd places
+        if index % 2:
+            tokens += words[part]
+        elif part:
+            tokens += tokenizer(part, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    return tokens
+
+
+def chunk_count(tokenizer, *prompts: str | None, words: Mapping[str, tuple[int, ...]] | None = None) -> int:
     """How many chunks the longest of ``prompts`` takes (the UNet's text sequence is 77 x this)."""
-    return max((len(chunks(tokenizer, prompt)) for prompt in prompts if prompt), default=1)
+    return max((len(chunks(tokenizer, prompt, words)) for prompt in prompts if prompt), default=1)

@@ -92,7 +92,7 @@ def _encode(loaded: LoadedPipeline, text: str, count: int) -> tuple[Any, Any]:
         if tokenizer is None or encoder is None:
             continue  # a refiner reads the second encoder alone
         states = []
-        for index, chunk in enumerate(prompt_syntax.chunks(tokenizer, text)):
+        for index, chunk in enumerate(prompt_syntax.chunks(tokenizer, text, loaded.words)):
             outputs = encoder(torch.tensor([chunk.ids] * count), output_hidden_states=True)
             if index == 0:
                 pooled = outputs[0]  # diffusers: the last encoder's first output (text_embeds for encoder 2)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_utils.optimize.recipe import read_record
-from sd_utils.runtime import optimum_adapter
+from sd_utils.runtime import optimum_adapter, token_table
 from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
 from sd_utils.runtime.providers import (
     Provider,
@@ -22,6 +22,7 @@ from sd_utils.runtime.providers import (
     share_arena,
 )
 from sd_utils.runtime.vae_tiling import decode_tiled, tiled_shape
+from sd_utils.sources.embeddings import Embeddings
 from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides, submodel_io
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class LoadedPipeline:
     low_vram: bool = False  # the text encoders exist only while they encode a prompt (see encode_prompt)
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
     new_text_encoder: Callable[[str], None] | None = None
+    words: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # embedding word -> token ids
+    token_tables: list = dataclasses.field(default_factory=list, compare=False, repr=False)  # kept for ORT
     # build.json: what the build was made from (checkpoint file, LoRAs, VAE) and its digest, recorded in the PNGs
     build_record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the model folder's own scheduler config (--scheduler makes its scheduler from it)
@@ -66,6 +69,7 @@ def load_pipeline(
     vae_tiling: bool = False,
     low_vram: bool = False,
     task: str | None = None,
+    embeddings: Embeddings | None = None,
 ) -> LoadedPipeline:
     """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
 
@@ -76,7 +80,7 @@ def load_pipeline(
     decoder's dims pinned to the tile's shape. ``low_vram`` frees the text encoders' memory after they have encoded
     the prompt (:func:`encode_prompt`) and drops a base model's VAE encoder, which text-to-image never runs.
     ``task`` picks optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner,
-    text2img otherwise).
+    text2img otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables.
     """
     if task is None:
         task = "img2img" if spec.is_refiner else "text2img"
@@ -112,10 +116,22 @@ def load_pipeline(
     if low_vram and task == "text2img":
         optimum_adapter.drop_parts(pipeline, ["vae_encoder"])
 
+    embeddings = embeddings or Embeddings()
+    kept: list = []  # the token tables ONNX Runtime reads from (it does not copy them)
+
     def new_text_encoder(name: str) -> None:
-        session = new_session(str(folder / name / "model.onnx"), provider, device_id, overrides)
+        model_file = folder / name / "model.onnx"
+        rows = embeddings.rows.get(name)
+        options = session_options(provider, overrides)
+        if rows:
+            kept.extend(token_table.add_rows(options, model_file, rows))
+        session = new_session(str(model_file), provider, device_id, options=options)
         check_session_provider(session, provider, str(folder / name))
         optimum_adapter.add_text_encoder(pipeline, name, session, io_binding=io_binding)
+
+    for name in embeddings.rows:  # the sessions from_pretrained made know no embedding: made again with them
+        if getattr(pipeline, name, None) is not None:
+            new_text_encoder(name)
 
     return LoadedPipeline(
         pipeline,
@@ -128,6 +144,8 @@ def load_pipeline(
         vae_tiling=vae_tiling,
         low_vram=low_vram,
         new_text_encoder=new_text_encoder,
+        words=embeddings.words,
+        token_tables=kept,
         build_record=read_record(folder) or {},
         scheduler_config=dict(pipeline.scheduler.config),
     )

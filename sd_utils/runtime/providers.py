@@ -264,16 +264,22 @@ def session_providers(provider: Provider, device_id: int) -> tuple[list[str], li
 
 
 def new_session(
-    model: str | bytes, provider: Provider, device_id: int = 0, free_dimensions: dict[str, int] | None = None
+    model: str | bytes,
+    provider: Provider,
+    device_id: int = 0,
+    free_dimensions: dict[str, int] | None = None,
+    *,
+    options=None,
 ):
     """An ORT ``InferenceSession`` of ``model`` (a path or serialized ONNX) on ``provider``, CPU fallback included;
-    ``free_dimensions`` pins symbolic dims as :func:`session_options` does."""
+    ``free_dimensions`` pins symbolic dims as :func:`session_options` does (or ``options``: session options made
+    by it, with more set)."""
     import onnxruntime as ort
 
     providers, provider_options = session_providers(provider, device_id)
     return ort.InferenceSession(
         model,
-        sess_options=session_options(provider, free_dimensions),
+        sess_options=options if options is not None else session_options(provider, free_dimensions),
         providers=providers,
         provider_options=provider_options,
     )

@@ -1,0 +1,54 @@
+"""A text encoder's token table with some rows replaced, handed to ONNX Runtime when its session is made
+(``SessionOptions.add_initializer``): textual-inversion vectors without a new build. The model file is untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def token_table(model_file: Path) -> tuple[str, np.ndarray]:
+    """(initializer name, values) of the graph's token table: of the 2-D initializers that a ``Gather`` reads rows
+    from (token and position embeddings), the one with the most rows. Only that tensor is read (external data
+    included)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sd_utils.optimize.external_data import ExternalTensors
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    initializers = {item.name: item for item in model.graph.initializer}
+    gathered = [
+        initializers[node.input[0]]
+        for node in model.graph.node
+        if node.op_type == "Gather" and node.input[0] in initializers and len(initializers[node.input[0]].dims) == 2
+    ]
+    if not gathered:
+        raise ValueError(f"{model_file} has no token table (a Gather from a 2-D initializer)")
+    tensor = max(gathered, key=lambda item: item.dims[0])
+    external = ExternalTensors(model_file.parent)
+    try:
+        data = external(tensor)
+    finally:
+        external.close()
+    if data is not None:
+        tensor.raw_data = data
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return tensor.name, numpy_helper.to_array(tensor)
+
+
+def add_rows(options: Any, model_file: Path, rows: dict[int, np.ndarray]) -> list[Any]:
+    """Give session options ``options`` the token table of ``model_file`` with ``rows`` (token id -> vector) in
+    place; returns what must stay referenced as long as the session lives (ONNX Runtime does not copy it)."""
+    import onnxruntime as ort
+
+    name, table = token_table(model_file)
+    table = table.copy()
+    for token, vector in rows.items():
+        table[token] = vector.astype(table.dtype)
+    value = ort.OrtValue.ortvalue_from_numpy(table)
+    options.add_initializer(name, value)
+    return [table, value]
