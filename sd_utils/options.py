@@ -267,8 +267,7 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     optimize.add_argument("--tempdir", type=Path, default=None, help="temporary folder for Olive and ONNX Runtime")
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    generate = parser.add_argument_group("generation")
+def _add_prompt_arguments(generate) -> None:
     generate.add_argument(
         "--prompt",
         default=None,
@@ -284,6 +283,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "prompt, steps, sampler and schedule type, CFG scale, seed, size (and denoising strength with "
         "--base_images); options given on the command line win",
     )
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    generate = parser.add_argument_group("generation")
+    _add_prompt_arguments(generate)
     generate.add_argument("--negative_prompt", default=None, help="what the images should not show")
     generate.add_argument(
         "--num_images",

@@ -88,6 +88,16 @@ PROMPTS = {
 }
 
 
+def _request(prompt: str, negative: str | None, **fields):
+    """A one-image 64x64 request of ``prompt`` (``fields`` change the rest)."""
+    from sd_utils.generation.request import GenerationRequest
+
+    settings = {"num_images": 1, "batch_size": 1, "num_inference_steps": 1, "guidance_scale": 5.0, "seed": 0}
+    return GenerationRequest(
+        prompt=prompt, negative_prompt=negative, **{**settings, "width": 64, "height": 64, **fields}
+    )
+
+
 def _reference_embeddings(pipeline, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The rules, written against diffusers' own PyTorch text encoders: per chunk and encoder the penultimate hidden
     states, each token's row times its weight, rescaled to the old mean; chunks along the sequence."""
@@ -114,7 +124,6 @@ def test_weighted_break_and_long_prompts_match_diffusers(tiny_optimized, tiny_sp
 
     from sd_utils.generation.output import to_pil_images  # noqa: F401 (the pipeline's own imports, loaded once)
     from sd_utils.generation.prompts import encode_prompt
-    from sd_utils.generation.request import GenerationRequest
 
     prompt, negative = PROMPTS[case]
     reference = StableDiffusionXLPipeline.from_pretrained(tiny_spec.root, torch_dtype=torch.float32)
@@ -140,18 +149,7 @@ def test_weighted_break_and_long_prompts_match_diffusers(tiny_optimized, tiny_sp
         latents=latents.clone(),
         **call,
     ).images
-    request = GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative,
-        num_images=1,
-        batch_size=1,
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        seed=0,
-        width=64,
-        height=64,
-        text_chunks=chunk_count,
-    )
+    request = _request(prompt, negative, num_inference_steps=3, guidance_scale=5.0, text_chunks=chunk_count)
     loaded = load_pipeline(
         tiny_optimized.build().optimized, tiny_spec, provider=PROVIDERS["cpu"], shape=request.shape, model_label="t"
     )
@@ -165,19 +163,8 @@ def test_a_plain_prompt_is_encoded_exactly_as_before(tiny_optimized, tiny_spec):
     """The grammar's encoding of a plain prompt equals diffusers' ``encode_prompt`` on the same ONNX encoders, bit
     for bit (so a plain prompt's PNG is the one the tool made before it read weights)."""
     from sd_utils.generation.prompts import encode_prompt
-    from sd_utils.generation.request import GenerationRequest
 
-    request = GenerationRequest(
-        prompt="a red circle on the left, dark background",
-        negative_prompt="blurry",
-        num_images=2,
-        batch_size=2,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        seed=0,
-        width=64,
-        height=64,
-    )
+    request = _request("a red circle on the left, dark background", "blurry", num_images=2, batch_size=2)
     loaded = load_pipeline(
         tiny_optimized.build().optimized, tiny_spec, provider=PROVIDERS["cpu"], shape=request.shape, model_label="t"
     )
@@ -274,7 +261,6 @@ def test_an_embedding_matches_diffusers_load_textual_inversion(tiny_optimized, t
     from safetensors.numpy import load_file
 
     from sd_utils.generation.prompts import encode_prompt
-    from sd_utils.generation.request import GenerationRequest
     from sd_utils.sources.embeddings import load_embeddings
 
     path = _embedding_file(tmp_path / "shiny.safetensors")
@@ -292,18 +278,7 @@ def test_an_embedding_matches_diffusers_load_textual_inversion(tiny_optimized, t
         )
     embeddings = load_embeddings([path], [], model_root=tiny_spec.root)
     for prompt in ("a shiny red circle, dark background", "a (shiny:1.3) red circle BREAK dark background"):
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=None,
-            num_images=1,
-            batch_size=1,
-            num_inference_steps=1,
-            guidance_scale=1.0,
-            seed=0,
-            width=64,
-            height=64,
-            text_chunks=2 if "BREAK" in prompt else 1,
-        )
+        request = _request(prompt, None, guidance_scale=1.0, text_chunks=2 if "BREAK" in prompt else 1)
         loaded = load_pipeline(
             tiny_optimized.build().optimized,
             tiny_spec,

@@ -93,7 +93,8 @@ def _encode(loaded: LoadedPipeline, text: str, count: int) -> tuple[Any, Any]:
             continue  # a refiner reads the second encoder alone
         states = []
         for index, chunk in enumerate(prompt_syntax.chunks(tokenizer, text, loaded.words)):
-            outputs = encoder(torch.tensor([chunk.ids] * count), output_hidden_states=True)
+            ids = torch.tensor([chunk.ids] * count, device=pipeline.device)  # where optimum binds its inputs
+            outputs = encoder(ids, output_hidden_states=True)
             if index == 0:
                 pooled = outputs[0]  # diffusers: the last encoder's first output (text_embeds for encoder 2)
             states.append(_emphasised(outputs.hidden_states[-2], chunk.weights))

@@ -118,21 +118,7 @@ def load_pipeline(
 
     embeddings = embeddings or Embeddings()
     kept: list = []  # the token tables ONNX Runtime reads from (it does not copy them)
-
-    def new_text_encoder(name: str) -> None:
-        model_file = folder / name / "model.onnx"
-        rows = embeddings.rows.get(name)
-        options = session_options(provider, overrides)
-        if rows:
-            kept.extend(token_table.add_rows(options, model_file, rows))
-        session = new_session(str(model_file), provider, device_id, options=options)
-        check_session_provider(session, provider, str(folder / name))
-        optimum_adapter.add_text_encoder(pipeline, name, session, io_binding=io_binding)
-
-    for name in embeddings.rows:  # the sessions from_pretrained made know no embedding: made again with them
-        if getattr(pipeline, name, None) is not None:
-            new_text_encoder(name)
-
+    new_text_encoder = _text_encoders(pipeline, folder, provider, device_id, overrides, io_binding, embeddings, kept)
     return LoadedPipeline(
         pipeline,
         spec,
@@ -149,6 +135,27 @@ def load_pipeline(
         build_record=read_record(folder) or {},
         scheduler_config=dict(pipeline.scheduler.config),
     )
+
+
+def _text_encoders(pipeline, folder, provider, device_id, overrides, io_binding, embeddings, kept):
+    """A function that gives ``pipeline`` a new session of text encoder ``name`` (``low_vram`` drops them), with the
+    embeddings' rows in its token table; what ONNX Runtime must keep reading goes to ``kept``. The sessions
+    ``from_pretrained`` made know no embedding: those are made again with them now."""
+
+    def new_text_encoder(name: str) -> None:
+        model_file = folder / name / "model.onnx"
+        rows = embeddings.rows.get(name)
+        options = session_options(provider, overrides)
+        if rows:
+            kept.extend(token_table.add_rows(options, model_file, rows))
+        session = new_session(str(model_file), provider, device_id, options=options)
+        check_session_provider(session, provider, str(folder / name))
+        optimum_adapter.add_text_encoder(pipeline, name, session, io_binding=io_binding)
+
+    for name in embeddings.rows:
+        if getattr(pipeline, name, None) is not None:
+            new_text_encoder(name)
+    return new_text_encoder
 
 
 def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) -> CudaGraphUNet | None:
