@@ -311,3 +311,24 @@ def test_a_csv_row_with_an_unquoted_comma_is_refused(workspace, tmp_path, capsys
     assert main(_args(workspace, prompts, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert f"--prompts_file {prompts} row 2 has 3 cells but the header has 2: quote a prompt" in err, err
+
+
+def test_a_full_disk_counts_every_image_the_job_saved(tiny_optimized, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from sd_utils.jobs import rows
+
+    original, calls = rows.save_png_as, [0]
+
+    def filling(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rows, "save_png_as", filling)
+    out = tmp_path / "out"
+    assert main(_args(tiny_optimized, _job_file(tmp_path), out)) == 7
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"the disk of {out} is full: this run saved 4 of the job's {IMAGES} missing image(s)" in error, error
+    assert len(_pngs(out)) == 4

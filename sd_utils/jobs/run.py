@@ -9,6 +9,7 @@ import logging
 import time
 
 from sd_utils.app import Generator, Job, build_recipe
+from sd_utils.errors import DiskFullError
 from sd_utils.files import exclusive
 from sd_utils.generation.request import GeneratedImage
 from sd_utils.jobs.manifest import JOB_LOCK, JobFolder
@@ -25,6 +26,7 @@ def run_local(options: Options, job, ready, works: list[RowWork], folder: JobFol
 
     generator = Generator(options, job, ready)
     total = sum(work.pending for work in works)
+    made = [0]  # tqdm counts nothing when it is off (no terminal)
     with tqdm(total=total, unit="image", desc="images", disable=None) as progress:
         for work in (work for work in works if work.pending):
             last = [time.perf_counter()]
@@ -33,9 +35,18 @@ def run_local(options: Options, job, ready, works: list[RowWork], folder: JobFol
                 now = time.perf_counter()
                 folder.record(manifest_entry(work, image, seconds=round(now - last[0], 3), **identity))
                 last[0] = now
+                made[0] += 1
                 progress.update(1)
 
-            run_row(generator.generate, work, options.output_dir, on_image=on_image)
+            try:
+                run_row(generator.generate, work, options.output_dir, on_image=on_image)
+            except DiskFullError:
+                all_images = sum(work.request.num_images for work in works)
+                raise DiskFullError(
+                    f"the disk of {options.output_dir} is full: this run saved {made[0]} of the job's {total} missing "
+                    f"image(s) there ({all_images - total + made[0]} of its {all_images} are done); free some space "
+                    "and run the same command again to finish the job"
+                ) from None
     return total
 
 
