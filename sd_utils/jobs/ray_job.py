@@ -116,6 +116,10 @@ def _start(address: str | None) -> None:
 
     # the tool shows its own progress (images done / total, images per second); Ray's would interleave with it
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # one line per stage, nothing alarming when all is well: Ray's note that its local runtime uses token
+    # authentication (it does, and should), Ray Data's per-dataset INFO lines and its "progress bars disabled" warning
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # actors import this project: give them its folder (on a cluster, the same checkout path on every node)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, (str(PROJECT_DIR), os.environ.get("PYTHONPATH"))))}}
     try:
