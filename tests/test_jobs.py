@@ -155,12 +155,15 @@ def test_txt_and_csv_prompt_files(tmp_path):
 # ---------------------------------------------------------------------------------------------------------- Ray
 
 
-def test_the_job_on_a_local_ray_runtime_with_two_actors(tiny_optimized, local_job, tmp_path):
-    """--ray (a local runtime) --workers 2: the same files and bytes as the local run for the seeded rows."""
+def test_the_job_on_a_local_ray_runtime_with_two_actors(tiny_optimized, local_job, tmp_path, capfd):
+    """--ray (a local runtime) --workers 2: the same files and bytes as the local run for the seeded rows, and none
+    of Ray's notes on a run where all is well."""
     pytest.importorskip("ray")
     prompts, reference = local_job
     out = tmp_path / "out"
     assert main(_args(tiny_optimized, prompts, out, "--ray", "--workers", "2")) == 0
+    printed = capfd.readouterr().err
+    assert not [note for note in ("Token authentication", "Starting execution", "Progress bars") if note in printed]
     _check_job(out)
     seeded = {name: data for name, data in _pngs(reference).items() if not name.startswith(("00002-", "00003-"))}
     assert {name: data for name, data in _pngs(out).items() if name in seeded} == seeded
