@@ -418,3 +418,22 @@ def test_a_lora_for_another_layout_is_refused_not_half_applied(tiny_optimized, t
     assert main(tiny_optimized.tiny(QUICK, "--lora", str(tmp_path / "deeper.safetensors"))) == 2
     err = capsys.readouterr().err
     assert f"--lora {tmp_path / 'deeper.safetensors'}: 32 of its 88 layers have no match in the model" in err, err
+
+
+def test_a_disk_that_fills_up_in_an_olive_pass_is_one_line(tmp_path, monkeypatch, capfd):
+    """Olive logs a failed pass with its traceback on stdout and returns normally: a full disk there is the build's
+    one line (exit 7), with nothing of Olive's on the screen."""
+    import errno
+
+    from sd_utils.optimize import external_data
+
+    def full(self, tensor, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(external_data.ExternalDataWriter, "place", full)
+    work = Workspace(models_dir=tmp_path / "models", cache_dir=tmp_path / "cache")
+    assert main(work.tiny("--optimize")) == 7
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err and "No output model" not in printed.out
+    (error,) = [line for line in printed.err.splitlines() if line.startswith("error:")]
+    assert f"the disk filled up while optimizing into {work.models_dir}" in error

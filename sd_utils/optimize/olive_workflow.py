@@ -147,6 +147,22 @@ class _WithoutRunHistory(logging.Filter):
         return "run history" not in record.getMessage()
 
 
+class _DiskFullAside(logging.Filter):
+    """Olive logs a pass that failed, traceback and all, on stdout and returns normally: a full disk is kept from
+    that log and raised again after the workflow, where the build turns it into one line (exit 7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.error: OSError | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OSError) and disk_full(error):
+            self.error = error
+            return False
+        return self.error is None or "No output model produced" not in record.getMessage()
+
+
 class MissingOliveOutputError(OptimizationError):
     """A workflow ended without one of its models: a pass failed, or the cache named a model that is gone."""
 
@@ -182,9 +198,9 @@ def run_submodel(
     pass_types = [step["type"].lower() for step in config["passes"].values()]
     # a handler filter: records of Olive's child loggers reach the "olive" logger's handlers, not its filters
     handlers = logging.getLogger("olive").handlers
-    quiet = _WithoutRunHistory()
-    for handler in handlers:
-        handler.addFilter(quiet)
+    filters = (_WithoutRunHistory(), disk := _DiskFullAside())
+    for handler, item in ((handler, item) for handler in handlers for item in filters):
+        handler.addFilter(item)
     try:
         with warnings.catch_warnings():
             # the TorchScript exporter's notes on SDXL's (sound) shape checks and index ops, repeated per module
@@ -192,8 +208,10 @@ def run_submodel(
             warnings.filterwarnings("ignore", message=r"Converting a tensor to a Python boolean")
             olive_run(config, tempdir=str(tempdir) if tempdir else None, package_config=package_config())
     finally:
-        for handler in handlers:
-            handler.removeFilter(quiet)
+        for handler, item in ((handler, item) for handler in handlers for item in filters):
+            handler.removeFilter(item)
+    if disk.error is not None:
+        raise disk.error
     outputs = pass_outputs(output_dir / "footprint.json")
     found = []
     for pass_type in pass_types:
