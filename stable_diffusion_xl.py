@@ -38,8 +38,27 @@ def configure_logging(*, debug: bool) -> None:
     logging.getLogger("diffusers.utils.import_utils").setLevel(logging.ERROR)
 
 
+def manage_builds(options: Options) -> int:
+    """``--list_builds`` / ``--delete_build NAME``."""
+    from sd_utils.optimize.builds import delete_build, human_size, list_builds
+
+    if options.delete_build:
+        build = delete_build(options.models_dir, options.delete_build)
+        print(f"Deleted {build.name} ({human_size(build.size)} freed)")
+        return 0
+    builds = list_builds(options.models_dir)
+    for build in builds:
+        print(f"{build.name}  {human_size(build.size):>9}  {build.made_from}")
+    total = human_size(sum(build.size for build in builds))
+    print(f"{len(builds)} build(s) in {options.models_dir / 'optimized'}, {total} in all")
+    return 0
+
+
 def run(options: Options, *, provider_table: Mapping[str, Provider] | None = None) -> int:
     from sd_utils import app
+
+    if options.list_builds or options.delete_build:
+        return manage_builds(options)
 
     if options.ray:  # a missing install must never cost a model build
         from sd_utils.jobs.ray_job import check_ray_installed

@@ -44,6 +44,8 @@ class Options:
     dynamic_dims: bool
     vae_tiling: bool
     low_vram: bool
+    list_builds: bool
+    delete_build: str | None
     prompt: str | None
     from_png: Path | None
     negative_prompt: str | None
@@ -243,6 +245,17 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="convert and optimize every submodel with Olive (also done on demand before "
         "generating if no optimized model exists)",
+    )
+    optimize.add_argument(
+        "--list_builds",
+        action="store_true",
+        help="list the builds under --models_dir: name, what each was made from, the disk it takes",
+    )
+    optimize.add_argument(
+        "--delete_build",
+        default=None,
+        metavar="NAME",
+        help="delete build NAME (its optimized and unoptimized folders, as --list_builds names it)",
     )
     optimize.add_argument(
         "--cache_dir",
@@ -540,6 +553,8 @@ def _take_from_png(args: argparse.Namespace, *, given: set[str]) -> None:
 
 def check_options(options: Options) -> None:
     """Checks that need no model; size checks against the model are in :func:`check_image_size`."""
+    if options.list_builds or options.delete_build:
+        return
     if not (options.optimize or options.interactive or options.prompt is not None or options.prompts_file):
         raise UserInputError(
             "nothing to do: pass --prompt TEXT to generate images, --prompts_file FILE for a job, --interactive for "

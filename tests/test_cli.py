@@ -304,3 +304,17 @@ def test_pngs_carry_a1111_parameters(tiny_optimized, tmp_path):
     assert parsed["CFG scale"] == "6.5" and parsed["Seed"] == "42" and parsed["Size"] == "128x128"
     assert parsed["Model"] == "tiny" and parsed["Model hash"] == tiny_optimized.build().optimized.name.split("-")[-1]
     assert text["prompt"] == "a red circle, dark background" and text["scheduler"] == "dpmpp_2m_karras"
+
+
+def test_builds_are_listed_with_their_sizes_and_deleted_by_name(tiny_optimized, tmp_path, capsys):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_optimized.models_dir, models, symlinks=True)
+    name = Workspace(models, tiny_optimized.cache_dir).build().optimized.name
+    assert main(["--list_builds", "--models_dir", str(models)]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(rf"^{name} +[\d.]+ MB  tiny \(builtin\) for cpu$", listed, re.M), listed
+    assert main(["--delete_build", name[:-2], "--models_dir", str(models)]) == 2
+    assert f"--delete_build {name[:-2]}: no such build" in capsys.readouterr().err  # names the close one
+    assert main(["--delete_build", name, "--models_dir", str(models)]) == 0
+    assert f"Deleted {name} (" in capsys.readouterr().out
+    assert not (models / "optimized" / name).exists() and not (models / "unoptimized" / name).exists()
