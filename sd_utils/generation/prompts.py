@@ -110,7 +110,7 @@ def _emphasised(states, weights: tuple[float, ...]):
     if all(weight == 1.0 for weight in weights):
         return states
     mean = states.mean()
-    weighted = states * torch.tensor(weights, dtype=states.dtype).reshape(1, -1, 1)
+    weighted = states * torch.tensor(weights, dtype=states.dtype, device=states.device).reshape(1, -1, 1)
     return weighted * (mean / weighted.mean())
 
 
