@@ -197,6 +197,11 @@ def test_loras_match_diffusers_and_a_scale_change_rebuilds_only_the_unet(tiny_op
         # fused before export: the graphs and their fusions are the plain model's, op for op
         for submodel in ("unet", "text_encoder_2"):
             assert _op_counts(folder / submodel) == _op_counts(tiny_optimized.build().optimized / submodel)
+        # what a build reuses shares the other build's files (hard links), it is no second copy on disk
+        reused = folder / "vae_decoder" / "model.onnx"
+        assert reused.stat().st_nlink > 1 and reused.stat().st_ino in {
+            other.stat().st_ino for other in folder.parent.glob("*/vae_decoder/model.onnx") if other != reused
+        }
 
 
 def _op_counts(submodel_folder: Path) -> dict[str, int]:

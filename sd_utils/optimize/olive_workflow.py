@@ -260,6 +260,17 @@ def _place(source: Path, destination: Path, *, move: bool) -> None:
         shutil.copy2(source, destination)
 
 
+def _link_or_copy(source: str, destination: str) -> None:
+    """A reused submodel's file as a hard link of the other build's (no second copy of its weights on disk; deleting
+    either build leaves the other whole; builds are never changed in place), a copy where links are not possible.
+    ONNX Runtime loads linked external data; the onnx package's loader refuses it (see :func:`_place`), and the tool
+    never loads a build's weights through it."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def _assemble(
     spec: ModelSpec,
     onnx_files: dict[str, Path],
@@ -291,7 +302,7 @@ def _assemble(
         _place(onnx_file, target / "model.onnx", move=move)
         shutil.copy2(roots[submodel] / COMPONENT_OF[submodel] / "config.json", target / "config.json")
     for submodel, folder in reused.items():
-        shutil.copytree(folder / submodel, destination / submodel)
+        shutil.copytree(folder / submodel, destination / submodel, copy_function=_link_or_copy)
     keys = {submodel: recipe.submodel_key(submodel) for submodel in spec.submodels}
     recipe.write_record(destination, optimized=optimized, submodels=keys)  # last: a folder without it is not a build
 
