@@ -125,11 +125,12 @@ def chunks(tokenizer, prompt: str, words: Mapping[str, tuple[int, ...]] | None =
         ids.clear()
         weights.clear()
 
+    pattern = word_pattern(words or {})
     for text, weight in parse(prompt):
         if is_break(text):
             close()
             continue
-        for token in _tokens(tokenizer, text, words or {}):
+        for token in _tokens(tokenizer, text, words or {}, pattern):
             if len(ids) == per_chunk:
                 close()
             ids.append(token)
@@ -139,9 +140,8 @@ def chunks(tokenizer, prompt: str, words: Mapping[str, tuple[int, ...]] | None =
     return made
 
 
-def _tokens(tokenizer, text: str, words: Mapping[str, tuple[int, ...]]) -> list[int]:
-    """The token ids of ``text``, ``words`` replaced by their own ids."""
-    pattern = word_pattern(words)
+def _tokens(tokenizer, text: str, words: Mapping[str, tuple[int, ...]], pattern) -> list[int]:
+    """The token ids of ``text``, ``words`` (found by ``pattern``) replaced by their own ids."""
     parts = pattern.split(text) if pattern else [text]
     tokens: list[int] = []
     for index, part in enumerate(parts):  # split() puts the matched words at the odd places
