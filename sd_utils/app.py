@@ -113,7 +113,7 @@ def _writable_folder(option: str, folder: Path) -> None:
 
 def check_folders(options: Options) -> None:
     """What can only fail later, checked before anything is built: the folders the run writes, a display for the
-    window (a wrong option must never cost an optimization run; ``jobs`` checks its own needs, such as Ray)."""
+    window (a wrong option must never cost an optimization run; the CLI checks Ray for ``--ray`` before this)."""
     _writable_folder("--models_dir", options.models_dir)
     if options.cache_dir.exists() and not options.cache_dir.is_dir():
         raise UserInputError(f"--cache_dir {options.cache_dir} is a file, not a folder; give a folder")
