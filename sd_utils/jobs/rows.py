@@ -106,9 +106,10 @@ def row_requests(options: Options, model, rows: list[Row], folder: JobFolder, *,
         except UserInputError as error:
             raise UserInputError(f"{where}: {error}") from None
         identity = pixel_identity(request, options, build=build, seed=seed)
-        copy = copies[_digest(identity)]
-        copies[_digest(identity)] += 1
-        key = _digest({**identity, "copy": copy}) if copy else _digest(identity)
+        key = first_copy = _digest(identity)
+        if copies[first_copy]:
+            key = _digest({**identity, "copy": copies[first_copy]})
+        copies[first_copy] += 1
         if seed is None:
             found = folder.seed_of(key)
             seed = found if found is not None else secrets.randbelow(MAX_SEED - num_images)

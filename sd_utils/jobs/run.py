@@ -41,7 +41,7 @@ def run_local(options: Options, job, ready, works: list[RowWork], folder: JobFol
             try:
                 run_row(generator.generate, work, options.output_dir, on_image=on_image)
             except DiskFullError:
-                all_images = sum(work.request.num_images for work in works)
+                all_images = sum(each.request.num_images for each in works)
                 raise DiskFullError(
                     f"the disk of {options.output_dir} is full: this run saved {made[0]} of the job's {total} missing "
                     f"image(s) there ({all_images - total + made[0]} of its {all_images} are done); free some space "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import shutil
+import stat
 from pathlib import Path
 
 from sd_utils.errors import UserInputError
@@ -25,10 +26,10 @@ def _size(folders) -> int:
     seen, total = set(), 0
     for folder in folders:
         for path in folder.rglob("*"):
-            stat = path.lstat()
-            if path.is_file() and (stat.st_dev, stat.st_ino) not in seen:
-                seen.add((stat.st_dev, stat.st_ino))
-                total += stat.st_size
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
     return total
 
 
@@ -41,28 +42,33 @@ def _made_from(record: dict | None) -> str:
     return f"{model} for {record.get('provider', '?')}" + (f" + LoRA {loras}" if loras else "")
 
 
+def _build_names(models_dir: Path) -> list[str]:
+    """The build folders under ``models_dir/optimized`` (hidden staging folders aside), by name."""
+    return sorted(folder.name for folder in (models_dir / "optimized").glob("[!.]*") if folder.is_dir())
+
+
+def _build_info(models_dir: Path, name: str) -> BuildInfo:
+    optimized = models_dir / "optimized" / name
+    folders = tuple(path for path in (optimized, models_dir / "unoptimized" / name) if path.is_dir())
+    return BuildInfo(name, _made_from(read_record(optimized)), _size(folders), folders)
+
+
 def list_builds(models_dir: Path) -> list[BuildInfo]:
-    """Every build folder under ``models_dir/optimized`` (hidden staging folders aside), by name."""
-    builds = []
-    for folder in sorted((models_dir / "optimized").glob("[!.]*")):
-        if not folder.is_dir():
-            continue
-        folders = tuple(path for path in (folder, models_dir / "unoptimized" / folder.name) if path.is_dir())
-        builds.append(BuildInfo(folder.name, _made_from(read_record(folder)), _size(folders), folders))
-    return builds
+    """Every build under ``models_dir``, by name."""
+    return [_build_info(models_dir, name) for name in _build_names(models_dir)]
 
 
 def delete_build(models_dir: Path, name: str) -> BuildInfo:
     """Delete build ``name`` (its optimized and unoptimized folders), waiting for a run that is building it; one
     line naming the closest names when there is no such build."""
-    builds = {build.name: build for build in list_builds(models_dir)}
-    if name not in builds:
-        close = difflib.get_close_matches(name, builds, n=3)
+    names = _build_names(models_dir)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
         known = ", ".join(close) if close else "see --list_builds"
         raise UserInputError(f"--delete_build {name}: no such build in {models_dir / 'optimized'} ({known})")
     optimized = models_dir / "optimized" / name
     with exclusive(optimized.with_name(f".{name}.lock"), waiting_for=f"building {optimized}"):
-        build = builds[name]
+        build = _build_info(models_dir, name)
         (optimized / BUILD_FILE).unlink(missing_ok=True)  # first: a half-deleted folder is never taken for a build
         for folder in build.folders:
             shutil.rmtree(folder)
@@ -70,8 +76,10 @@ def delete_build(models_dir: Path, name: str) -> BuildInfo:
 
 
 def human_size(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+    if size < 1000:
+        return f"{size} B"
+    for unit in ("KB", "MB", "GB"):
         size /= 1000
-    return f"{size:.1f} GB"
+        if size < 1000 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"

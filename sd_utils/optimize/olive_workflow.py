@@ -25,7 +25,7 @@ from typing import Any
 
 from sd_utils.errors import DiskFullError, OptimizationError
 from sd_utils.files import disk_full, follow_umask, replace_folder
-from sd_utils.optimize.olive_passes import package_config
+from sd_utils.optimize.olive_passes import PROJECT_DIR, package_config
 from sd_utils.optimize.recipe import BuildPaths, BuildRecipe
 from sd_utils.runtime.providers import Provider
 from sd_utils.sources.model_spec import COMPONENT_OF, ModelSpec
@@ -33,7 +33,6 @@ from sd_utils.sources.models import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONVERT_PASS = "convert"
 PLAIN_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
 
