@@ -19,6 +19,7 @@ from pathlib import Path
 from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive
 from sd_utils.generation.base_images import load_base_images, load_masks
+from sd_utils.generation.lora_tags import find_lora, prompt_loras
 from sd_utils.generation.prompt_syntax import chunk_count
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
 from sd_utils.generation.run import generate_images
@@ -31,7 +32,7 @@ from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
 from sd_utils.sources.embeddings import Embeddings, load_embeddings
-from sd_utils.sources.lora import inspect_lora
+from sd_utils.sources.lora import LoraFile, inspect_lora
 from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_unet, with_vae
 from sd_utils.sources.single_file import inspect_unet
 
@@ -67,7 +68,7 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
     )
     if options.unet:
         model = dataclasses.replace(model, unet_file=inspect_unet(options.unet, model.spec.root / "unet"))
-    if options.lora:
+    if options.lora and options.fuse_loras:
         loras = tuple(inspect_lora(path, scale, components=model.components) for path, scale in options.lora)
         model = dataclasses.replace(model, loras=loras)
     if model.checkpoint is not None or model.loras:
@@ -208,6 +209,7 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
             batch_size,
         )
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED - options.num_images)
+    loras = runtime_loras(options, model)
     return GenerationRequest(
         prompt=options.prompt or "",
         negative_prompt=options.negative_prompt,
@@ -223,7 +225,18 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
         classifier_free_guidance=not options.disable_classifier_free_guidance,
         refine=refine,
         high_noise_frac=options.high_noise_frac if options.refiner_model_id else None,
+        loras=loras,
     )
+
+
+def runtime_loras(options: Options, model: ResolvedModel) -> tuple[LoraFile, ...]:
+    """The LoRAs a run applies at run time: ``--lora`` (unless ``--fuse_loras`` built them in), then the prompt's
+    ``<lora:name:w>`` tags, found in ``--lora_dir``; each checked against the model (one line when it does not
+    fit)."""
+    given = [] if options.fuse_loras else [(path, scale, "--lora") for path, scale in options.lora]
+    for name, weight in prompt_loras(options.prompt or ""):
+        given.append((find_lora(name, options.lora_dir), weight, f"<lora:{name}> in the prompt:"))
+    return tuple(inspect_lora(path, scale, components=model.components, option=option) for path, scale, option in given)
 
 
 def build_recipe(options: Options, model: ResolvedModel, provider: Provider) -> tuple[BuildRecipe, Path | None]:
@@ -321,6 +334,9 @@ def open_pipeline(
     paths: BuildPaths,
     request: GenerationRequest,
     embeddings: Embeddings | None = None,
+    *,
+    loras: tuple[LoraFile, ...] = (),
+    reuse: LoadedPipeline | None = None,
 ) -> LoadedPipeline:
     folder = paths.unoptimized if options.test_unoptimized else paths.optimized
     return load_pipeline(
@@ -335,6 +351,8 @@ def open_pipeline(
         # a refiner in a hand-off gets the base's latents: optimum's image-to-image pipeline
         task="img2img" if model.spec.is_refiner and request.task == "text2img" else request.task,
         embeddings=embeddings,
+        loras=loras,
+        reuse=reuse,
     )
 
 
@@ -363,18 +381,27 @@ class Generator:
         return chunk_count(self._tokenizer, request.prompt, negative, words=self.job.embeddings.words)
 
     def _pipelines(self, request: GenerationRequest) -> tuple[LoadedPipeline, LoadedPipeline | None]:
+        """The loaded base (and refiner) for ``request``: made again for other static shapes or another task; for
+        other run-time LoRAs only the base's sessions of the parts those change are made again."""
         key = (None if self.options.dynamic_dims else request.shape, request.task)
+        if self._loaded is not None and self._loaded[0] == key and self._loaded[1].loras != request.loras:
+            _, model, refiner = self._loaded
+            self._loaded = None
+            model = self._open(self.job.model, self.ready.model, request, loras=request.loras, reuse=model)
+            self._loaded = (key, model, refiner)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # drop the old sessions before creating new ones
             job = self.job
-            model = open_pipeline(self.options, job.model, job.provider, self.ready.model, request, job.embeddings)
-            refiner = None
-            if job.refiner is not None:
-                refiner = open_pipeline(
-                    self.options, job.refiner, job.provider, self.ready.refiner, request, job.embeddings
-                )
+            model = self._open(job.model, self.ready.model, request, loras=request.loras)
+            refiner = self._open(job.refiner, self.ready.refiner, request) if job.refiner is not None else None
             self._loaded = (key, model, refiner)
         return self._loaded[1], self._loaded[2]
+
+    def _open(self, model: ResolvedModel, paths: BuildPaths, request: GenerationRequest, *, loras=(), reuse=None):
+        """Load ``model``; run-time LoRAs go to the base model only (a refiner in a hand-off runs as built)."""
+        return open_pipeline(
+            self.options, model, self.job.provider, paths, request, self.job.embeddings, loras=loras, reuse=reuse
+        )
 
     def generate(
         self, request: GenerationRequest, *, output_dir: Path | None = None, **callbacks

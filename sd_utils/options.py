@@ -30,6 +30,8 @@ class Options:
     config: str | None
     variant: str | None
     lora: tuple[tuple[Path, float], ...]
+    lora_dir: tuple[Path, ...]
+    fuse_loras: bool
     embedding: tuple[Path, ...]
     embedding_dir: tuple[Path, ...]
     unet: Path | None
@@ -201,9 +203,25 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FILE[:SCALE]",
-        help="a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 keys) fused into --model_id's UNet and text "
-        "encoders before export, at SCALE (default 1.0); repeat for several. Each LoRA set is its own build; "
-        "submodels it does not touch are reused",
+        help="a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 keys) applied to --model_id's UNet and text "
+        "encoders at SCALE (default 1.0), at run time: no new build, and no cost per step; repeat for several. "
+        "Prompts can also ask for LoRAs with <lora:NAME:WEIGHT> (see --lora_dir)",
+    )
+    model.add_argument(
+        "--lora_dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of LoRAs (subfolders too) that <lora:NAME:WEIGHT> tags in prompts name by file name without "
+        ".safetensors; repeatable",
+    )
+    model.add_argument(
+        "--fuse_loras",
+        action="store_true",
+        help="fuse the --lora files into the weights before export instead: a build of its own per LoRA set "
+        "(minutes; the submodels a set does not touch are reused). For a LoRA used in every run, or one whose "
+        "layers run-time LoRAs cannot reach",
     )
     model.add_argument(
         "--embedding",
@@ -509,7 +527,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         args.num_images = max(1, len(args.base_images))
     args.base_images = tuple(args.base_images)
     args.mask_image = tuple(args.mask_image)
-    args.lora = tuple(args.lora)
+    args.lora, args.lora_dir = tuple(args.lora), tuple(args.lora_dir)
     args.embedding, args.embedding_dir = tuple(args.embedding), tuple(args.embedding_dir)
     options = Options(**vars(args))
     check_options(options)
@@ -526,6 +544,7 @@ def _given_options(argv: list[str]) -> set[str]:
 
 def _take_from_png(args: argparse.Namespace, *, given: set[str]) -> None:
     """``--from_png``: the PNG's parameters for every option the command line does not set itself."""
+    from sd_utils.generation.lora_tags import prompt_loras
     from sd_utils.generation.png_parameters import read_png_parameters
 
     found = read_png_parameters(args.from_png)
@@ -539,7 +558,7 @@ def _take_from_png(args: argparse.Namespace, *, given: set[str]) -> None:
         if name not in given:
             setattr(args, name, value)
     made_with = " ".join(filter(None, (found.model, f"[{found.model_hash}]" if found.model_hash else None)))
-    loras = ", ".join(f"{name} x{weight:g}" for name, weight in found.loras)
+    loras = ", ".join(f"{name} x{weight:g}" for name, weight in prompt_loras(found.options["prompt"]))
     logger.info(
         "--from_png %s: %s%s%s",
         args.from_png,
@@ -547,8 +566,18 @@ def _take_from_png(args: argparse.Namespace, *, given: set[str]) -> None:
             f"{name} {value!r}" for name, value in values.items() if name not in given | {"prompt", "image_size"}
         ),
         f"; made with model {made_with}" if made_with else "",
-        f"; its LoRAs ({loras}) are not loaded: add --lora FILE:SCALE for each" if loras else "",
+        f"; its prompt's LoRAs ({loras}) are read from --lora_dir" if loras else "",
     )
+
+
+def _check_lora_options(options: Options) -> None:
+    if options.fuse_loras and not options.lora:
+        raise UserInputError("--fuse_loras fuses the --lora files into a build, and none is given; add --lora FILE")
+    for folder in options.lora_dir:
+        if not folder.expanduser().is_dir():
+            raise UserInputError(
+                f"--lora_dir {folder} is not a folder; give the folder holding your .safetensors LoRAs"
+            )
 
 
 def check_options(options: Options) -> None:
@@ -577,6 +606,7 @@ def check_options(options: Options) -> None:
             f"{len(options.mask_image)} --mask_image files for {len(options.base_images)} --base_images; give one "
             "mask for all, or one per base image"
         )
+    _check_lora_options(options)
     if options.strength is not None and not 0 < options.strength <= 1:
         raise UserInputError(f"--strength {options.strength} is outside (0, 1]; use e.g. 0.3 for a light refinement")
     if not 0 < options.high_noise_frac < 1:

@@ -97,3 +97,18 @@ def write_kohya_lora(
         tensors[f"{kohya}.alpha"] = torch.tensor(alpha)
     save_file(tensors, str(destination))
     return destination
+
+
+def diffusers_images(root: Path, loras: list[tuple[Path, float]], latents: torch.Tensor, call: dict):
+    """diffusers' PyTorch SDXL pipeline of ``root`` with ``loras`` loaded unfused at their scales, on ``latents``."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=torch.float32)
+    names = []
+    for index, (path, _scale) in enumerate(loras):
+        pipeline.load_lora_weights(load_file(path), adapter_name=f"l{index}")
+        names.append(f"l{index}")
+    if names:
+        pipeline.set_adapters(names, adapter_weights=[scale for _path, scale in loras])
+    return pipeline(latents=latents.clone(), **call).images

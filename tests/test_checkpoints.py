@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lora_files import write_kohya_lora, write_peft_lora
+from lora_files import diffusers_images, write_kohya_lora, write_peft_lora
 from PIL import Image
 from test_parity import psnr
 
@@ -128,27 +128,13 @@ def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_op
     assert BuildRecipe.of(second, provider="cpu").digest != BuildRecipe.of(first, provider="cpu").digest
 
 
-def _torch_images(root: Path, loras: list[tuple[Path, float]], latents: torch.Tensor, call: dict) -> np.ndarray:
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import load_file
-
-    pipeline = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=torch.float32)
-    names = []
-    for index, (path, _scale) in enumerate(loras):
-        pipeline.load_lora_weights(load_file(path), adapter_name=f"l{index}")
-        names.append(f"l{index}")
-    if names:
-        pipeline.set_adapters(names, adapter_weights=[scale for _path, scale in loras])
-    return pipeline(latents=latents.clone(), **call).images
-
-
 def _build_with(work, loras: list[tuple[Path, float]], caplog) -> tuple[Path, list[str]]:
     """Build tiny with ``loras`` through the app; the optimized folder and the submodels whose workflow ran."""
     from sd_utils import app
     from sd_utils.options import parse_options
 
     lora_args = [arg for path, scale in loras for arg in ("--lora", f"{path}:{scale}")]
-    options = parse_options(work.tiny("--prompt x", *lora_args))
+    options = parse_options(work.tiny("--prompt x --fuse_loras", *lora_args))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sd_utils.optimize.olive_workflow"):
         ready = app.prepare_models(options, app.plan(options))
@@ -159,9 +145,11 @@ def _build_with(work, loras: list[tuple[Path, float]], caplog) -> tuple[Path, li
 def test_loras_match_diffusers_and_a_scale_change_rebuilds_only_the_unet(tiny_optimized, tiny_spec, files, caplog):
     """One LoRA (kohya, UNet only), two (PEFT and kohya, both with UNet and text-encoder layers), then another scale
     of the first: ONNX vs diffusers PyTorch with the same LoRAs unfused at the same scales and the same latents
-    >= 60 dB; each build runs the Olive workflows of what its LoRAs change and reuses the rest."""
+    >= 60 dB, both fused (``--fuse_loras``: each build runs the Olive workflows of what its LoRAs change and reuses
+    the rest) and at run time on the plain build (which also gives the fused build's images, >= 60 dB)."""
     from sd_utils.runtime.pipeline import load_pipeline
     from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.lora import inspect_lora
     from sd_utils.sources.model_spec import Shape
 
     latents = torch.randn((1, tiny_spec.latent_channels, 8, 12), generator=torch.Generator().manual_seed(4))
@@ -187,10 +175,22 @@ def test_loras_match_diffusers_and_a_scale_change_rebuilds_only_the_unet(tiny_op
             folder, tiny_spec, provider=PROVIDERS["cpu"], shape=Shape(batch=1, height=64, width=96), model_label="t"
         )
         actual = loaded.pipeline(latents=latents.clone(), **call).images
-        expected = _torch_images(tiny_spec.root, loras, latents, call)
+        expected = diffusers_images(tiny_spec.root, loras, latents, call)
         assert psnr(expected, actual) >= 60, loras
+        # the same LoRAs at run time on the plain build: diffusers' images, and the fused build's
+        components = ("text_encoder", "text_encoder_2", "unet", "vae")
+        runtime = load_pipeline(
+            tiny_optimized.build().optimized,
+            tiny_spec,
+            provider=PROVIDERS["cpu"],
+            shape=Shape(batch=1, height=64, width=96),
+            model_label="t",
+            loras=tuple(inspect_lora(path, scale, components=components) for path, scale in loras),
+        )
+        at_run_time = runtime.pipeline(latents=latents.clone(), **call).images
+        assert psnr(expected, at_run_time) >= 60 and psnr(actual, at_run_time) >= 60, loras
         if plain is None:
-            plain = _torch_images(tiny_spec.root, [], latents, call)
+            plain = diffusers_images(tiny_spec.root, [], latents, call)
         assert psnr(plain, actual) < 40  # the LoRA changed the image
         record = json.loads((folder / "build.json").read_text())
         assert [(lora["name"], lora["scale"]) for lora in record["loras"]] == [(p.stem, s) for p, s in loras]

@@ -253,12 +253,47 @@ def test_window_settings_drive_the_run_and_stay_for_the_next(display, tiny_optim
     window.close()
 
 
-def test_window_shows_the_model_and_its_loras(display, tiny_optimized, tmp_path):
-    from lora_files import write_kohya_lora
+def test_window_switches_loras_without_a_build(display, tiny_optimized, tmp_path):
+    """The LoRA list: a --lora_dir name, then another at another scale, then none, in one window session; each run
+    gives the image the command line gives for that set, and no Olive workflow runs."""
+    import numpy as np
+    from lora_files import write_kohya_lora, write_peft_lora
+    from PIL import Image
 
-    lora = write_kohya_lora(tiny_optimized.models_dir / "builtin" / "tiny", tmp_path / "detail_kohya.safetensors")
-    root, window, _guard = _window(tiny_optimized, tmp_path, extra=f"--lora {lora}:0.7")
-    root.update()
-    text = window.model_label.cget("text")
-    assert text.startswith("Model: tiny + LoRA detail_kohya x0.7 (") and root.title().startswith("sdxl-olive — tiny")
+    from stable_diffusion_xl import main
+    from tests.test_parity import psnr
+
+    root_folder = tiny_optimized.models_dir / "builtin" / "tiny"
+    loras = tmp_path / "loras"
+    write_peft_lora(root_folder, loras / "style_peft.safetensors")
+    write_kohya_lora(root_folder, loras / "detail_kohya.safetensors", text_encoders=True)
+    builds = sorted((tiny_optimized.models_dir / "optimized").iterdir())
+    root, window, guard = _window(tiny_optimized, tmp_path, extra=f"--lora_dir {loras}")
+    assert sorted(window.lora_list.names) == ["detail_kohya", "style_peft"]
+    window.prompt.delete(0, "end")
+    window.prompt.insert(0, "a blue square")
+    sets = [("style_peft", "1.0"), ("detail_kohya", "0.6"), None]
+    for index, chosen in enumerate(sets):
+        window.lora_list.clear()
+        if chosen is not None:
+            window.lora_list.name.set(chosen[0])
+            window.lora_list.scale.delete(0, "end")
+            window.lora_list.scale.insert(0, chosen[1])
+            window.lora_list.add_named()
+        assert window.lora_list.listbox.get(0, "end") == ((f"{chosen[0]}  x{float(chosen[1]):g}",) if chosen else ())
+        window.button.invoke()
+        _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
+        assert window.status.cget("text").startswith("Done: 1 image(s)"), window.status.cget("text")
+        (shown,) = [Path(cell.image_path) for cell in window.cells if cell.cget("image")]
+        cli = tmp_path / f"cli{index}"
+        extra = ["--lora", f"{loras / chosen[0]}.safetensors:{chosen[1]}"] if chosen else []
+        args = tiny_optimized.tiny(
+            "--num_inference_steps 3 --seed 8 --prompt", "a blue square", "--output_dir", str(cli)
+        )
+        assert main([*args, *extra]) == 0
+        (expected,) = cli.glob("*.png")
+        pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255 for path in (expected, shown)]
+        assert psnr(*pixels) >= 60, chosen
+    assert sorted((tiny_optimized.models_dir / "optimized").iterdir()) == builds
+    assert guard.foreign_calls == []
     window.close()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sd_utils.files import follow_umask, remove_stale
+from sd_utils.generation.lora_tags import prompt_loras
 from sd_utils.generation.request import GenerationRequest
 from sd_utils.generation.schedulers import a1111_names, scheduler_name
 from sd_utils.runtime.pipeline import LoadedPipeline
@@ -46,7 +47,7 @@ def png_metadata(
         "model": loaded.model_label,
         "provider": loaded.provider.name,
         "software": "sdxl-olive",
-        **made_from(loaded.build_record),
+        **made_from(loaded.build_record, request),
     }
     if loaded.vae_tiling:
         metadata["vae_tiling"] = "on"
@@ -75,10 +76,15 @@ def _lora_hash(lora: dict) -> str:
     return (lora.get("tensors_sha256") or lora["sha256"])[:12]
 
 
-def made_from(record: dict) -> dict[str, str]:
+def all_loras(record: dict, request: GenerationRequest | None = None) -> list[dict]:
+    """The LoRAs of an image, as build records hold them: those fused into the build, then the run's own."""
+    return [*(record.get("loras") or []), *(lora.identity() for lora in (request.loras if request else ()))]
+
+
+def made_from(record: dict, request: GenerationRequest | None = None) -> dict[str, str]:
     """What a build's record says it was made from, as PNG text keys: the checkpoint file and its short hash, a
-    ``--unet`` file, the LoRAs (``name:scale:hash``, comma-separated) and the VAE (the model's own, or the
-    fp16-fixed one)."""
+    ``--unet`` file, the LoRAs (``name:scale:hash``, comma-separated; fused and the run's) and the VAE (the model's
+    own, or the fp16-fixed one)."""
     facts = {}
     source = record.get("source") or {}
     if source.get("kind") == "file":
@@ -86,10 +92,9 @@ def made_from(record: dict) -> dict[str, str]:
         facts["checkpoint_hash"] = source["weights"][:10]
     if record.get("unet"):
         facts["unet"] = f"{record['unet']['name']}:{record['unet']['sha256'][:10]}"
-    if record.get("loras"):
-        facts["loras"] = ", ".join(
-            f"{lora['name']}:{lora['scale']:g}:{lora['sha256'][:10]}" for lora in record["loras"]
-        )
+    loras = all_loras(record, request)
+    if loras:
+        facts["loras"] = ", ".join(f"{lora['name']}:{lora['scale']:g}:{lora['sha256'][:10]}" for lora in loras)
     facts["vae"] = _vae_name(record) or "the model's own"
     return facts
 
@@ -117,7 +122,7 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
     sampler, schedule = a1111_names(loaded.scheduler_config, request.scheduler)
     record = loaded.build_record
     facts = made_from(record)
-    loras = record.get("loras") or []
+    loras = all_loras(record, request)
     fields = {
         "Steps": request.num_inference_steps,
         "Sampler": sampler,
@@ -134,8 +139,10 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
     }
     line = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in fields.items() if value is not None)
     negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
-    # A1111 names the LoRAs of an image in its prompt, where its PNG Info and Civitai look for them
-    tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in loras)
+    # A1111 names the LoRAs of an image in its prompt, where its PNG Info and Civitai look for them (those the
+    # prompt asked for are there already)
+    tagged = {name for name, _weight in prompt_loras(request.prompt)}
+    tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in loras if lora["name"] not in tagged)
     return f"{request.prompt}{tags}{negative}\n{line}"
 
 

@@ -18,7 +18,6 @@ from sd_utils.generation.schedulers import SAMPLERS
 
 # one "Key: value" of the settings line; a value is JSON-quoted when it holds a comma, colon or quote
 _PAIR = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +27,6 @@ class PngParameters:
     options: dict[str, Any]
     model: str | None = None
     model_hash: str | None = None
-    loras: tuple[tuple[str, float], ...] = ()  # <lora:name:w> tags found (and removed) in the prompt
 
 
 def read_png_parameters(path: Path) -> PngParameters:
@@ -60,15 +58,14 @@ def parse_parameters(text: str, *, source: str = "--from_png") -> PngParameters:
             line = line.removeprefix("Negative prompt:").lstrip()
         (prompt_lines if target is None else target).append(line)
     prompt = "\n".join(prompt_lines).strip()
-    loras = tuple((name, float(weight or 1)) for name, weight in _LORA_TAG.findall(prompt))
-    options: dict[str, Any] = {"prompt": _LORA_TAG.sub("", prompt).strip()}
+    options: dict[str, Any] = {"prompt": prompt}
     if negative_lines:
         options["negative_prompt"] = "\n".join(negative_lines).strip()
     try:
         options.update(_settings(settings))
     except ValueError as error:
         raise UserInputError(f"{source}: its parameters line has {error}; the PNG's metadata is damaged") from None
-    return PngParameters(options, model=settings.get("Model"), model_hash=settings.get("Model hash"), loras=loras)
+    return PngParameters(options, model=settings.get("Model"), model_hash=settings.get("Model hash"))
 
 
 def _pairs(line: str) -> dict[str, str]:

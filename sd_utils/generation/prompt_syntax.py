@@ -20,6 +20,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+from sd_utils.generation.lora_tags import without_tags
 from sd_utils.sources.embeddings import word_pattern
 
 EMPHASIS = 1.1  # what one pair of round brackets multiplies a weight by (square brackets divide)
@@ -44,7 +45,8 @@ _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 
 def parse(prompt: str) -> list[tuple[object, float]]:
     """``prompt`` as (text, weight) pieces in order, equal neighbours joined; a ``BREAK`` is a piece of its own
-    (see :func:`is_break`)."""
+    (see :func:`is_break`). ``<lora:…>`` tags are no text (``generation/lora_tags.py``)."""
+    prompt = without_tags(prompt)
     pieces: list[list] = []
     round_open: list[int] = []  # where each open bracket's pieces start
     square_open: list[int] = []

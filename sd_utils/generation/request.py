@@ -47,6 +47,8 @@ class GenerationRequest:
     high_noise_frac: float | None = None  # base -> refiner hand-off point ("ensemble of experts")
     image_indices: tuple[int, ...] | None = None  # which of the run's images to make (a resumed job); None: all
     text_chunks: int = 1  # the prompts' chunks of 77 tokens (see generation/prompt_syntax.py), set before a run
+    # run-time LoRAs (sources.lora.LoraFile, each with its scale): --lora and the prompt's <lora:name:w> tags
+    loras: tuple = ()
 
     @property
     def task(self) -> str:

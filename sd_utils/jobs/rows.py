@@ -55,7 +55,7 @@ class RowWork:
 def pixel_identity(request: GenerationRequest, options: Options, *, build: str, seed: int | None) -> dict[str, Any]:
     """Everything that decides a row's pixels, whether the row or the command line gave it: the build (model,
     LoRAs, VAE, provider), every generation setting and the seed (None: drawn, found again by the key)."""
-    return {
+    identity = {
         "build": build,
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
@@ -69,6 +69,9 @@ def pixel_identity(request: GenerationRequest, options: Options, *, build: str, 
         "vae_tiling": options.vae_tiling or options.low_vram,
         "unoptimized": options.test_unoptimized,
     }
+    if request.loras:  # only then: the keys of jobs without run-time LoRAs stay those earlier versions made
+        identity["loras"] = [[lora.tensors_sha256 or lora.sha256, lora.scale] for lora in request.loras]
+    return identity
 
 
 def _digest(content: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ from sd_utils.errors import DiskFullError, OptimizationError
 from sd_utils.files import disk_full, follow_umask, replace_folder
 from sd_utils.optimize.olive_passes import PROJECT_DIR, package_config
 from sd_utils.optimize.recipe import BuildPaths, BuildRecipe
+from sd_utils.optimize.weight_map import MAP_FILE, MAPPED_SUBMODELS, write_weight_maps
 from sd_utils.runtime.providers import Provider
 from sd_utils.sources.model_spec import COMPONENT_OF, ModelSpec
 from sd_utils.sources.models import ResolvedModel
@@ -463,6 +464,11 @@ def optimize(
         assemble(converted, staging / "unoptimized", optimized=False, move=clean_cache, reused=unoptimized_from)
         optimized_from = {name: paths.optimized for name, paths in reused.items()}
         assemble(optimized, staging / "optimized", optimized=True, move=True, reused=optimized_from)
+        for submodel in (name for name in MAPPED_SUBMODELS if name in optimized):  # reused ones come with theirs
+            folders = [staging / kind / submodel for kind in ("unoptimized", "optimized")]
+            write_weight_maps(
+                submodel, roots[submodel], {folder / "model.onnx": folder / MAP_FILE for folder in folders}
+            )
         result = recipe.paths(models_dir)
         replace_folder(staging / "unoptimized", result.unoptimized)
         replace_folder(staging / "optimized", result.optimized)

@@ -8,9 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sd_utils.optimize.recipe import read_record
 from sd_utils.runtime import optimum_adapter, token_table
 from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
+from sd_utils.runtime.lora_weights import lora_initializers, touches
 from sd_utils.runtime.providers import (
     Provider,
     check_session_provider,
@@ -23,6 +26,7 @@ from sd_utils.runtime.providers import (
 )
 from sd_utils.runtime.vae_tiling import decode_tiled, tiled_shape
 from sd_utils.sources.embeddings import Embeddings
+from sd_utils.sources.lora import LoraFile
 from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides, submodel_io
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,9 @@ class LoadedPipeline:
     new_text_encoder: Callable[[str], None] | None = None
     words: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # embedding word -> token ids
     token_tables: list = dataclasses.field(default_factory=list, compare=False, repr=False)  # kept for ORT
+    loras: tuple = ()  # the run-time LoRAs in its weights (sources.lora.LoraFile)
+    # part -> what set its session's weights (PartSessions.key): which sessions another LoRA set can take over
+    session_keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # build.json: what the build was made from (checkpoint file, LoRAs, VAE) and its digest, recorded in the PNGs
     build_record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the model folder's own scheduler config (--scheduler makes its scheduler from it)
@@ -70,6 +77,8 @@ def load_pipeline(
     low_vram: bool = False,
     task: str | None = None,
     embeddings: Embeddings | None = None,
+    loras: tuple[LoraFile, ...] = (),
+    reuse: LoadedPipeline | None = None,
 ) -> LoadedPipeline:
     """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
 
@@ -81,6 +90,10 @@ def load_pipeline(
     the prompt (:func:`encode_prompt`) and drops a base model's VAE encoder, which text-to-image never runs.
     ``task`` picks optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner,
     text2img otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables.
+    ``loras``: run-time LoRAs, their changes put into the weights of the sessions they touch.
+
+    ``reuse``: a pipeline loaded from the same folder with the same settings but other ``loras``: its sessions of
+    the parts whose weights stay the same are taken over, only the others are made again (switching LoRAs).
     """
     if task is None:
         task = "img2img" if spec.is_refiner else "text2img"
@@ -93,9 +106,10 @@ def load_pipeline(
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
+    parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras)
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
-        runner = _cuda_graph_unet(folder, provider, device_id, options) if cuda_graph else None
+        sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
         graphed = " (UNet as a CUDA graph)" if runner else ""
         logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)
         pipeline = cls.from_pretrained(
@@ -105,7 +119,7 @@ def load_pipeline(
             provider_options=provider_options,
             session_options=options,
             use_io_binding=io_binding,
-            **({"unet_session": runner.session} if runner else {}),
+            **{f"{part}_session": session for part, session in sessions.items()},
         )
     for part in pipeline.parts:
         check_session_provider(part.session, provider, str(part.path.parent))
@@ -116,9 +130,10 @@ def load_pipeline(
     if low_vram and task == "text2img":
         optimum_adapter.drop_parts(pipeline, ["vae_encoder"])
 
-    embeddings = embeddings or Embeddings()
-    kept: list = []  # the token tables ONNX Runtime reads from (it does not copy them)
-    new_text_encoder = _text_encoders(pipeline, folder, provider, device_id, overrides, io_binding, embeddings, kept)
+    def new_text_encoder(name: str) -> None:
+        """Give the pipeline a new session of text encoder ``name`` (``low_vram`` drops them)."""
+        optimum_adapter.add_text_encoder(pipeline, name, parts.session(name), io_binding=io_binding)
+
     return LoadedPipeline(
         pipeline,
         spec,
@@ -130,47 +145,101 @@ def load_pipeline(
         vae_tiling=vae_tiling,
         low_vram=low_vram,
         new_text_encoder=new_text_encoder,
-        words=embeddings.words,
-        token_tables=kept,
+        words=parts.embeddings.words,
+        token_tables=parts.kept,
         build_record=read_record(folder) or {},
         scheduler_config=dict(pipeline.scheduler.config),
+        loras=loras,
+        session_keys={part: parts.key(part) for part in spec.submodels},
     )
 
 
-def _text_encoders(pipeline, folder, provider, device_id, overrides, io_binding, embeddings, kept):
-    """A function that gives ``pipeline`` a new session of text encoder ``name`` (``low_vram`` drops them), with the
-    embeddings' rows in its token table; what ONNX Runtime must keep reading goes to ``kept``. The sessions
-    ``from_pretrained`` made know no embedding: those are made again with them now."""
-
-    def new_text_encoder(name: str) -> None:
-        model_file = folder / name / "model.onnx"
-        rows = embeddings.rows.get(name)
-        options = session_options(provider, overrides)
-        if rows:
-            kept.extend(token_table.add_rows(options, model_file, rows))
-        session = new_session(str(model_file), provider, device_id, options=options)
-        check_session_provider(session, provider, str(folder / name))
-        optimum_adapter.add_text_encoder(pipeline, name, session, io_binding=io_binding)
-
-    for name in embeddings.rows:
-        if getattr(pipeline, name, None) is not None:
-            new_text_encoder(name)
-    return new_text_encoder
+# the parts whose sessions get initializer overrides: run-time LoRA weights, embeddings' token-table rows
+OVERRIDABLE = ("unet", "text_encoder", "text_encoder_2")
 
 
-def _cuda_graph_unet(folder: Path, provider: Provider, device_id: int, options) -> CudaGraphUNet | None:
+@dataclasses.dataclass
+class PartSessions:
+    """Makes the session of one part of a build with what changes its weights: the LoRAs that touch it and the
+    embeddings' rows of its token table (both as initializer overrides; the model files stay as built)."""
+
+    folder: Path
+    provider: Provider
+    device_id: int
+    dims: dict | None  # free-dimension overrides (static shapes)
+    embeddings: Embeddings
+    loras: tuple[LoraFile, ...]
+    kept: list = dataclasses.field(default_factory=list)  # what ONNX Runtime reads from (it does not copy it)
+    _initializers: dict = dataclasses.field(default_factory=dict)
+
+    def key(self, part: str) -> tuple:
+        """What sets the part's weights; two sessions of a part with the same key are interchangeable."""
+        loras = tuple((lora.tensors_sha256 or lora.sha256, lora.scale) for lora in self.loras if touches(lora, part))
+        return loras, tuple(sorted(self.embeddings.rows.get(part, {})))
+
+    def initializers(self, part: str) -> dict[str, np.ndarray]:
+        if part not in self._initializers:
+            values = lora_initializers(self.folder, part, self.loras) if part in OVERRIDABLE else {}
+            rows = self.embeddings.rows.get(part)
+            if rows:
+                values.update(token_table.with_rows(self.folder / part / "model.onnx", rows))
+            self._initializers[part] = values
+        return self._initializers[part]
+
+    def options(self, part: str):
+        """Session options for ``part``, its initializer overrides added."""
+        import onnxruntime as ort
+
+        options = session_options(self.provider, self.dims)
+        for name, values in self.initializers(part).items():
+            value = ort.OrtValue.ortvalue_from_numpy(values)
+            options.add_initializer(name, value)
+            self.kept.extend((values, value))
+        return options
+
+    def session(self, part: str):
+        session = new_session(
+            str(self.folder / part / "model.onnx"), self.provider, self.device_id, options=self.options(part)
+        )
+        check_session_provider(session, self.provider, str(self.folder / part))
+        return session
+
+
+def _sessions_to_make(
+    parts: PartSessions, spec: ModelSpec, reuse: LoadedPipeline | None, *, cuda_graph: bool
+) -> tuple[dict[str, Any], CudaGraphUNet | None]:
+    """The sessions load_pipeline hands optimum instead of letting it make them (by part), and the CUDA-graph UNet:
+    those ``reuse`` has with the same weights, and new ones for parts whose weights change."""
+    sessions: dict[str, Any] = {}
+    runner = None
+    for part in spec.submodels:
+        key = parts.key(part)
+        old = getattr(reuse.pipeline, part, None) if reuse is not None and reuse.session_keys.get(part) == key else None
+        if part == "unet" and cuda_graph:
+            runner = reuse.unet_graph if old is not None and reuse.unet_graph else _cuda_graph_unet(parts, spec)
+            if runner:
+                sessions[part] = runner.session
+                continue
+        if old is not None:
+            sessions[part] = old.session
+        elif any(key):
+            sessions[part] = parts.session(part)
+    return sessions, runner
+
+
+def _cuda_graph_unet(parts: PartSessions, spec: ModelSpec) -> CudaGraphUNet | None:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     try:
         session, stream = cuda_graph_session(
-            folder / "unet" / "model.onnx",
-            device_id=device_id,
-            sess_options=options,
-            extra_options=dict(provider.options),
+            parts.folder / "unet" / "model.onnx",
+            device_id=parts.device_id,
+            sess_options=parts.options("unet"),
+            extra_options=dict(parts.provider.options),
         )
     except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
         if out_of_memory(error):
             raise
         logger.warning("the UNet runs without a CUDA graph: %s", str(error).strip().splitlines()[0])
         return None
-    return CudaGraphUNet(session, stream, device_id=device_id)
+    return CudaGraphUNet(session, stream, device_id=parts.device_id)

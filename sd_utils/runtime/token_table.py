@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -40,15 +39,11 @@ def token_table(model_file: Path) -> tuple[str, np.ndarray]:
     return tensor.name, numpy_helper.to_array(tensor)
 
 
-def add_rows(options: Any, model_file: Path, rows: dict[int, np.ndarray]) -> list[Any]:
-    """Give session options ``options`` the token table of ``model_file`` with ``rows`` (token id -> vector) in
-    place; returns what must stay referenced as long as the session lives (ONNX Runtime does not copy it)."""
-    import onnxruntime as ort
-
+def with_rows(model_file: Path, rows: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """The token table of ``model_file`` with ``rows`` (token id -> vector) in place, as an initializer override
+    (name -> values) for the session."""
     name, table = token_table(model_file)
     table = table.copy()
     for token, vector in rows.items():
         table[token] = vector.astype(table.dtype)
-    value = ort.OrtValue.ortvalue_from_numpy(table)
-    options.add_initializer(name, value)
-    return [table, value]
+    return {name: table}
