@@ -13,6 +13,8 @@
 #                                  first images kept in /tmp/sdxl/fit_images); while the CPU
 #                                  builds, the GPU runs the gpu-marked tests, times the provider probe and tries
 #                                  memory_fit.py on the tiny model (and bench/experiments/fp8_gemm.py with FP8=1: "side" job)
+#   bash bench/gpu_run.sh loras    build + --optimize --provider cuda, then bench/loras.py (run-time LoRA switches,
+#                                  s/step with and without; 1024², 20 steps), in the background (loras.log)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
 #   bash bench/gpu_run.sh survey   one run for every figure of the H200 issue, in the background: base and refiner
 #                                  builds + --optimize in parallel on the CPU while the GPU runs the gpu-marked tests
@@ -37,6 +39,20 @@ copy_repo() {
 }
 
 case "${1:-}" in
+  loras)
+    copy_repo
+    setsid nohup bash bench/gpu_run.sh loras_job > "$WORK/loras.log" 2>&1 < /dev/null &
+    ;;
+  loras_job)
+    cd "$WORK/repo"
+    echo "== optimize $(date +%T)"
+    python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" \
+      --cache_dir "$WORK/cache" 2>&1 | grep --line-buffered -E "^\[|optimized|rror|done in" || true
+    echo "== loras $(date +%T)"
+    python3 bench/loras.py --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" --size 1024 --steps 20 \
+      --rank 32 --repeats 3 2>&1 | grep --line-buffered -E "^\{|rror" || true
+    echo "== loras DONE $(date +%T)"
+    ;;
   start)
     copy_repo
     setsid nohup bash bench/gpu_run.sh pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
