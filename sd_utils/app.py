@@ -32,7 +32,7 @@ from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
 from sd_utils.sources.embeddings import Embeddings, load_embeddings
-from sd_utils.sources.lora import LoraFile, inspect_lora
+from sd_utils.sources.lora import LoraFile, inspect_lora, lora_layers
 from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_unet, with_vae
 from sd_utils.sources.single_file import inspect_unet
 
@@ -68,9 +68,10 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
     )
     if options.unet:
         model = dataclasses.replace(model, unet_file=inspect_unet(options.unet, model.spec.root / "unet"))
-    if options.lora and options.fuse_loras:
+    if options.lora:  # checked now either way: a LoRA that does not fit must not wait for a build
         loras = tuple(inspect_lora(path, scale, components=model.components) for path, scale in options.lora)
-        model = dataclasses.replace(model, loras=loras)
+        if options.fuse_loras:
+            model = dataclasses.replace(model, loras=loras)
     if model.checkpoint is not None or model.loras:
         logger.info("model: %s", model.describe())
     refiner = None
@@ -236,7 +237,12 @@ def runtime_loras(options: Options, model: ResolvedModel) -> tuple[LoraFile, ...
     given = [] if options.fuse_loras else [(path, scale, "--lora") for path, scale in options.lora]
     for name, weight in prompt_loras(options.prompt or ""):
         given.append((find_lora(name, options.lora_dir), weight, f"<lora:{name}> in the prompt:"))
-    return tuple(inspect_lora(path, scale, components=model.components, option=option) for path, scale, option in given)
+    loras = tuple(
+        inspect_lora(path, scale, components=model.components, option=option) for path, scale, option in given
+    )
+    for lora in loras:
+        lora_layers(model.spec.root, lora)  # every layer placed on the model (read once per file version)
+    return loras
 
 
 def build_recipe(options: Options, model: ResolvedModel, provider: Provider) -> tuple[BuildRecipe, Path | None]:

@@ -167,6 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_lora_arguments(model) -> None:
+    model.add_argument(
+        "--lora",
+        type=_lora,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 keys) applied to --model_id's UNet and text "
+        "encoders at SCALE (default 1.0), at run time: no new build, and no cost per step; repeat for several. "
+        "Prompts can also ask for LoRAs with <lora:NAME:WEIGHT> (see --lora_dir)",
+    )
+    model.add_argument(
+        "--lora_dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of LoRAs (subfolders too) that <lora:NAME:WEIGHT> tags in prompts name by file name without "
+        ".safetensors; repeatable",
+    )
+    model.add_argument(
+        "--fuse_loras",
+        action="store_true",
+        help="fuse the --lora files into the weights before export instead: a build of its own per LoRA set "
+        "(minutes; the submodels a set does not touch are reused). For a LoRA used in every run, or one whose "
+        "layers run-time LoRAs cannot reach",
+    )
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -197,32 +226,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="a UNet in diffusers' layout (.safetensors) that replaces --model_id's, e.g. SDXL-Lightning's "
         "sdxl_lightning_4step_unet.safetensors; the other submodels are reused from --model_id's build",
     )
-    model.add_argument(
-        "--lora",
-        type=_lora,
-        action="append",
-        default=[],
-        metavar="FILE[:SCALE]",
-        help="a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 keys) applied to --model_id's UNet and text "
-        "encoders at SCALE (default 1.0), at run time: no new build, and no cost per step; repeat for several. "
-        "Prompts can also ask for LoRAs with <lora:NAME:WEIGHT> (see --lora_dir)",
-    )
-    model.add_argument(
-        "--lora_dir",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="a folder of LoRAs (subfolders too) that <lora:NAME:WEIGHT> tags in prompts name by file name without "
-        ".safetensors; repeatable",
-    )
-    model.add_argument(
-        "--fuse_loras",
-        action="store_true",
-        help="fuse the --lora files into the weights before export instead: a build of its own per LoRA set "
-        "(minutes; the submodels a set does not touch are reused). For a LoRA used in every run, or one whose "
-        "layers run-time LoRAs cannot reach",
-    )
+    _add_lora_arguments(model)
     model.add_argument(
         "--embedding",
         type=Path,

@@ -195,7 +195,8 @@ def test_an_a1111_parameters_text_gives_every_field():
 
     found = parse_parameters(A1111_PARAMETERS)
     assert found.options == {
-        "prompt": "masterpiece, (best quality:1.2), a red circle \non the left, dark background",
+        # the LoRA tag stays: it applies at run time from --lora_dir
+        "prompt": "masterpiece, (best quality:1.2), a red circle <lora:detail:0.8>\non the left, dark background",
         "negative_prompt": "lowres, (blurry:1.3)\nworst quality",
         "num_inference_steps": 28,
         "guidance_scale": 6.5,
@@ -206,7 +207,7 @@ def test_an_a1111_parameters_text_gives_every_field():
         "image_size": None,
         "scheduler": "dpmpp_2m_karras",
     }
-    assert (found.model, found.model_hash, found.loras) == ("sd_xl_base_1.0", "31e35c80fc", (("detail", 0.8),))
+    assert (found.model, found.model_hash) == ("sd_xl_base_1.0", "31e35c80fc")
     assert scheduler_of("Euler a", "Automatic") == "euler_a"
     assert scheduler_of("DPM++ 2M Karras", None) == "dpmpp_2m_karras"  # A1111 before schedule types
     assert scheduler_of("DPM++ 2M SDE", "Automatic") == "dpmpp_2m_sde"

@@ -23,9 +23,12 @@ def touches(lora: LoraFile, submodel: str) -> bool:
     return COMPONENT_OF.get(submodel) in lora.targets
 
 
-def lora_initializers(folder: Path, submodel: str, loras: Sequence[LoraFile]) -> dict[str, np.ndarray]:
+def lora_initializers(
+    folder: Path, submodel: str, loras: Sequence[LoraFile], *, config_root: Path | None = None
+) -> dict[str, np.ndarray]:
     """The initializers of build ``folder``'s ``submodel`` graph that ``loras`` (at their scales) change, with
-    their new values in the graph's dtype; {} when none of them touches the submodel."""
+    their new values in the graph's dtype; {} when none of them touches the submodel. ``config_root``: the model
+    folder whose configs place the LoRAs' layers (default: the build's own copies)."""
     component = COMPONENT_OF[submodel]
     loras = [lora for lora in loras if touches(lora, submodel)]
     if not loras:
@@ -38,7 +41,7 @@ def lora_initializers(folder: Path, submodel: str, loras: Sequence[LoraFile]) ->
         )
     changes: dict[str, np.ndarray] = {}
     for lora in loras:
-        for weight, delta in lora_layers(folder, lora).deltas(component):
+        for weight, delta in lora_layers(config_root or folder, lora).deltas(component):
             if weight not in places:
                 raise ModelNotFoundError(
                     f"--lora {lora.path.name} changes {component} layer {weight.removesuffix('.weight')}, which the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -106,7 +107,7 @@ def load_pipeline(
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
-    parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras)
+    parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
         sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
@@ -123,17 +124,7 @@ def load_pipeline(
         )
     for part in pipeline.parts:
         check_session_provider(part.session, provider, str(part.path.parent))
-    if runner:
-        optimum_adapter.set_unet_forward(pipeline, runner)
-    if vae_tiling:
-        optimum_adapter.set_vae_decoder_forward(pipeline, lambda decode, latents: decode_tiled(decode, latents, spec))
-    if low_vram and task == "text2img":
-        optimum_adapter.drop_parts(pipeline, ["vae_encoder"])
-
-    def new_text_encoder(name: str) -> None:
-        """Give the pipeline a new session of text encoder ``name`` (``low_vram`` drops them)."""
-        optimum_adapter.add_text_encoder(pipeline, name, parts.session(name), io_binding=io_binding)
-
+    _adapt(pipeline, spec, runner=runner, vae_tiling=vae_tiling, drop_encoder=low_vram and task == "text2img")
     return LoadedPipeline(
         pipeline,
         spec,
@@ -144,7 +135,7 @@ def load_pipeline(
         unet_graph=runner,
         vae_tiling=vae_tiling,
         low_vram=low_vram,
-        new_text_encoder=new_text_encoder,
+        new_text_encoder=functools.partial(_new_text_encoder, pipeline, parts, io_binding),
         words=parts.embeddings.words,
         token_tables=parts.kept,
         build_record=read_record(folder) or {},
@@ -152,6 +143,21 @@ def load_pipeline(
         loras=loras,
         session_keys={part: parts.key(part) for part in spec.submodels},
     )
+
+
+def _new_text_encoder(pipeline, parts: PartSessions, io_binding: bool, name: str) -> None:
+    """Give ``pipeline`` a new session of text encoder ``name`` (``low_vram`` drops them)."""
+    optimum_adapter.add_text_encoder(pipeline, name, parts.session(name), io_binding=io_binding)
+
+
+def _adapt(pipeline, spec: ModelSpec, *, runner: CudaGraphUNet | None, vae_tiling: bool, drop_encoder: bool) -> None:
+    """What the tool changes in optimum's pipeline: the CUDA-graph UNet, the tiled VAE decoder, no VAE encoder."""
+    if runner:
+        optimum_adapter.set_unet_forward(pipeline, runner)
+    if vae_tiling:
+        optimum_adapter.set_vae_decoder_forward(pipeline, lambda decode, latents: decode_tiled(decode, latents, spec))
+    if drop_encoder:
+        optimum_adapter.drop_parts(pipeline, ["vae_encoder"])
 
 
 # the parts whose sessions get initializer overrides: run-time LoRA weights, embeddings' token-table rows
@@ -169,6 +175,7 @@ class PartSessions:
     dims: dict | None  # free-dimension overrides (static shapes)
     embeddings: Embeddings
     loras: tuple[LoraFile, ...]
+    config_root: Path  # the model folder: its configs place the LoRAs' layers, as the run's checks did
     kept: list = dataclasses.field(default_factory=list)  # what ONNX Runtime reads from (it does not copy it)
     _initializers: dict = dataclasses.field(default_factory=dict)
 
@@ -179,7 +186,9 @@ class PartSessions:
 
     def initializers(self, part: str) -> dict[str, np.ndarray]:
         if part not in self._initializers:
-            values = lora_initializers(self.folder, part, self.loras) if part in OVERRIDABLE else {}
+            values = {}
+            if part in OVERRIDABLE:
+                values = lora_initializers(self.folder, part, self.loras, config_root=self.config_root)
             rows = self.embeddings.rows.get(part)
             if rows:
                 values.update(token_table.with_rows(self.folder / part / "model.onnx", rows))
