@@ -35,6 +35,9 @@ def _entry_points(name: str):
 text_encoder_load, text_encoder_io_config, text_encoder_dummy_inputs = _entry_points("text_encoder")
 text_encoder_2_load, text_encoder_2_io_config, text_encoder_2_dummy_inputs = _entry_points("text_encoder_2")
 unet_load, unet_io_config, unet_dummy_inputs = _entry_points("unet")
+# ControlNet runs: a ControlNet, and the UNet that takes its residuals
+controlnet_load, controlnet_io_config, controlnet_dummy_inputs = _entry_points("controlnet")
+unet_controlnet_load, unet_controlnet_io_config, unet_controlnet_dummy_inputs = _entry_points("unet_controlnet")
 vae_encoder_load, vae_encoder_io_config, vae_encoder_dummy_inputs = _entry_points("vae_encoder")
 vae_decoder_load, vae_decoder_io_config, vae_decoder_dummy_inputs = _entry_points("vae_decoder")
 

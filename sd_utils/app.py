@@ -19,18 +19,21 @@ from pathlib import Path
 from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive
 from sd_utils.generation.base_images import load_base_images, load_masks
+from sd_utils.generation.control_images import load_control_image
 from sd_utils.generation.lora_tags import find_lora, prompt_loras
 from sd_utils.generation.prompt_syntax import chunk_count
-from sd_utils.generation.request import GeneratedImage, GenerationRequest, RefineSettings
+from sd_utils.generation.request import ControlSettings, GeneratedImage, GenerationRequest, RefineSettings
 from sd_utils.generation.run import generate_images
 from sd_utils.generation.safety import CheckerSource, OnnxSafetyChecker, checker_folder, find_checker, optimize_checker
 from sd_utils.generation.schedulers import make_scheduler
+from sd_utils.optimize.controlnets import controlled_unet, controlnet_build
 from sd_utils.optimize.lora_fusion import fuse_loras
 from sd_utils.optimize.olive_workflow import optimize, staged
 from sd_utils.optimize.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
 from sd_utils.options import MAX_SEED, Options, check_image_size
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
+from sd_utils.sources.controlnet import ControlNetSource, resolve_controlnet
 from sd_utils.sources.embeddings import Embeddings, load_embeddings
 from sd_utils.sources.lora import LoraFile, inspect_lora, lora_layers
 from sd_utils.sources.models import ResolvedModel, composed_with_vae_path, resolve_model, with_unet, with_vae
@@ -56,6 +59,7 @@ class ReadyModels:
     model: BuildPaths
     refiner: BuildPaths | None = None
     checker: Path | None = None  # the optimized ONNX safety checker folder
+    controlnets: dict = dataclasses.field(default_factory=dict)  # ControlNet folder -> its optimized build
 
 
 def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS) -> Job:
@@ -211,6 +215,7 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
         )
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED - options.num_images)
     loras = runtime_loras(options, model)
+    control = control_settings(options, model, size=(width, height))
     return GenerationRequest(
         prompt=options.prompt or "",
         negative_prompt=options.negative_prompt,
@@ -227,7 +232,33 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
         refine=refine,
         high_noise_frac=options.high_noise_frac if options.refiner_model_id else None,
         loras=loras,
+        control=control,
     )
+
+
+def controlnet_sources(options: Options, model: ResolvedModel) -> tuple[ControlNetSource, ...]:
+    """The ``--controlnet`` ControlNets, checked against the model (one line each when they do not fit)."""
+    if options.controlnet and model.spec.is_refiner:
+        raise UserInputError("--controlnet drives a base model's UNet; use it with an SDXL base, not a refiner")
+    return tuple(
+        resolve_controlnet(given, scale, base=model.spec, models_dir=options.models_dir)
+        for given, scale in options.controlnet
+    )
+
+
+def control_settings(options: Options, model: ResolvedModel, *, size: tuple[int, int]) -> ControlSettings | None:
+    """The run's ControlNets with their control images (sized to the run, preprocessed); None without any."""
+    nets = controlnet_sources(options, model)
+    if not nets:
+        return None
+    thresholds = (options.canny_low, options.canny_high)
+    images = tuple(
+        load_control_image(
+            path, size=size, preprocess=options.control_preprocess, low=thresholds[0], high=thresholds[1]
+        )
+        for path in options.control_image
+    )
+    return ControlSettings(nets, images, start=options.control_start, end=options.control_end, canny=thresholds)
 
 
 def runtime_loras(options: Options, model: ResolvedModel) -> tuple[LoraFile, ...]:
@@ -315,8 +346,16 @@ def _optimize(
 
 
 def prepare_models(options: Options, job: Job) -> ReadyModels:
-    """Optimize the job's model(s) if asked to or needed for generation."""
+    """Optimize the job's model(s) if asked to or needed for generation (with ``--controlnet``, the ControlNets and
+    the UNet that takes their residuals too)."""
     model = ensure_optimized(options, job.model, job.provider)
+    controlnets = {}
+    if options.controlnet and (options.runs_inference or options.optimize):
+        controlled_unet(model, job.model, job.provider, cache_dir=options.cache_dir, tempdir=options.tempdir)
+        for source in controlnet_sources(options, job.model):
+            controlnets[source.root] = controlnet_build(
+                source, job.model, job.provider, models_dir=options.models_dir, tempdir=options.tempdir
+            )
     refiner = ensure_optimized(options, job.refiner, job.provider) if job.refiner else None
     checker = None
     if job.checker is not None:
@@ -330,7 +369,7 @@ def prepare_models(options: Options, job: Job) -> ReadyModels:
                 clean_cache=options.clean_cache,
                 tempdir=options.tempdir,
             )
-    return ReadyModels(model=model, refiner=refiner, checker=checker)
+    return ReadyModels(model=model, refiner=refiner, checker=checker, controlnets=controlnets)
 
 
 def open_pipeline(
@@ -343,6 +382,7 @@ def open_pipeline(
     *,
     loras: tuple[LoraFile, ...] = (),
     reuse: LoadedPipeline | None = None,
+    controlnets: tuple[Path, ...] = (),
 ) -> LoadedPipeline:
     folder = paths.unoptimized if options.test_unoptimized else paths.optimized
     return load_pipeline(
@@ -359,6 +399,7 @@ def open_pipeline(
         embeddings=embeddings,
         loras=loras,
         reuse=reuse,
+        controlnets=controlnets,
     )
 
 
@@ -389,25 +430,26 @@ class Generator:
     def _pipelines(self, request: GenerationRequest) -> tuple[LoadedPipeline, LoadedPipeline | None]:
         """The loaded base (and refiner) for ``request``: made again for other static shapes or another task; for
         other run-time LoRAs only the base's sessions of the parts those change are made again."""
-        key = (None if self.options.dynamic_dims else request.shape, request.task)
+        nets = tuple(self.ready.controlnets[net.root] for net in request.control.nets) if request.control else ()
+        key = (None if self.options.dynamic_dims else request.shape, request.task, nets)
+        base = {"loras": request.loras, "controlnets": nets}
         if self._loaded is not None and self._loaded[0] == key and self._loaded[1].loras != request.loras:
             _, model, refiner = self._loaded
             self._loaded = None
-            model = self._open(self.job.model, self.ready.model, request, loras=request.loras, reuse=model)
+            model = self._open(self.job.model, self.ready.model, request, **base, reuse=model)
             self._loaded = (key, model, refiner)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # drop the old sessions before creating new ones
             job = self.job
-            model = self._open(job.model, self.ready.model, request, loras=request.loras)
+            model = self._open(job.model, self.ready.model, request, **base)
             refiner = self._open(job.refiner, self.ready.refiner, request) if job.refiner is not None else None
             self._loaded = (key, model, refiner)
         return self._loaded[1], self._loaded[2]
 
-    def _open(self, model: ResolvedModel, paths: BuildPaths, request: GenerationRequest, *, loras=(), reuse=None):
-        """Load ``model``; run-time LoRAs go to the base model only (a refiner in a hand-off runs as built)."""
-        return open_pipeline(
-            self.options, model, self.job.provider, paths, request, self.job.embeddings, loras=loras, reuse=reuse
-        )
+    def _open(self, model: ResolvedModel, paths: BuildPaths, request: GenerationRequest, **base):
+        """Load ``model``; ``base``: the run-time LoRAs and ControlNets (``loras``, ``controlnets``, ``reuse``), the
+        base model's only (a refiner in a hand-off runs as built)."""
+        return open_pipeline(self.options, model, self.job.provider, paths, request, self.job.embeddings, **base)
 
     def generate(
         self, request: GenerationRequest, *, output_dir: Path | None = None, **callbacks

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from sd_utils.errors import UserInputError
+from sd_utils.generation.control_images import PREPROCESSORS
 from sd_utils.generation.schedulers import SAMPLERS, TIMESTEP_SPACINGS
 from sd_utils.runtime.providers import PROVIDER_CHOICES
 from sd_utils.sources.models import BUILTIN_MODELS, DEFAULT_FP16_VAE
@@ -32,6 +33,13 @@ class Options:
     lora: tuple[tuple[Path, float], ...]
     lora_dir: tuple[Path, ...]
     fuse_loras: bool
+    controlnet: tuple[tuple[str, float], ...]
+    control_image: tuple[Path, ...]
+    control_preprocess: str
+    canny_low: int
+    canny_high: int
+    control_start: float
+    control_end: float
     embedding: tuple[Path, ...]
     embedding_dir: tuple[Path, ...]
     unet: Path | None
@@ -123,11 +131,22 @@ _non_negative_int = _in_range(int, 0, "an integer >= 0")
 _guidance = _in_range(float, 0, "a guidance scale from 0 to 100", maximum=100)
 # the LAION aesthetic scores the refiner was conditioned on run from 1 to 10
 _aesthetic = _in_range(float, 0, "an aesthetic score from 0 to 10", maximum=10)
+_fraction = _in_range(float, 0, "a fraction from 0 to 1", maximum=1)
 
 
 def _lora(text: str) -> tuple[Path, float]:
     """``FILE[:SCALE]``: the scale is what follows the last colon when it is a number; when it is not, the text is a
     path if it names a file or the part after the colon looks like one (``C:\\x.safetensors``), else an error."""
+    return _with_scale(text, "LoRA")
+
+
+def _controlnet(text: str) -> tuple[str, float]:
+    """``DIR|ID|FILE[:SCALE]``, read as :func:`_lora` reads ``FILE[:SCALE]`` (a hub id stays text)."""
+    path, scale = _with_scale(text, "ControlNet")
+    return str(path), scale
+
+
+def _with_scale(text: str, what: str) -> tuple[Path, float]:
     path, _, scale = text.rpartition(":")
     if not path or Path(text).expanduser().exists():
         return Path(text), 1.0
@@ -140,7 +159,7 @@ def _lora(text: str) -> tuple[Path, float]:
             f"{text}: scale {scale!r} is not a number; write FILE:0.8 (or FILE alone for 1.0)"
         ) from None
     if not (math.isfinite(value) and -10 <= value <= 10):
-        raise argparse.ArgumentTypeError(f"expected a LoRA scale from -10 to 10 after the colon, got {scale}")
+        raise argparse.ArgumentTypeError(f"expected a {what} scale from -10 to 10 after the colon, got {scale}")
     return Path(path), value
 
 
@@ -154,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimization_arguments(parser)
     _add_generation_arguments(parser)
     _add_refiner_arguments(parser)
+    _add_control_arguments(parser)
     _add_safety_arguments(parser)
     parser.add_argument(
         "--interactive",
@@ -165,6 +185,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
+
+
+def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    control = parser.add_argument_group("ControlNet (composition from edge maps, depth maps, poses)")
+    control.add_argument(
+        "--controlnet",
+        type=_controlnet,
+        action="append",
+        default=[],
+        metavar="DIR|ID|FILE[:SCALE]",
+        help="an SDXL ControlNet (diffusers folder, hub id, or its .safetensors in diffusers' layout) at SCALE "
+        "(default 1.0); repeat for several, each with its --control_image. Optimized once, like the model",
+    )
+    control.add_argument(
+        "--control_image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the control image of each --controlnet, in the same order (resized to the run's size)",
+    )
+    control.add_argument(
+        "--control_preprocess",
+        choices=PREPROCESSORS,
+        default="none",
+        help="make the control map from the image: canny (OpenCV's edges, see --canny_low/--canny_high), or none "
+        "(default: the image is the map, e.g. a depth map or pose skeleton made elsewhere)",
+    )
+    control.add_argument("--canny_low", type=_non_negative_int, default=100, help="Canny's low threshold (100)")
+    control.add_argument("--canny_high", type=_non_negative_int, default=200, help="Canny's high threshold (200)")
+    control.add_argument(
+        "--control_start",
+        type=_fraction,
+        default=0.0,
+        help="fraction of the steps after which the ControlNets start to apply (default 0)",
+    )
+    control.add_argument(
+        "--control_end",
+        type=_fraction,
+        default=1.0,
+        help="fraction of the steps after which they stop applying (default 1)",
+    )
 
 
 def _add_lora_arguments(model) -> None:
@@ -532,6 +594,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     args.base_images = tuple(args.base_images)
     args.mask_image = tuple(args.mask_image)
     args.lora, args.lora_dir = tuple(args.lora), tuple(args.lora_dir)
+    args.controlnet, args.control_image = tuple(args.controlnet), tuple(args.control_image)
     args.embedding, args.embedding_dir = tuple(args.embedding), tuple(args.embedding_dir)
     options = Options(**vars(args))
     check_options(options)
@@ -574,6 +637,21 @@ def _take_from_png(args: argparse.Namespace, *, given: set[str]) -> None:
     )
 
 
+def _check_control_options(options: Options) -> None:
+    if len(options.control_image) != len(options.controlnet):
+        raise UserInputError(
+            f"{len(options.controlnet)} --controlnet and {len(options.control_image)} --control_image: give one "
+            "control image per ControlNet, in the same order"
+        )
+    if options.controlnet and options.control_start >= options.control_end:
+        raise UserInputError(
+            f"--control_start {options.control_start:g} is not before --control_end {options.control_end:g}; "
+            "e.g. 0 and 0.8"
+        )
+    if options.controlnet and options.test_unoptimized:
+        raise UserInputError("--controlnet runs optimized builds only; leave out --test_unoptimized")
+
+
 def _check_lora_options(options: Options) -> None:
     if options.fuse_loras and not options.lora:
         raise UserInputError("--fuse_loras fuses the --lora files into a build, and none is given; add --lora FILE")
@@ -611,6 +689,7 @@ def check_options(options: Options) -> None:
             "mask for all, or one per base image"
         )
     _check_lora_options(options)
+    _check_control_options(options)
     if options.strength is not None and not 0 < options.strength <= 1:
         raise UserInputError(f"--strength {options.strength} is outside (0, 1]; use e.g. 0.3 for a light refinement")
     if not 0 < options.high_noise_frac < 1:

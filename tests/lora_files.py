@@ -112,3 +112,18 @@ def diffusers_images(root: Path, loras: list[tuple[Path, float]], latents: torch
     if names:
         pipeline.set_adapters(names, adapter_weights=[scale for _path, scale in loras])
     return pipeline(latents=latents.clone(), **call).images
+
+
+def write_controlnet(root: Path, destination: Path, *, seed: int = 0, strength: float = 0.5) -> Path:
+    """A ControlNet for the diffusers SDXL folder ``root`` (``ControlNetModel.from_unet``: the UNet's encoder), with
+    its zero-initialized output convolutions made random, so that the control changes the image."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    generator = torch.Generator().manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(root / "unet"))
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * strength)
+    controlnet.save_pretrained(destination, safe_serialization=True)
+    return destination

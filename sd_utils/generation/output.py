@@ -66,8 +66,37 @@ def png_metadata(
     metadata["scheduler"] = scheduler_name(loaded.scheduler_config, request.scheduler)
     if request.timestep_spacing is not None:
         metadata["timestep_spacing"] = request.timestep_spacing
+    if request.control is not None:
+        control = request.control
+        metadata["controlnets"] = ", ".join(f"{net.name}:{net.scale:g}:{net.short_hash}" for net in control.nets)
+        metadata["control_images"] = ", ".join(f"{item.path.name} ({item.preprocess})" for item in control.images)
     metadata["parameters"] = a1111_parameters(loaded, request, seed=seed)
     return metadata
+
+
+def _a1111_controlnets(request: GenerationRequest) -> dict[str, str]:
+    """A1111's ControlNet extension fields (``ControlNet 0: "Module: canny, Model: name [hash], Weight: 0.8, …"``)."""
+    control = request.control
+    if control is None:
+        return {}
+    fields = {}
+    for index, (net, image) in enumerate(zip(control.nets, control.images, strict=True)):
+        parts = {
+            "Module": image.preprocess,
+            "Model": f"{net.name} [{net.short_hash}]",
+            "Weight": f"{net.scale:g}",
+            "Resize Mode": "Just Resize",
+            **(
+                {"Threshold A": control.canny[0], "Threshold B": control.canny[1]}
+                if image.preprocess == "canny"
+                else {}
+            ),
+            "Guidance Start": f"{control.start:g}",
+            "Guidance End": f"{control.end:g}",
+            "Control Mode": "Balanced",
+        }
+        fields[f"ControlNet {index}"] = ", ".join(f"{key}: {value}" for key, value in parts.items())
+    return fields
 
 
 def _lora_hash(lora: dict) -> str:
@@ -135,6 +164,7 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
         "VAE": _vae_name(record),
         "Denoising strength": request.refine.strength if request.refine is not None else None,
         "Lora hashes": ", ".join(f"{lora['name']}: {_lora_hash(lora)}" for lora in loras) or None,
+        **_a1111_controlnets(request),
         "Version": "sdxl-olive",
     }
     line = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in fields.items() if value is not None)

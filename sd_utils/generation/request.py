@@ -28,6 +28,29 @@ class RefineSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlSettings:
+    """ControlNets for a run: each with its scale (``sources.controlnet.ControlNetSource``) and its control image
+    (``generation.control_images.ControlImage``), applied from fraction ``start`` to ``end`` of the steps."""
+
+    nets: tuple = ()
+    images: tuple = ()
+    start: float = 0.0
+    end: float = 1.0
+    canny: tuple[int, int] = (100, 200)  # the thresholds, when the images were made with canny
+
+    def arguments(self, image_key: str) -> dict:
+        """diffusers' ControlNet pipeline arguments: the maps under ``image_key`` (``image`` for text-to-image,
+        ``control_image`` for image-to-image), one scale and one start/end per ControlNet."""
+        count = len(self.nets)
+        return {
+            image_key: [control.image for control in self.images],
+            "controlnet_conditioning_scale": [net.scale for net in self.nets],
+            "control_guidance_start": [self.start] * count,
+            "control_guidance_end": [self.end] * count,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """One run: ``num_images`` images of ``prompt`` in calls of ``batch_size`` images each."""
 
@@ -49,6 +72,7 @@ class GenerationRequest:
     text_chunks: int = 1  # the prompts' chunks of 77 tokens (see generation/prompt_syntax.py), set before a run
     # run-time LoRAs (sources.lora.LoraFile, each with its scale): --lora and the prompt's <lora:name:w> tags
     loras: tuple = ()
+    control: ControlSettings | None = None  # --controlnet: the ControlNets and their control images
 
     @property
     def task(self) -> str:

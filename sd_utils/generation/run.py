@@ -104,12 +104,18 @@ def _run(loaded: LoadedPipeline, **arguments) -> Any:
     return to_pil_images(images) if decode else images
 
 
+def _control(request: GenerationRequest, image_key: str) -> dict[str, Any]:
+    """The ControlNet arguments of a call (none without ``--controlnet``)."""
+    return request.control.arguments(image_key) if request.control is not None else {}
+
+
 def _text_to_image_call(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> list[Any]:
     return _run(
         loaded,
         height=request.height,
         width=request.width,
         latents=call.latents,
+        **_control(request, "image"),
         **_common_arguments(loaded, request, call),
     )
 
@@ -127,6 +133,7 @@ def _refine_call(loaded: LoadedPipeline, request: GenerationRequest, call: CallI
 def _image_to_image_arguments(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> dict[str, Any]:
     refine = request.refine
     return dict(
+        **_control(request, "control_image"),
         strength=refine.strength,
         aesthetic_score=refine.aesthetic_score,
         negative_aesthetic_score=refine.negative_aesthetic_score,
@@ -144,6 +151,7 @@ def _ensemble_call(base: LoadedPipeline, refiner: LoadedPipeline, request: Gener
         latents=call.latents,
         output_type="latent",
         denoising_end=request.high_noise_frac,
+        **_control(request, "image"),
         **_common_arguments(base, request, call),
     )
     return _run(

@@ -44,6 +44,49 @@ class UNetExport(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+class ControlledUNetExport(torch.nn.Module):
+    """The UNet with a ControlNet's residuals as inputs (down blocks' in order, then the mid block's)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
+class ControlNetExport(torch.nn.Module):
+    """A ControlNet: the UNet's inputs, the control image and its scale -> the residuals, flat."""
+
+    def __init__(self, controlnet: torch.nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(
+        self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, controlnet_cond, conditioning_scale
+    ):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        return (*down, mid)
+
+
 class VaeEncoderExport(torch.nn.Module):
     """Pixels in [-1, 1] -> latent distribution parameters (mean and log-variance, as optimum expects)."""
 
@@ -98,13 +141,21 @@ def load_submodel(name: str, model_path: str | Path) -> torch.nn.Module:
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         encoder = cls.from_pretrained(root / name, dtype=stored_dtype(root / name), attn_implementation="eager")
         module: torch.nn.Module = TextEncoderExport(encoder, with_projection=with_projection)
-    elif name == "unet":
+    elif name in ("unet", "unet_controlnet"):
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor
 
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=stored_dtype(root / "unet"))
         unet.set_attn_processor(AttnProcessor())
-        module = UNetExport(unet)
+        module = UNetExport(unet) if name == "unet" else ControlledUNetExport(unet)
+    elif name == "controlnet":
+        from diffusers import ControlNetModel
+        from diffusers.models.attention_processor import AttnProcessor
+
+        folder = root / "controlnet"
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=stored_dtype(folder))
+        controlnet.set_attn_processor(AttnProcessor())
+        module = ControlNetExport(controlnet)
     elif name in ("vae_encoder", "vae_decoder"):
         from diffusers import AutoencoderKL
         from diffusers.models.attention_processor import AttnProcessor

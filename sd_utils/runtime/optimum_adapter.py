@@ -9,6 +9,7 @@ and diffusers 0.39's ``_interrupt`` flag; a newer optimum-onnx must be checked a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -67,14 +68,26 @@ def _as_output(forward: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def set_unet_forward(pipeline, run: Callable[[dict[str, Any]], Any]) -> None:
-    """Make the pipeline's UNet call ``run(feeds)`` (feeds by ONNX input name) instead of its session."""
+def set_unet_forward(
+    pipeline, run: Callable[[dict[str, Any]], Any], residuals: Callable[[Any, Any], dict[str, Any]] | None = None
+) -> None:
+    """Make the pipeline's UNet call ``run(feeds)`` (feeds by ONNX input name) instead of its session;
+    ``residuals(down, mid)`` names a ControlNet's residuals for a UNet that takes them."""
 
     def forward(
-        sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None
+        sample,
+        timestep,
+        encoder_hidden_states,
+        timestep_cond=None,
+        cross_attention_kwargs=None,
+        added_cond_kwargs=None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
     ):
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
         feeds.update(added_cond_kwargs or {})
+        if residuals is not None:
+            feeds.update(residuals(down_block_additional_residuals, mid_block_additional_residual))
         return run(feeds)
 
     pipeline.unet.forward = _as_output(forward)
@@ -90,3 +103,41 @@ def set_vae_decoder_forward(pipeline, decode: Callable[[Callable[[Any], Any], An
         return decode(lambda latents: plain(latents, return_dict=False)[0], latent_sample)
 
     decoder.forward = _as_output(forward)
+
+
+def controlnet_pipeline(pipeline, controlnets: list, task: str):
+    """diffusers' SDXL ControlNet pipeline for ``task`` over the parts of optimum's ``pipeline`` (its text encoders,
+    VAE, UNet session and scheduler) and ``controlnets`` (``ControlNetModel``-like modules, always as a
+    ``MultiControlNetModel``: one code path for one and several). The add-time-ids step is optimum's (diffusers'
+    reads the UNet's PyTorch layers)."""
+    import diffusers
+    import optimum.onnxruntime as ort_pipelines
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    names = {
+        "text2img": ("StableDiffusionXLControlNetPipeline", "ORTStableDiffusionXLPipeline"),
+        "img2img": ("StableDiffusionXLControlNetImg2ImgPipeline", "ORTStableDiffusionXLImg2ImgPipeline"),
+        "inpaint": ("StableDiffusionXLControlNetInpaintPipeline", "ORTStableDiffusionXLInpaintPipeline"),
+    }
+    diffusers_name, optimum_name = names[task]
+    base = getattr(diffusers, diffusers_name)
+    cls = type(
+        f"ORT{diffusers_name}", (base,), {"_get_add_time_ids": getattr(ort_pipelines, optimum_name)._get_add_time_ids}
+    )
+    parts = {
+        "vae": pipeline.vae,
+        "text_encoder": pipeline.text_encoder,
+        "text_encoder_2": pipeline.text_encoder_2,
+        "tokenizer": pipeline.tokenizer,
+        "tokenizer_2": pipeline.tokenizer_2,
+        "unet": pipeline.unet,
+        "controlnet": MultiControlNetModel(controlnets),
+        "scheduler": pipeline.scheduler,
+        "force_zeros_for_empty_prompt": pipeline.config.get("force_zeros_for_empty_prompt", True),
+        "requires_aesthetics_score": pipeline.config.get("requires_aesthetics_score", False),
+        "add_watermarker": False,
+    }
+    accepted = set(inspect.signature(base.__init__).parameters)
+    controlled = cls(**{name: value for name, value in parts.items() if name in accepted})
+    controlled.parts = pipeline.parts  # what drop_parts and the provider checks walk
+    return controlled

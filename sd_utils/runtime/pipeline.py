@@ -13,6 +13,7 @@ import numpy as np
 
 from sd_utils.optimize.recipe import read_record
 from sd_utils.runtime import optimum_adapter, token_table
+from sd_utils.runtime.controlnet import OrtControlNet, SessionRunner, residual_feeds
 from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
 from sd_utils.runtime.lora_weights import lora_initializers, touches
 from sd_utils.runtime.providers import (
@@ -51,6 +52,7 @@ class LoadedPipeline:
     loras: tuple = ()  # the run-time LoRAs in its weights (sources.lora.LoraFile)
     # part -> what set its session's weights (PartSessions.key): which sessions another LoRA set can take over
     session_keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    controlnets: tuple = ()  # OrtControlNet per --controlnet, when the pipeline is diffusers' ControlNet one
     # build.json: what the build was made from (checkpoint file, LoRAs, VAE) and its digest, recorded in the PNGs
     build_record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the model folder's own scheduler config (--scheduler makes its scheduler from it)
@@ -80,6 +82,7 @@ def load_pipeline(
     embeddings: Embeddings | None = None,
     loras: tuple[LoraFile, ...] = (),
     reuse: LoadedPipeline | None = None,
+    controlnets: tuple[Path, ...] = (),
 ) -> LoadedPipeline:
     """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
 
@@ -93,6 +96,9 @@ def load_pipeline(
     text2img otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables.
     ``loras``: run-time LoRAs, their changes put into the weights of the sessions they touch.
 
+    ``controlnets``: optimized ControlNet folders (``optimize/controlnets.py``): the UNet that takes their residuals
+    runs instead of the plain one, in diffusers' SDXL ControlNet pipeline for ``task``.
+
     ``reuse``: a pipeline loaded from the same folder with the same settings but other ``loras``: its sessions of
     the parts whose weights stay the same are taken over, only the others are made again (switching LoRAs).
     """
@@ -103,11 +109,17 @@ def load_pipeline(
     overrides = free_dimension_overrides(spec, shape) if shape is not None else None
     if overrides is not None and vae_tiling:
         overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
+    if overrides is not None and controlnets:
+        for name in ("unet_controlnet", "controlnet"):
+            overrides.update(submodel_io(spec, name).dim_values(shape))
     options = session_options(provider, overrides)
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
+    cuda_graph = cuda_graph and not controlnets  # the controlled UNet runs as a plain session
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
+    if controlnets:
+        parts.folders["unet"] = "unet_controlnet"
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
         sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
@@ -125,6 +137,9 @@ def load_pipeline(
     for part in pipeline.parts:
         check_session_provider(part.session, provider, str(part.path.parent))
     _adapt(pipeline, spec, runner=runner, vae_tiling=vae_tiling, drop_encoder=low_vram and task == "text2img")
+    nets: list = []
+    if controlnets:
+        pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse)
     return LoadedPipeline(
         pipeline,
         spec,
@@ -142,7 +157,22 @@ def load_pipeline(
         scheduler_config=dict(pipeline.scheduler.config),
         loras=loras,
         session_keys={part: parts.key(part) for part in spec.submodels},
+        controlnets=tuple(nets),
     )
+
+
+def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, controlnets, reuse):
+    """optimum's ``pipeline`` (its UNet session: the one that takes residuals) as diffusers' ControlNet pipeline
+    for ``task``, with a session per ControlNet folder (``reuse``'s when it has the same ones)."""
+    runner = SessionRunner(pipeline.unet.session)
+    residuals = functools.partial(residual_feeds, spec)
+    optimum_adapter.set_unet_forward(pipeline, lambda feeds: runner(feeds)[0], residuals)
+    wanted = [folder / "controlnet" for folder in controlnets]
+    if reuse is not None and [net.folder for net in reuse.controlnets] == wanted:
+        nets = list(reuse.controlnets)
+    else:
+        nets = [OrtControlNet(parts.plain_session(path), path, device=pipeline.device) for path in wanted]
+    return optimum_adapter.controlnet_pipeline(pipeline, nets, task), nets
 
 
 def _new_text_encoder(pipeline, parts: PartSessions, io_binding: bool, name: str) -> None:
@@ -176,6 +206,7 @@ class PartSessions:
     embeddings: Embeddings
     loras: tuple[LoraFile, ...]
     config_root: Path  # the model folder: its configs place the LoRAs' layers, as the run's checks did
+    folders: dict = dataclasses.field(default_factory=dict)  # part -> its graph's folder, where not its own name
     kept: list = dataclasses.field(default_factory=list)  # what ONNX Runtime reads from (it does not copy it)
     _initializers: dict = dataclasses.field(default_factory=dict)
 
@@ -188,7 +219,8 @@ class PartSessions:
         if part not in self._initializers:
             values = {}
             if part in OVERRIDABLE:
-                values = lora_initializers(self.folder, part, self.loras, config_root=self.config_root)
+                submodel = self.folders.get(part, part)
+                values = lora_initializers(self.folder, submodel, self.loras, config_root=self.config_root)
             rows = self.embeddings.rows.get(part)
             if rows:
                 values.update(token_table.with_rows(self.folder / part / "model.onnx", rows))
@@ -207,10 +239,16 @@ class PartSessions:
         return options
 
     def session(self, part: str):
-        session = new_session(
-            str(self.folder / part / "model.onnx"), self.provider, self.device_id, options=self.options(part)
-        )
-        check_session_provider(session, self.provider, str(self.folder / part))
+        folder = self.folder / self.folders.get(part, part)
+        session = new_session(str(folder / "model.onnx"), self.provider, self.device_id, options=self.options(part))
+        check_session_provider(session, self.provider, str(folder))
+        return session
+
+    def plain_session(self, folder: Path):
+        """A session of the graph in ``folder`` with no override (a ControlNet)."""
+        options = session_options(self.provider, self.dims)
+        session = new_session(str(folder / "model.onnx"), self.provider, self.device_id, options=options)
+        check_session_provider(session, self.provider, str(folder))
         return session
 
 
@@ -231,7 +269,7 @@ def _sessions_to_make(
                 continue
         if old is not None:
             sessions[part] = old.session
-        elif any(key):
+        elif any(key) or part in parts.folders:
             sessions[part] = parts.session(part)
     return sessions, runner
 

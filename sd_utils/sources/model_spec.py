@@ -22,6 +22,8 @@ COMPONENT_OF = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
     "unet": "unet",
+    "unet_controlnet": "unet",  # the UNet that takes ControlNet residuals (ControlNet runs only)
+    "controlnet": "controlnet",
     "vae_encoder": "vae",
     "vae_decoder": "vae",
 }
@@ -62,6 +64,9 @@ class ModelSpec:
     requires_aesthetics_score: bool
     default_image_size: int
     has_safety_checker: bool
+    # what a ControlNet adds to the UNet: (channels, downscale as a power of 2) of each down-block residual, then the
+    # mid block's (diffusers' ControlNetModel: conv_in, each resnet of each down block, each downsampler)
+    control_residuals: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_refiner(self) -> bool:
@@ -146,6 +151,7 @@ class ModelSpec:
             requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
             default_image_size=unet["sample_size"] * vae_scale_factor,
             has_safety_checker="safety_checker" in present,
+            control_residuals=control_residuals(unet),
         )
 
 
@@ -196,6 +202,107 @@ class SubmodelIO:
             else:
                 tensors.append(torch.rand(shapes[name], generator=generator) * (999.0 if name == "timestep" else 1.0))
         return tuple(tensors)
+
+
+def control_residuals(unet: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+    """(channels, downscale exponent) of each residual a ControlNet adds to a UNet with config ``unet``: the down
+    blocks' in order, the mid block's last."""
+    channels = unet["block_out_channels"]
+    layers = unet["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    found = [(channels[0], 0)]
+    for level, width in enumerate(channels):
+        found += [(width, level)] * layers[level]
+        if level < len(channels) - 1:  # every down block but the last has a downsampler
+            found.append((width, level + 1))
+    return (*found, (channels[-1], len(channels) - 1))
+
+
+def control_io_names(spec: ModelSpec) -> tuple[tuple[str, ...], str]:
+    """The ONNX names of the ControlNet residuals: the down blocks', then the mid block's."""
+    return tuple(f"down_residual_{index}" for index in range(len(spec.control_residuals) - 1)), "mid_residual"
+
+
+def _residual_axes(spec: ModelSpec, prefix: str) -> tuple[dict[str, dict[int, str]], Any, Any]:
+    """Dynamic axes of the residual tensors named ``prefix``_…, their dim values and their shapes at a shape."""
+    down, mid = control_io_names(spec)
+    names = (*down, mid)
+    axes = {
+        name: {0: f"{prefix}_batch", 2: f"{prefix}_height_{level}", 3: f"{prefix}_width_{level}"}
+        for name, (_, level) in zip(names, spec.control_residuals, strict=True)
+    }
+
+    def latent(shape: Shape) -> tuple[int, int, int]:
+        batch = shape.batch * (2 if shape.classifier_free_guidance else 1)
+        return batch, shape.height // spec.vae_scale_factor, shape.width // spec.vae_scale_factor
+
+    def dims(shape: Shape) -> dict[str, int]:
+        batch, height, width = latent(shape)
+        values = {f"{prefix}_batch": batch}
+        for _, level in spec.control_residuals:
+            values[f"{prefix}_height_{level}"] = -(-height // 2**level)
+            values[f"{prefix}_width_{level}"] = -(-width // 2**level)
+        return values
+
+    def shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+        batch, height, width = latent(shape)
+        return {
+            name: (batch, channels, -(-height // 2**level), -(-width // 2**level))
+            for name, (channels, level) in zip(names, spec.control_residuals, strict=True)
+        }
+
+    return axes, dims, shapes
+
+
+def _controlled_unet_io(spec: ModelSpec) -> SubmodelIO:
+    """The UNet that takes a ControlNet's residuals as inputs (built only for ControlNet runs)."""
+    plain = _unet_io(spec)
+    axes, dims, shapes = _residual_axes(spec, "unet_residual")
+    names = tuple(axes)
+    return SubmodelIO(
+        name="unet_controlnet",
+        input_names=(*plain.input_names, *names),
+        output_names=plain.output_names,
+        dynamic_axes={**plain.dynamic_axes, **axes},
+        dim_values_for=lambda shape: {**plain.dim_values(shape), **dims(shape)},
+        dummy_shapes_for=lambda shape: {**plain.dummy_shapes_for(shape), **shapes(shape)},
+        input_dtypes={**plain.input_dtypes, **dict.fromkeys(names, "float32")},
+    )
+
+
+def _controlnet_io(spec: ModelSpec) -> SubmodelIO:
+    """A ControlNet: the UNet's inputs, the control image (pixels in [0, 1]) and its scale -> the residuals."""
+    plain = _unet_io(spec)
+    axes, dims, shapes = _residual_axes(spec, "controlnet_residual")
+    image_axes = {0: "controlnet_cond_batch", 2: "controlnet_cond_height", 3: "controlnet_cond_width"}
+    renamed = {
+        name: {axis: dim.replace("unet_", "controlnet_") for axis, dim in value.items()}
+        for name, value in plain.dynamic_axes.items()
+        if name != "out_sample"
+    }
+
+    def dim_values(shape: Shape) -> dict[str, int]:
+        values = {key.replace("unet_", "controlnet_"): value for key, value in plain.dim_values(shape).items()}
+        batch = shape.batch * (2 if shape.classifier_free_guidance else 1)
+        values.update(controlnet_cond_batch=batch, controlnet_cond_height=shape.height)
+        values.update(controlnet_cond_width=shape.width, **dims(shape))
+        return values
+
+    def dummy_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+        batch = shape.batch * (2 if shape.classifier_free_guidance else 1)
+        found = {**plain.dummy_shapes_for(shape), "controlnet_cond": (batch, 3, shape.height, shape.width)}
+        return {**found, "conditioning_scale": ()}
+
+    inputs = (*plain.input_names, "controlnet_cond", "conditioning_scale")
+    return SubmodelIO(
+        name="controlnet",
+        input_names=inputs,
+        output_names=tuple(axes),
+        dynamic_axes={**renamed, "controlnet_cond": image_axes, **axes},
+        dim_values_for=dim_values,
+        dummy_shapes_for=lambda shape: {**dummy_shapes(shape), **shapes(shape)},
+        input_dtypes=dict.fromkeys(inputs, "float32"),
+    )
 
 
 def _text_encoder_io(spec: ModelSpec, name: str) -> SubmodelIO:
@@ -304,6 +411,10 @@ def submodel_io(spec: ModelSpec, name: str) -> SubmodelIO:
         return _unet_io(spec)
     if name in ("vae_encoder", "vae_decoder"):
         return _vae_io(spec, name)
+    if name == "unet_controlnet":
+        return _controlled_unet_io(spec)
+    if name == "controlnet":
+        return _controlnet_io(spec)
     raise ValueError(f"unknown submodel {name!r}; expected one of {', '.join(SUBMODELS)}")
 
 
