@@ -123,7 +123,9 @@ def write_controlnet(root: Path, destination: Path, *, seed: int = 0, strength: 
     controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(root / "unet"))
     with torch.no_grad():
         for name, parameter in controlnet.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(
+                ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * strength)
     controlnet.save_pretrained(destination, safe_serialization=True)
     return destination
