@@ -121,9 +121,10 @@ def controlnet_pipeline(pipeline, controlnets: list, task: str):
     }
     diffusers_name, optimum_name = names[task]
     base = getattr(diffusers, diffusers_name)
-    cls = type(
-        f"ORT{diffusers_name}", (base,), {"_get_add_time_ids": getattr(ort_pipelines, optimum_name)._get_add_time_ids}
-    )
+    time_ids = getattr(ort_pipelines, optimum_name)._get_add_time_ids
+    if task == "inpaint":  # diffusers' ControlNet inpainting passes no negative sizes: they are the positive ones
+        time_ids = _inpaint_time_ids
+    cls = type(f"ORT{diffusers_name}", (base,), {"_get_add_time_ids": time_ids})
     parts = {
         "vae": pipeline.vae,
         "text_encoder": pipeline.text_encoder,
@@ -141,3 +142,16 @@ def controlnet_pipeline(pipeline, controlnets: list, task: str):
     controlled = cls(**{name: value for name, value in parts.items() if name in accepted})
     controlled.parts = pipeline.parts  # what drop_parts and the provider checks walk
     return controlled
+
+
+def _inpaint_time_ids(
+    self, original_size, crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score, dtype,
+    text_encoder_projection_dim=None,
+):  # fmt: skip
+    """diffusers' ControlNet inpainting's add-time-ids signature over optimum's image-to-image computation."""
+    from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline
+
+    sizes = (original_size, crops_coords_top_left, target_size)
+    return ORTStableDiffusionXLImg2ImgPipeline._get_add_time_ids(
+        self, *sizes, aesthetic_score, negative_aesthetic_score, *sizes, dtype, text_encoder_projection_dim
+    )
