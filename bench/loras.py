@@ -5,7 +5,9 @@ on the UNet and both text encoders and back, twice, and times each switch and th
                           [--rank 32] [--repeats 3] [--lora FILE]
 
 Without ``--lora`` a rank-``--rank`` PEFT LoRA on the attention of the UNet and both text encoders is written first
-(``tests/lora_files.py``, random weights). Each phase prints a JSON line: ``switch_s`` is the first image's time
+(``tests/lora_files.py``, random matrices of std ``--std``: 0.02 changes a full-size model about as much as a trained
+LoRA; far stronger ones make the activations overflow, and steps on such values run slower on the CPU whatever
+holds the weights). Each phase prints a JSON line: ``switch_s`` is the first image's time
 minus the median of the next ``--repeats`` (the sessions made again, the LoRA read and merged), ``image_s`` that
 median, ``step_ms`` the median time between denoising steps.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import itertools
 import json
 import statistics
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lora", type=Path, default=None)
+    parser.add_argument("--std", type=float, default=0.02, help="of the written LoRA's random matrices (see above)")
     args = parser.parse_args()
 
     from sd_utils import app
@@ -63,7 +67,9 @@ def main() -> None:
             from lora_files import write_peft_lora
 
             started = time.perf_counter()
-            lora = write_peft_lora(job.model.spec.root, out / "loras" / "bench_lora.safetensors", rank=args.rank)
+            destination = out / "loras" / "bench_lora.safetensors"
+            lora = write_peft_lora(job.model.spec.root, destination, rank=args.rank, std=args.std)
+            gc.collect()  # the PyTorch model it was made on
             print(json.dumps({"wrote_lora_s": round(time.perf_counter() - started, 1), "rank": args.rank}), flush=True)
         generator = app.Generator(options, job, ready)
         plain = job.request

@@ -38,6 +38,11 @@ class Workspace:
         model = resolve_model(model_id, models_dir=self.models_dir)
         return BuildRecipe.of(model, provider=provider).paths(self.models_dir)
 
+    def build_names(self) -> list[str]:
+        """The build folders in this workspace (not the hidden lock files, nor the folders of changed weights that
+        live as long as a session uses them)."""
+        return sorted(path.name for path in (self.models_dir / "optimized").iterdir() if not path.name.startswith("."))
+
     def tiny(self, options: str, *extra: str) -> list[str]:
         """Arguments for the tiny model on CPU: ``options`` split on spaces, then ``extra`` as given."""
         return self.args("--model_id", "tiny", "--provider", "cpu", *options.split(), *extra)

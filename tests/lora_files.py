@@ -26,8 +26,12 @@ def _linear_modules(module: torch.nn.Module, targets) -> list[tuple[str, torch.n
     ]
 
 
-def write_peft_lora(root: Path, destination: Path, *, rank: int = 4, seed: int = 0, text_encoders: bool = True) -> Path:
-    """A diffusers/PEFT LoRA for the diffusers SDXL folder ``root`` (UNet attention, and text encoders' attention)."""
+def write_peft_lora(
+    root: Path, destination: Path, *, rank: int = 4, seed: int = 0, text_encoders: bool = True, std: float = 0.3
+) -> Path:
+    """A diffusers/PEFT LoRA for the diffusers SDXL folder ``root`` (UNet attention, and text encoders' attention);
+    ``std``: of its random up and down matrices (0.3 changes a tiny model's images visibly; trained LoRAs change a
+    full-size model's weights far less)."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -49,7 +53,7 @@ def write_peft_lora(root: Path, destination: Path, *, rank: int = 4, seed: int =
     for key, model in layers.items():
         state = get_peft_model_state_dict(model)
         # deterministic weights of a size that changes the images visibly
-        tensors[key] = {name: torch.randn(value.shape, generator=generator) * 0.3 for name, value in state.items()}
+        tensors[key] = {name: torch.randn(value.shape, generator=generator) * std for name, value in state.items()}
     destination.parent.mkdir(parents=True, exist_ok=True)
     StableDiffusionXLPipeline.save_lora_weights(
         destination.parent, weight_name=destination.name, safe_serialization=True, **tensors

@@ -267,7 +267,7 @@ def test_window_switches_loras_without_a_build(display, tiny_optimized, tmp_path
     loras = tmp_path / "loras"
     write_peft_lora(root_folder, loras / "style_peft.safetensors")
     write_kohya_lora(root_folder, loras / "detail_kohya.safetensors", text_encoders=True)
-    builds = sorted((tiny_optimized.models_dir / "optimized").iterdir())
+    builds = tiny_optimized.build_names()
     root, window, guard = _window(tiny_optimized, tmp_path, extra=f"--lora_dir {loras}")
     assert sorted(window.lora_list.names) == ["detail_kohya", "style_peft"]
     window.prompt.delete(0, "end")
@@ -294,6 +294,48 @@ def test_window_switches_loras_without_a_build(display, tiny_optimized, tmp_path
         (expected,) = cli.glob("*.png")
         pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255 for path in (expected, shown)]
         assert psnr(*pixels) >= 60, chosen
-    assert sorted((tiny_optimized.models_dir / "optimized").iterdir()) == builds
+    assert tiny_optimized.build_names() == builds
+    assert guard.foreign_calls == []
+    window.close()
+
+
+def test_window_takes_a_control_image_and_scale(display, tiny_optimized, tmp_path):
+    """With --controlnet: the preview shows the canny map, another image and scale picked in the window give the
+    image the command line gives for them."""
+    import numpy as np
+    from lora_files import write_controlnet
+    from PIL import Image, ImageDraw
+
+    from stable_diffusion_xl import main
+    from tests.test_parity import psnr
+
+    net = write_controlnet(tiny_optimized.models_dir / "builtin" / "tiny", tmp_path / "canny")
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    for path, box in ((first, (10, 10, 60, 60)), (second, (40, 20, 120, 110))):
+        image = Image.new("RGB", (128, 128), "black")
+        ImageDraw.Draw(image).ellipse(box, fill="white")
+        image.save(path)
+    control = f"--controlnet {net}:1.0 --control_image {first} --control_preprocess canny"
+    root, window, guard = _window(tiny_optimized, tmp_path, extra=control)
+    root.update()
+    assert window.control.previews[0].cget("image")  # the canny map is shown
+    window.control.set_image(0, second)
+    window.control.scales[0].delete(0, "end")
+    window.control.scales[0].insert(0, "0.6")
+    window.prompt.delete(0, "end")
+    window.prompt.insert(0, "a ring")
+    window.button.invoke()
+    _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
+    assert window.status.cget("text").startswith("Done: 1 image(s)"), window.status.cget("text")
+    (shown,) = [Path(cell.image_path) for cell in window.cells if cell.cget("image")]
+    cli = tmp_path / "cli"
+    args = tiny_optimized.tiny("--num_inference_steps 3 --seed 8 --prompt", "a ring", "--output_dir", str(cli))
+    assert (
+        main([*args, "--controlnet", f"{net}:0.6", "--control_image", str(second), "--control_preprocess", "canny"])
+        == 0
+    )
+    (expected,) = cli.glob("*.png")
+    pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255 for path in (expected, shown)]
+    assert psnr(*pixels) >= 60
     assert guard.foreign_calls == []
     window.close()

@@ -45,7 +45,7 @@ def _run(workspace, out: Path, prompt: str, *extra: str) -> int:
 def test_a_lora_runs_on_the_plain_build_and_a_tag_equals_the_option(tiny_optimized, lora_dir, tmp_path, caplog, capsys):
     """``--lora FILE:0.7`` and ``<lora:name:0.7>`` give the same pixels, neither runs an Olive workflow nor makes a
     build folder, and the PNG records the LoRA as A1111 does; an unknown name lists the closest ones."""
-    builds = sorted(path.name for path in (tiny_optimized.models_dir / "optimized").iterdir())
+    builds = tiny_optimized.build_names()
     detail = lora_dir / "nested" / "Detail_Kohya.safetensors"
     with caplog.at_level(logging.INFO):
         assert _run(tiny_optimized, tmp_path / "option", "a red star", "--lora", f"{detail}:0.7") == 0
@@ -54,7 +54,7 @@ def test_a_lora_runs_on_the_plain_build_and_a_tag_equals_the_option(tiny_optimiz
             == 0
         )
     assert not [line for line in caplog.messages if "convert ->" in line or "optimizing" in line]
-    assert sorted(path.name for path in (tiny_optimized.models_dir / "optimized").iterdir()) == builds
+    assert tiny_optimized.build_names() == builds
     assert psnr(_pixels(tmp_path / "option"), _pixels(tmp_path / "tag")) >= 60
     assert _run(tiny_optimized, tmp_path / "plain", "a red star") == 0
     assert psnr(_pixels(tmp_path / "plain"), _pixels(tmp_path / "tag")) < 40  # the LoRA changed the image
@@ -145,7 +145,7 @@ def test_the_weight_map_follows_fp16_packed_and_nhwc_weights():
         }
 
     graph = pack(weights)
-    places = weight_map(weights, graph.items())
+    places = weight_map(weights.items(), graph.items())
     assert set(places) == {"q", "k", "v", "out", "conv"}  # a constant tensor says nothing: left out
     assert {place[1] for name in places for place in places[name]} == {"columns", "nhwc"}
     changed = {name: weights[name] + rng.standard_normal(weights[name].shape).astype(np.float32) for name in places}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -73,32 +74,36 @@ def row_hashes(rows: np.ndarray) -> np.ndarray:
 
 
 class RowIndex:
-    """The rows of a model's weights (2-D and more), by (graph dtype, row length), hashed for lookup."""
+    """The rows of a model's weights (2-D and more), hashed as they would be stored in each of ``dtypes``, by row
+    length: only the hashes are kept, so the weights can stream through one at a time."""
 
-    def __init__(self, weights: dict[str, np.ndarray]):
-        self.weights = {name: value for name, value in weights.items() if value.ndim >= 2 and value.size}
+    def __init__(self, weights: Iterable[tuple[str, np.ndarray]], dtypes: Iterable[np.dtype]):
+        dtypes = sorted({np.dtype(dtype).str for dtype in dtypes})
+        self.names: list[str] = []
+        self.rows: list[int] = []  # each weight's row count
+        found: dict[tuple[str, int], list[tuple[np.ndarray, int]]] = {}
+        for name, value in weights:
+            if value.ndim < 2 or not value.size:
+                continue
+            number = len(self.names)
+            self.names.append(name)
+            self.rows.append(value.shape[0])
+            rows = value.reshape(value.shape[0], -1)
+            for dtype in dtypes:
+                found.setdefault((dtype, rows.shape[1]), []).append(
+                    (row_hashes(as_graph_dtype(rows, np.dtype(dtype))), number)
+                )
         self._tables: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for key, parts in found.items():
+            hashes = np.concatenate([part for part, _ in parts])
+            owners = np.concatenate([np.full(len(part), number, dtype=np.int32) for part, number in parts])
+            rows = np.concatenate([np.arange(len(part), dtype=np.int64) for part, _ in parts])
+            order = np.argsort(hashes, kind="stable")
+            self._tables[key] = (hashes[order], owners[order], rows[order])
 
     def table(self, dtype: np.dtype, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(sorted hashes, weight numbers, row numbers) of every row of ``length`` values in ``dtype``."""
-        key = (np.dtype(dtype).str, length)
-        if key not in self._tables:
-            names = list(self.weights)
-            hashes, owners, rows = [], [], []
-            for number, name in enumerate(names):
-                value = self.weights[name]
-                if value.size // value.shape[0] != length:
-                    continue
-                hashes.append(row_hashes(as_graph_dtype(value.reshape(value.shape[0], -1), dtype)))
-                owners.append(np.full(value.shape[0], number, dtype=np.int32))
-                rows.append(np.arange(value.shape[0], dtype=np.int64))
-            if not hashes:
-                self._tables[key] = None
-            else:
-                hash_all = np.concatenate(hashes)
-                order = np.argsort(hash_all, kind="stable")
-                self._tables[key] = (hash_all[order], np.concatenate(owners)[order], np.concatenate(rows)[order])
-        return self._tables[key]
+        return self._tables.get((np.dtype(dtype).str, length))
 
 
 def _match(index: RowIndex, view: np.ndarray) -> list[tuple[int, int]] | None:
@@ -135,11 +140,16 @@ def _runs(matches: list[tuple[int, int]]) -> Iterator[tuple[int, int, int, int]]
         start = position
 
 
-def weight_map(weights: dict[str, np.ndarray], initializers: Iterable[tuple[str, np.ndarray]]) -> dict[str, list]:
+def weight_map(
+    weights: Iterable[tuple[str, np.ndarray]], initializers: Iterable[tuple[str, np.ndarray]], dtypes=None
+) -> dict[str, list]:
     """weight name -> ``[[initializer, layout, [[initializer row, weight row, count], ...]], ...]``: every place in
-    the graph that holds all of the weight's rows. ``initializers``: (name, values) of the graph's tensors."""
-    index = RowIndex(weights)
-    names = list(index.weights)
+    the graph that holds all of the weight's rows. ``weights`` and ``initializers``: (name, values) pairs, each
+    read once; ``dtypes``: the graph's float dtypes (default: read from ``initializers``, which are then held)."""
+    if dtypes is None:
+        initializers = list(initializers)
+        dtypes = {values.dtype for _, values in initializers if values.dtype.kind == "f"}
+    index = RowIndex(weights, dtypes)
     places: dict[str, list] = {}
     for tensor_name, tensor in initializers:
         if tensor.ndim < 2 or tensor.dtype.kind != "f" or tensor.size < 2:
@@ -156,9 +166,8 @@ def weight_map(weights: dict[str, np.ndarray], initializers: Iterable[tuple[str,
             for owner, first, row, count in _runs(matches):
                 spans.setdefault(owner, []).append([first, row, count])
             for owner, owner_spans in spans.items():
-                rows = index.weights[names[owner]].shape[0]
-                if sum(span[2] for span in owner_spans) == rows:  # the whole weight is there
-                    places.setdefault(names[owner], []).append([tensor_name, layout, owner_spans])
+                if sum(span[2] for span in owner_spans) == index.rows[owner]:  # the whole weight is there
+                    places.setdefault(index.names[owner], []).append([tensor_name, layout, owner_spans])
             break
     return places
 
@@ -190,33 +199,43 @@ def graph_initializers(onnx_file: Path, names: set[str] | None = None) -> Iterat
         external.close()
 
 
-def model_weights(submodel: str, root: Path) -> dict[str, np.ndarray]:
-    """The weights of ``root``'s component for ``submodel`` as its export loads them, by the component's own
-    parameter names (``down_blocks.1.….to_q.weight``, ``text_model.encoder.….q_proj.weight``)."""
+def model_weights(submodel: str, root: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """The 2-D-and-more weights of ``root``'s component for ``submodel``, one at a time as float32, by the
+    component's own names (``down_blocks.1.….to_q.weight``): from the safetensors files the export loads (not the
+    variants), so only one tensor is in memory."""
     import torch
+    from safetensors import safe_open
 
-    from sd_utils.optimize.export_models import load_submodel
+    from sd_utils.sources.model_spec import COMPONENT_OF
 
-    module = load_submodel(submodel, root)
-    # the export module wraps the component in one attribute (``unet``, ``encoder``): its names are the model's
-    with torch.no_grad():
-        return {
-            name.split(".", 1)[1]: value.float().numpy()
-            for name, value in module.state_dict().items()
-            if value.ndim >= 2 and value.is_floating_point()
-        }
+    folder = root / COMPONENT_OF[submodel]
+    files = sorted(path for path in folder.glob("*.safetensors") if "." not in path.stem)
+    for path in files:
+        with safe_open(path, framework="pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open is no dict)
+                value = tensors.get_tensor(name)
+                if value.ndim >= 2 and value.is_floating_point():
+                    yield name, value.to(torch.float32).numpy()
+
+
+def _graph_dtypes(onnx_file: Path) -> set[np.dtype]:
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    found = {
+        onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) for tensor in graph.initializer if len(tensor.dims) >= 2
+    }
+    return {dtype for dtype in found if np.dtype(dtype).kind == "f"}
 
 
 def write_weight_maps(submodel: str, root: Path, onnx_files: dict[Path, Path]) -> None:
     """Write ``weight_map.json`` for each ONNX file of ``submodel`` (``onnx_files``: model file -> where its map
     goes), from the weights in ``root``."""
-    weights = model_weights(submodel, root)
     for onnx_file, destination in onnx_files.items():
-        places = weight_map(weights, graph_initializers(onnx_file))
-        missing = len(weights) - len(places)
-        logger.debug("%s: %d of %d weights mapped in %s", submodel, len(places), len(weights), onnx_file)
-        if missing:
-            logger.debug("not in the graph as weights: %s", ", ".join(sorted(set(weights) - set(places)))[:2000])
+        started = time.perf_counter()
+        index_dtypes = _graph_dtypes(onnx_file)
+        places = weight_map(model_weights(submodel, root), graph_initializers(onnx_file), index_dtypes)
+        logger.info("%s: weight map of %d weights in %.1f s", submodel, len(places), time.perf_counter() - started)
         destination.write_text(json.dumps({"format": FORMAT, "weights": places}) + "\n", encoding="utf-8")
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from sd_utils.runtime.providers import (
     share_arena,
 )
 from sd_utils.runtime.vae_tiling import decode_tiled, tiled_shape
+from sd_utils.runtime.weight_overrides import model_with_initializers
 from sd_utils.sources.embeddings import Embeddings
 from sd_utils.sources.lora import LoraFile
 from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides, submodel_io
@@ -48,7 +51,7 @@ class LoadedPipeline:
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
     new_text_encoder: Callable[[str], None] | None = None
     words: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # embedding word -> token ids
-    token_tables: list = dataclasses.field(default_factory=list, compare=False, repr=False)  # kept for ORT
+    token_tables: list = dataclasses.field(default_factory=list, compare=False, repr=False)  # changed models' folders
     loras: tuple = ()  # the run-time LoRAs in its weights (sources.lora.LoraFile)
     # part -> what set its session's weights (PartSessions.key): which sessions another LoRA set can take over
     session_keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -197,7 +200,8 @@ OVERRIDABLE = ("unet", "text_encoder", "text_encoder_2")
 @dataclasses.dataclass
 class PartSessions:
     """Makes the session of one part of a build with what changes its weights: the LoRAs that touch it and the
-    embeddings' rows of its token table (both as initializer overrides; the model files stay as built)."""
+    embeddings' rows of its token table, both as initializers of a model file next to the build's
+    (``weight_overrides.py``); the build's own files stay as built."""
 
     folder: Path
     provider: Provider
@@ -207,8 +211,9 @@ class PartSessions:
     loras: tuple[LoraFile, ...]
     config_root: Path  # the model folder: its configs place the LoRAs' layers, as the run's checks did
     folders: dict = dataclasses.field(default_factory=dict)  # part -> its graph's folder, where not its own name
-    kept: list = dataclasses.field(default_factory=list)  # what ONNX Runtime reads from (it does not copy it)
-    _initializers: dict = dataclasses.field(default_factory=dict)
+    kept: list = dataclasses.field(default_factory=list)  # the changed model files' folders, while sessions use them
+    _models: dict = dataclasses.field(default_factory=dict)
+    _holders: dict = dataclasses.field(default_factory=dict)
 
     def key(self, part: str) -> tuple:
         """What sets the part's weights; two sessions of a part with the same key are interchangeable."""
@@ -216,32 +221,40 @@ class PartSessions:
         return loras, tuple(sorted(self.embeddings.rows.get(part, {})))
 
     def initializers(self, part: str) -> dict[str, np.ndarray]:
-        if part not in self._initializers:
-            values = {}
-            if part in OVERRIDABLE:
-                submodel = self.folders.get(part, part)
-                values = lora_initializers(self.folder, submodel, self.loras, config_root=self.config_root)
-            rows = self.embeddings.rows.get(part)
-            if rows:
-                values.update(token_table.with_rows(self.folder / part / "model.onnx", rows))
-            self._initializers[part] = values
-        return self._initializers[part]
+        """The part's initializers that the LoRAs and embeddings change, with their new values."""
+        values = {}
+        if part in OVERRIDABLE:
+            submodel = self.folders.get(part, part)
+            values = lora_initializers(self.folder, submodel, self.loras, config_root=self.config_root)
+        rows = self.embeddings.rows.get(part)
+        if rows:
+            values.update(token_table.with_rows(self.folder / part / "model.onnx", rows))
+        return values
+
+    def model_file(self, part: str) -> Path:
+        """The part's model file: the build's, or (when something changes its weights) one with those changes,
+        written once per part."""
+        if part not in self._models:
+            folder = self.folder / self.folders.get(part, part)
+            values = self.initializers(part)
+            if values:
+                path, holder = model_with_initializers(folder / "model.onnx", values)
+                shutil.copy2(folder / "config.json", path.parent / "config.json")  # optimum reads it beside the model
+                self.kept.append(holder)
+                self._models[part] = path
+                self._holders[part] = holder
+            else:
+                self._models[part] = folder / "model.onnx"
+        return self._models[part]
 
     def options(self, part: str):
-        """Session options for ``part``, its initializer overrides added."""
-        import onnxruntime as ort
-
-        options = session_options(self.provider, self.dims)
-        for name, values in self.initializers(part).items():
-            value = ort.OrtValue.ortvalue_from_numpy(values)
-            options.add_initializer(name, value)
-            self.kept.extend((values, value))
-        return options
+        return session_options(self.provider, self.dims)
 
     def session(self, part: str):
-        folder = self.folder / self.folders.get(part, part)
-        session = new_session(str(folder / "model.onnx"), self.provider, self.device_id, options=self.options(part))
-        check_session_provider(session, self.provider, str(folder))
+        path = self.model_file(part)
+        session = new_session(str(path), self.provider, self.device_id, options=self.options(part))
+        check_session_provider(session, self.provider, str(self.folder / self.folders.get(part, part)))
+        session.weight_files = self._holders.get(part)  # a session taken over by another pipeline keeps them
         return session
 
     def plain_session(self, folder: Path):
@@ -262,6 +275,8 @@ def _sessions_to_make(
     for part in spec.submodels:
         key = parts.key(part)
         old = getattr(reuse.pipeline, part, None) if reuse is not None and reuse.session_keys.get(part) == key else None
+        if reuse is not None and old is None:
+            _release(reuse, part)  # its memory goes before the new session's comes (two full-size UNets do not fit)
         if part == "unet" and cuda_graph:
             runner = reuse.unet_graph if old is not None and reuse.unet_graph else _cuda_graph_unet(parts, spec)
             if runner:
@@ -274,12 +289,20 @@ def _sessions_to_make(
     return sessions, runner
 
 
+def _release(replaced: LoadedPipeline, part: str) -> None:
+    """Drop ``part``'s session (and the CUDA graph over it) from a pipeline that is being replaced."""
+    optimum_adapter.drop_parts(replaced.pipeline, [part])
+    if part == "unet" and replaced.unet_graph is not None:
+        object.__setattr__(replaced, "unet_graph", None)  # frozen: this pipeline is on its way out
+    gc.collect()  # optimum's parts and pipelines refer to each other: free the session now, not at some later pass
+
+
 def _cuda_graph_unet(parts: PartSessions, spec: ModelSpec) -> CudaGraphUNet | None:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     try:
         session, stream = cuda_graph_session(
-            parts.folder / "unet" / "model.onnx",
+            parts.model_file("unet"),
             device_id=parts.device_id,
             sess_options=parts.options("unet"),
             extra_options=dict(parts.provider.options),
@@ -289,4 +312,5 @@ def _cuda_graph_unet(parts: PartSessions, spec: ModelSpec) -> CudaGraphUNet | No
             raise
         logger.warning("the UNet runs without a CUDA graph: %s", str(error).strip().splitlines()[0])
         return None
+    session.weight_files = parts._holders.get("unet")
     return CudaGraphUNet(session, stream, device_id=parts.device_id)

@@ -19,6 +19,7 @@ from sd_utils.app import Generator, Job, ReadyModels, generation_request
 from sd_utils.errors import SdxlOliveError, UserInputError
 from sd_utils.generation.request import GeneratedImage, GenerationRequest
 from sd_utils.options import Options, check_options
+from sd_utils.ui.control_panel import ControlPanel
 from sd_utils.ui.lora_list import LoraList
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ SETTINGS = (
 
 class GenerationWindow:
     """Prompt and negative prompt, the run's settings (steps, guidance, seed or "random", size, scheduler, number of
-    images), the run-time LoRAs with their scales, Generate and Stop buttons, a progress bar over all steps of a
-    run, and a grid of up to 9 images. The settings stay as they were between runs; each run reads them afresh."""
+    images), the run-time LoRAs with their scales, the ControlNets' scales and images (with ``--controlnet``), Generate
+    and Stop buttons, a progress bar over all steps of a run, and a grid of up to 9 images. The settings stay as
+    they were between runs; each run reads them afresh."""
 
     def __init__(self, root, *, options: Options, job: Job, generate: GenerateFunction):
         from tkinter import ttk
@@ -97,22 +99,23 @@ class GenerationWindow:
         # run-time LoRAs; --fuse_loras ones are part of the build (the model line names them)
         initial = () if options.fuse_loras else options.lora
         self.lora_list = LoraList(frame, row=3, columns=COLUMNS, loras=initial, lora_dirs=options.lora_dir)
+        self.control = ControlPanel(frame, row=4, columns=COLUMNS, options=options) if options.controlnet else None
         self.progress = ttk.Progressbar(frame, mode="determinate", maximum=1)
-        self.progress.grid(row=4, column=0, columnspan=COLUMNS, sticky="ew", pady=4)
+        self.progress.grid(row=5, column=0, columnspan=COLUMNS, sticky="ew", pady=4)
         self.status = ttk.Label(frame, text=self._ready_text())
-        self.status.grid(row=5, column=0, columnspan=COLUMNS, sticky="w")
+        self.status.grid(row=6, column=0, columnspan=COLUMNS, sticky="w")
         # a long message wraps at the frame's width instead of widening the window past the screen (and Stop)
         root.update_idletasks()
         self.status.configure(wraplength=max(200, frame.winfo_reqwidth() - 16))
         frame.bind("<Configure>", lambda event: self.status.configure(wraplength=max(200, event.width - 16)))
         grid = ttk.Frame(frame)
-        grid.grid(row=6, column=0, columnspan=COLUMNS, sticky="w")
+        grid.grid(row=7, column=0, columnspan=COLUMNS, sticky="w")
         self.cells = [ttk.Label(grid) for _ in range(MAX_IMAGES)]
         for index, cell in enumerate(self.cells):
             cell.grid(row=index // COLUMNS, column=index % COLUMNS, padx=2, pady=2)
         vae = f" · VAE {options.use_fp16_fixed_vae}" if options.use_fp16_fixed_vae else ""
         self.model_label = ttk.Label(frame, text=f"Model: {job.model.describe()}{vae}")
-        self.model_label.grid(row=7, column=0, columnspan=COLUMNS, sticky="w")
+        self.model_label.grid(row=8, column=0, columnspan=COLUMNS, sticky="w")
         root.protocol("WM_DELETE_WINDOW", self.close)
         self.prompt.focus_set()
         root.after(POLL_MS, self._poll)
@@ -166,6 +169,8 @@ class GenerationWindow:
         }
         if not self.options.fuse_loras:
             changes["lora"] = self.lora_list.selected()
+        if self.control is not None:
+            changes.update(self.control.changes())
         for setting in SETTINGS:
             text = self.settings[setting.option].get()
             try:
