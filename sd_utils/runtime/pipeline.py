@@ -97,32 +97,21 @@ def load_pipeline(
     the prompt (:func:`encode_prompt`) and drops a base model's VAE encoder, which text-to-image never runs.
     ``task`` picks optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner,
     text2img otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables.
-    ``loras``: run-time LoRAs, their changes put into the weights of the sessions they touch.
-
-    ``controlnets``: optimized ControlNet folders (``optimize/controlnets.py``): the UNet that takes their residuals
-    runs instead of the plain one, in diffusers' SDXL ControlNet pipeline for ``task``.
-
-    ``reuse``: a pipeline loaded from the same folder with the same settings but other ``loras``: its sessions of
-    the parts whose weights stay the same are taken over, only the others are made again (switching LoRAs).
-    """
-    if task is None:
-        task = "img2img" if spec.is_refiner else "text2img"
+    ``loras``: run-time LoRAs, their changes put into the weights of the sessions they touch. ``controlnets``:
+    optimized ControlNet folders; the UNet that takes their residuals runs (a plain session, no CUDA graph), in
+    diffusers' ControlNet pipeline.
+    ``reuse``: a pipeline of the same folder and settings with other ``loras``: its sessions of the parts whose
+    weights stay the same are taken over, the others made again (switching LoRAs)."""
+    task = task or ("img2img" if spec.is_refiner else "text2img")
     cls = optimum_adapter.pipeline_class(task)
     providers, provider_options = session_providers(provider, device_id)
-    overrides = free_dimension_overrides(spec, shape) if shape is not None else None
-    if overrides is not None and vae_tiling:
-        overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
-    if overrides is not None and controlnets:
-        for name in ("unet_controlnet", "controlnet"):
-            overrides.update(submodel_io(spec, name).dim_values(shape))
+    overrides = _dimensions(spec, shape, vae_tiling=vae_tiling, controlnets=bool(controlnets))
     options = session_options(provider, overrides)
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
-    cuda_graph = (True if cuda_graph is None else cuda_graph) and provider.cuda_graph and shape is not None
-    cuda_graph = cuda_graph and not controlnets  # the controlled UNet runs as a plain session
+    cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None and not controlnets
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
-    if controlnets:
-        parts.folders["unet"] = "unet_controlnet"
+    parts.folders.update({"unet": "unet_controlnet"} if controlnets else {})
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
         sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
@@ -140,9 +129,7 @@ def load_pipeline(
     for part in pipeline.parts:
         check_session_provider(part.session, provider, str(part.path.parent))
     _adapt(pipeline, spec, runner=runner, vae_tiling=vae_tiling, drop_encoder=low_vram and task == "text2img")
-    nets: list = []
-    if controlnets:
-        pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse)
+    pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse) if controlnets else (pipeline, [])
     return LoadedPipeline(
         pipeline,
         spec,
@@ -162,6 +149,18 @@ def load_pipeline(
         session_keys={part: parts.key(part) for part in spec.submodels},
         controlnets=tuple(nets),
     )
+
+
+def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, controlnets: bool) -> dict | None:
+    """The value of every symbolic dim the sessions meet at ``shape`` (None: dims left free)."""
+    if shape is None:
+        return None
+    overrides = free_dimension_overrides(spec, shape)
+    if vae_tiling:
+        overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
+    for name in ("unet_controlnet", "controlnet") if controlnets else ():
+        overrides.update(submodel_io(spec, name).dim_values(shape))
+    return overrides
 
 
 def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, controlnets, reuse):
