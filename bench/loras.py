@@ -30,7 +30,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 
 
-def _timed(generator, request, out: Path) -> tuple[float, list[float]]:
+def timed_image(generator, request, out: Path) -> tuple[float, list[float]]:
     """(seconds for the image, the intervals between its steps)."""
     stamps: list[float] = []
     started = time.perf_counter()
@@ -74,10 +74,10 @@ def main() -> None:
         generator = app.Generator(options, job, ready)
         plain = job.request
         with_lora = app.generation_request(dataclasses.replace(options, lora=((lora, 0.8),)), job.model)
-        _timed(generator, plain, out)  # warm-up: sessions made, prompt encoded
+        timed_image(generator, plain, out)  # warm-up: sessions made, prompt encoded
         for phase, request in (("lora", with_lora), ("none", plain), ("lora again", with_lora), ("none again", plain)):
-            first, _ = _timed(generator, request, out)
-            runs = [_timed(generator, request, out) for _ in range(args.repeats)]
+            first, _ = timed_image(generator, request, out)
+            runs = [timed_image(generator, request, out) for _ in range(args.repeats)]
             image = statistics.median(seconds for seconds, _ in runs)
             steps = [interval for _, intervals in runs for interval in intervals]
             row = {

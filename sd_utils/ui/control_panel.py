@@ -4,11 +4,11 @@ The next run uses them; the ControlNets themselves stay those of the command lin
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from sd_utils.errors import UserInputError
 from sd_utils.generation.control_images import load_control_image
+from sd_utils.ui.lora_list import read_scale
 
 PREVIEW = 96
 
@@ -74,12 +74,5 @@ class ControlPanel:
         """The options of the next run: each ControlNet at the scale in its box, with its image."""
         nets = []
         for (given, _), entry in zip(self.options.controlnet, self.scales, strict=True):
-            text = entry.get().strip()
-            try:
-                scale = float(text)
-            except ValueError:
-                raise UserInputError(f"ControlNet scale {text!r} is not a number; give e.g. 0.8") from None
-            if not (math.isfinite(scale) and -10 <= scale <= 10):
-                raise UserInputError(f"ControlNet scale {text}: give a scale from -10 to 10")
-            nets.append((given, scale))
+            nets.append((given, read_scale(entry.get(), "ControlNet")))
         return {"controlnet": tuple(nets), "control_image": tuple(self.images)}

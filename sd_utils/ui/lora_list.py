@@ -12,6 +12,18 @@ from sd_utils.generation.lora_tags import lora_names
 DEFAULT_SCALE = "1.0"
 
 
+def read_scale(text: str, what: str) -> float:
+    """A scale box's text as a number from -10 to 10 (the command line's range); one line naming it otherwise."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserInputError(f"{what} scale {text!r} is not a number; give e.g. 0.8") from None
+    if not (math.isfinite(value) and -10 <= value <= 10):
+        raise UserInputError(f"{what} scale {text}: give a scale from -10 to 10")
+    return value
+
+
 class LoraList:
     """A list of (file, scale), a scale box, a list of the ``--lora_dir`` names, and Add file… / Add / Remove."""
 
@@ -43,14 +55,7 @@ class LoraList:
             self.add(Path(path), scale)
 
     def _scale(self) -> float:
-        text = self.scale.get().strip()
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserInputError(f"LoRA scale {text!r} is not a number; give e.g. 0.8") from None
-        if not (math.isfinite(value) and -10 <= value <= 10):
-            raise UserInputError(f"LoRA scale {text}: give a scale from -10 to 10")
-        return value
+        return read_scale(self.scale.get(), "LoRA")
 
     def add(self, path: Path, scale: float) -> None:
         """Add ``path`` at ``scale`` (a LoRA already in the list gets the new scale)."""
