@@ -69,13 +69,18 @@ class _Call:
     step_end = None
 
 
-def _torch_images(nets: dict, request, latents, *, img2img: bool = False) -> np.ndarray:
+def _torch_images(nets: dict, request, latents, *, mode: str = "text2img") -> np.ndarray:
     import diffusers
     from diffusers import ControlNetModel
 
     control = request.control
     models = [ControlNetModel.from_pretrained(net.root) for net in control.nets]
-    name = "StableDiffusionXLControlNetImg2ImgPipeline" if img2img else "StableDiffusionXLControlNetPipeline"
+    name = {
+        "text2img": "StableDiffusionXLControlNetPipeline",
+        "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLControlNetInpaintPipeline",
+    }[mode]
+    img2img = mode != "text2img"
     pipeline = getattr(diffusers, name).from_pretrained(nets["root"], controlnet=models, torch_dtype=torch.float32)
     arguments = dict(
         prompt=request.prompt,
@@ -88,6 +93,8 @@ def _torch_images(nets: dict, request, latents, *, img2img: bool = False) -> np.
     if img2img:
         generator = torch.Generator().manual_seed(0)
         arguments.update(image=[request.refine.images[0].image], strength=request.refine.strength, generator=generator)
+        if mode == "inpaint":
+            arguments.update(mask_image=[request.refine.masks[0].image], height=request.height, width=request.width)
     else:
         arguments.update(height=request.height, width=request.width, latents=latents.clone())
     return pipeline(**arguments).images
@@ -114,8 +121,11 @@ def test_controlnets_match_diffusers(tiny_optimized, nets):
         assert psnr(without, onnx_images) < 30, case  # the control changed the image
 
 
-def test_img2img_with_a_controlnet_matches_diffusers(tiny_optimized, nets):
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_img2img_and_inpainting_with_a_controlnet_match_diffusers(tiny_optimized, nets, mode):
     base = ["--num_inference_steps", "4", "--base_images", str(nets["stripes"]), "--strength", "0.6", "--seed", "0"]
+    if mode == "inpaint":
+        base += ["--mask_image", str(nets["shapes"])]
     control = ["--controlnet", f"{nets['canny']}:0.8", "--control_image", str(nets["shapes"])]
     _, job, generator = _generator(tiny_optimized, *base, *control)
     request = job.request
@@ -124,10 +134,12 @@ def test_img2img_with_a_controlnet_matches_diffusers(tiny_optimized, nets):
     loaded, _ = generator._pipelines(app.dataclasses.replace(request, text_chunks=1))
     arguments = _common_arguments(loaded, request, _Call())
     arguments.update(generator=torch.Generator().manual_seed(0), image=[request.refine.images[0].image])
+    if mode == "inpaint":
+        arguments.update(mask_image=[request.refine.masks[0].image], height=request.height, width=request.width)
     onnx_images = loaded.pipeline(
         **arguments, strength=0.6, output_type="np", **request.control.arguments("control_image")
     ).images
-    assert psnr(_torch_images(nets, request, None, img2img=True), onnx_images) >= 60
+    assert psnr(_torch_images(nets, request, None, mode=mode), onnx_images) >= 60
 
 
 def test_canny_maps_are_opencvs(nets):
