@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lora_files import write_controlnet
+from lora_files import write_controlnet, write_peft_lora
 from PIL import Image, ImageDraw
 
 from sd_utils import app
@@ -38,6 +38,7 @@ def nets(tiny_optimized, tmp_path_factory) -> dict[str, Path]:
         "shapes": folder / "shapes.png",
         "stripes": folder / "stripes.png",
         "root": root,
+        "lora": write_peft_lora(root, folder / "style.safetensors"),
     }
 
 
@@ -82,6 +83,13 @@ def _torch_images(nets: dict, request, latents, *, mode: str = "text2img") -> np
     }[mode]
     img2img = mode != "text2img"
     pipeline = getattr(diffusers, name).from_pretrained(nets["root"], controlnet=models, torch_dtype=torch.float32)
+    if request.loras:
+        from safetensors.torch import load_file
+
+        names = [f"l{index}" for index in range(len(request.loras))]
+        for adapter, lora in zip(names, request.loras, strict=True):
+            pipeline.load_lora_weights(load_file(lora.path), adapter_name=adapter)
+        pipeline.set_adapters(names, adapter_weights=[lora.scale for lora in request.loras])
     arguments = dict(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -101,8 +109,9 @@ def _torch_images(nets: dict, request, latents, *, mode: str = "text2img") -> np
 
 
 def test_controlnets_match_diffusers(tiny_optimized, nets):
-    """One ControlNet at two scales, then two at once (with a guidance window): the ONNX pipeline equals diffusers'
-    PyTorch SDXL ControlNet pipeline with the same latents (>= 60 dB, fp32), and the control changes the image."""
+    """One ControlNet at two scales, two at once (with a guidance window), one with a run-time LoRA: the ONNX
+    pipeline equals diffusers' PyTorch SDXL ControlNet pipeline with the same latents (>= 60 dB, fp32), and the
+    control changes the image."""
     latents = torch.randn((1, 4, SIZE[1] // 8, SIZE[0] // 8), generator=torch.Generator().manual_seed(3))
     common = ["--num_inference_steps", "3", "--width", str(SIZE[0]), "--height", str(SIZE[1]), "--seed", "1"]
     canny = ["--control_image", str(nets["shapes"]), "--control_preprocess", "canny"]
@@ -111,6 +120,8 @@ def test_controlnets_match_diffusers(tiny_optimized, nets):
         ["--controlnet", f"{nets['canny']}:0.4", *canny],
         ["--controlnet", f"{nets['canny']}:0.7", "--control_image", str(nets["shapes"]),
          "--controlnet", f"{nets['depth']}:0.5", "--control_image", str(nets["stripes"]), "--control_end", "0.7"],
+        # a run-time LoRA reaches the UNet that takes the residuals (and the text encoders)
+        ["--controlnet", f"{nets['canny']}:0.8", *canny, "--lora", f"{nets['lora']}:0.7"],
     ]  # fmt: skip
     _, job, plain = _generator(tiny_optimized, *common)
     without = _onnx_images(plain, job.request, latents)
