@@ -127,7 +127,7 @@ def test_the_weight_map_follows_fp16_packed_and_nhwc_weights():
     same change made to the weights before packing."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from sd_utils.optimize.weight_map import layout_view, weight_map
+    from sd_utils.optimize.weight_map import RowIndex, layout_view, weight_map
 
     rng = np.random.default_rng(0)
     heads, size, width = 2, 4, 8
@@ -145,7 +145,7 @@ def test_the_weight_map_follows_fp16_packed_and_nhwc_weights():
         }
 
     graph = pack(weights)
-    places = weight_map(weights.items(), graph.items())
+    places = weight_map(RowIndex(weights.items(), {np.dtype(np.float16)}), graph.items())
     assert set(places) == {"q", "k", "v", "out", "conv"}  # a constant tensor says nothing: left out
     assert {place[1] for name in places for place in places[name]} == {"columns", "nhwc"}
     changed = {name: weights[name] + rng.standard_normal(weights[name].shape).astype(np.float32) for name in places}

@@ -105,3 +105,15 @@ class ExternalTensors:
         for handle in self._files.values():
             handle.close()
         self._files.clear()
+
+
+def tensor_array(tensor: onnx.TensorProto, external: ExternalTensors) -> Any:
+    """The values of ``tensor`` as a numpy array, its external bytes read through ``external`` (read-only when they
+    come from the file)."""
+    import numpy as np
+
+    data = external(tensor)
+    if data is None:
+        return numpy_helper.to_array(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))

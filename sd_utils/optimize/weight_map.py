@@ -26,7 +26,6 @@ MAP_FILE = "weight_map.json"
 FORMAT = 1
 # the submodels LoRAs change: their build folders get a map
 MAPPED_SUBMODELS = ("unet", "text_encoder", "text_encoder_2")
-LAYOUTS = ("rows", "columns", "nhwc")  # how an initializer holds a weight's rows (see layout_view)
 
 
 def layout_view(tensor: np.ndarray, layout: str) -> np.ndarray:
@@ -140,16 +139,10 @@ def _runs(matches: list[tuple[int, int]]) -> Iterator[tuple[int, int, int, int]]
         start = position
 
 
-def weight_map(
-    weights: Iterable[tuple[str, np.ndarray]], initializers: Iterable[tuple[str, np.ndarray]], dtypes=None
-) -> dict[str, list]:
+def weight_map(index: RowIndex, initializers: Iterable[tuple[str, np.ndarray]]) -> dict[str, list]:
     """weight name -> ``[[initializer, layout, [[initializer row, weight row, count], ...]], ...]``: every place in
-    the graph that holds all of the weight's rows. ``weights`` and ``initializers``: (name, values) pairs, each
-    read once; ``dtypes``: the graph's float dtypes (default: read from ``initializers``, which are then held)."""
-    if dtypes is None:
-        initializers = list(initializers)
-        dtypes = {values.dtype for _, values in initializers if values.dtype.kind == "f"}
-    index = RowIndex(weights, dtypes)
+    the graph that holds all of the weight's rows. ``index``: the model's weight rows; ``initializers``: (name,
+    values) of the graph's tensors, each read once."""
     places: dict[str, list] = {}
     for tensor_name, tensor in initializers:
         if tensor.ndim < 2 or tensor.dtype.kind != "f" or tensor.size < 2:
@@ -179,22 +172,15 @@ def graph_initializers(onnx_file: Path, names: set[str] | None = None) -> Iterat
     """(name, values) of each initializer of ``onnx_file`` (or of those in ``names``), read one at a time
     (external data included)."""
     import onnx
-    from onnx import numpy_helper
 
-    from sd_utils.optimize.external_data import ExternalTensors
+    from sd_utils.optimize.external_data import ExternalTensors, tensor_array
 
     model = onnx.load(str(onnx_file), load_external_data=False)
     external = ExternalTensors(onnx_file.parent)
     try:
         for tensor in model.graph.initializer:
-            if names is not None and tensor.name not in names:
-                continue
-            data = external(tensor)
-            if data is not None:
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-                yield tensor.name, np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
-            else:
-                yield tensor.name, numpy_helper.to_array(tensor)
+            if names is None or tensor.name in names:
+                yield tensor.name, tensor_array(tensor, external)
     finally:
         external.close()
 
@@ -230,13 +216,14 @@ def _graph_dtypes(onnx_file: Path) -> set[np.dtype]:
 
 def write_weight_maps(submodel: str, root: Path, onnx_files: dict[Path, Path]) -> None:
     """Write ``weight_map.json`` for each ONNX file of ``submodel`` (``onnx_files``: model file -> where its map
-    goes), from the weights in ``root``."""
+    goes), from the weights in ``root``: read and hashed once, for the float dtypes of all the files."""
+    started = time.perf_counter()
+    dtypes = set().union(*(_graph_dtypes(onnx_file) for onnx_file in onnx_files))
+    index = RowIndex(model_weights(submodel, root), dtypes)
     for onnx_file, destination in onnx_files.items():
-        started = time.perf_counter()
-        index_dtypes = _graph_dtypes(onnx_file)
-        places = weight_map(model_weights(submodel, root), graph_initializers(onnx_file), index_dtypes)
-        logger.info("%s: weight map of %d weights in %.1f s", submodel, len(places), time.perf_counter() - started)
+        places = weight_map(index, graph_initializers(onnx_file))
         destination.write_text(json.dumps({"format": FORMAT, "weights": places}) + "\n", encoding="utf-8")
+    logger.info("%s: weight maps of %d graph(s) in %.1f s", submodel, len(onnx_files), time.perf_counter() - started)
 
 
 def read_weight_map(folder: Path) -> dict[str, list] | None:

@@ -1,9 +1,9 @@
 """Run-time LoRAs: a build's weights changed by LoRAs when its sessions are made, the model files untouched.
 
 Each LoRA layer's weight change (``sources/lora.py``) is added where the build's weight map
-(``optimize/weight_map.py``) says the weight lives in the optimized graph (packed, transposed, fp16 or not), and the
-changed initializers go to ONNX Runtime with the session options (``SessionOptions.add_initializer``). The graph is
-the plain build's, so a step costs what it costs without a LoRA.
+(``optimize/weight_map.py``) says the weight lives in the optimized graph (packed, transposed, fp16 or not); the
+changed initializers reach ONNX Runtime in a model file next to the build (``weight_overrides.py``). The graph is the
+plain build's, so a step costs what it costs without a LoRA.
 """
 
 from __future__ import annotations

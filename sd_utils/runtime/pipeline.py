@@ -51,7 +51,6 @@ class LoadedPipeline:
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
     new_text_encoder: Callable[[str], None] | None = None
     words: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # embedding word -> token ids
-    token_tables: list = dataclasses.field(default_factory=list, compare=False, repr=False)  # changed models' folders
     loras: tuple = ()  # the run-time LoRAs in its weights (sources.lora.LoraFile)
     # part -> what set its session's weights (PartSessions.key): which sessions another LoRA set can take over
     session_keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -142,7 +141,6 @@ def load_pipeline(
         low_vram=low_vram,
         new_text_encoder=functools.partial(_new_text_encoder, pipeline, parts, io_binding),
         words=parts.embeddings.words,
-        token_tables=parts.kept,
         build_record=read_record(folder) or {},
         scheduler_config=dict(pipeline.scheduler.config),
         loras=loras,
@@ -210,8 +208,8 @@ class PartSessions:
     loras: tuple[LoraFile, ...]
     config_root: Path  # the model folder: its configs place the LoRAs' layers, as the run's checks did
     folders: dict = dataclasses.field(default_factory=dict)  # part -> its graph's folder, where not its own name
-    kept: list = dataclasses.field(default_factory=list)  # the changed model files' folders, while sessions use them
-    _models: dict = dataclasses.field(default_factory=dict)
+    _models: dict = dataclasses.field(default_factory=dict)  # part -> its model file
+    # part -> what keeps its changed model file's folder (its sessions hold it too, see session())
     _holders: dict = dataclasses.field(default_factory=dict)
 
     def key(self, part: str) -> tuple:
@@ -239,28 +237,26 @@ class PartSessions:
             if values:
                 path, holder = model_with_initializers(folder / "model.onnx", values)
                 shutil.copy2(folder / "config.json", path.parent / "config.json")  # optimum reads it beside the model
-                self.kept.append(holder)
                 self._models[part] = path
                 self._holders[part] = holder
             else:
                 self._models[part] = folder / "model.onnx"
         return self._models[part]
 
-    def options(self, part: str):
+    def options(self):
         return session_options(self.provider, self.dims)
 
     def session(self, part: str):
-        path = self.model_file(part)
-        session = new_session(str(path), self.provider, self.device_id, options=self.options(part))
-        check_session_provider(session, self.provider, str(self.folder / self.folders.get(part, part)))
-        session.weight_files = self._holders.get(part)  # a session taken over by another pipeline keeps them
+        """A session of the part with its changes; it keeps its changed model file (if any) as long as it lives,
+        also when another pipeline takes it over."""
+        session = self.plain_session(self.model_file(part).parent, where=self.folder / self.folders.get(part, part))
+        session.weight_files = self._holders.get(part)
         return session
 
-    def plain_session(self, folder: Path):
-        """A session of the graph in ``folder`` with no override (a ControlNet)."""
-        options = session_options(self.provider, self.dims)
-        session = new_session(str(folder / "model.onnx"), self.provider, self.device_id, options=options)
-        check_session_provider(session, self.provider, str(folder))
+    def plain_session(self, folder: Path, *, where: Path | None = None):
+        """A session of the graph in ``folder`` (``where``: the build folder named in a provider error)."""
+        session = new_session(str(folder / "model.onnx"), self.provider, self.device_id, options=self.options())
+        check_session_provider(session, self.provider, str(where or folder))
         return session
 
 
@@ -303,7 +299,7 @@ def _cuda_graph_unet(parts: PartSessions, spec: ModelSpec) -> CudaGraphUNet | No
         session, stream = cuda_graph_session(
             parts.model_file("unet"),
             device_id=parts.device_id,
-            sess_options=parts.options("unet"),
+            sess_options=parts.options(),
             extra_options=dict(parts.provider.options),
         )
     except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP

@@ -1,5 +1,5 @@
-"""A text encoder's token table with some rows replaced, handed to ONNX Runtime when its session is made
-(``SessionOptions.add_initializer``): textual-inversion vectors without a new build. The model file is untouched."""
+"""A text encoder's token table with some rows replaced: textual-inversion vectors without a new build (the session
+gets it through ``weight_overrides.py``; the build's model file is untouched)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ def token_table(model_file: Path) -> tuple[str, np.ndarray]:
     from (token and position embeddings), the one with the most rows. Only that tensor is read (external data
     included)."""
     import onnx
-    from onnx import numpy_helper
 
-    from sd_utils.optimize.external_data import ExternalTensors
+    from sd_utils.optimize.external_data import ExternalTensors, tensor_array
 
     model = onnx.load(str(model_file), load_external_data=False)
     initializers = {item.name: item for item in model.graph.initializer}
@@ -29,14 +28,9 @@ def token_table(model_file: Path) -> tuple[str, np.ndarray]:
     tensor = max(gathered, key=lambda item: item.dims[0])
     external = ExternalTensors(model_file.parent)
     try:
-        data = external(tensor)
+        return tensor.name, tensor_array(tensor, external)
     finally:
         external.close()
-    if data is not None:
-        tensor.raw_data = data
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-    return tensor.name, numpy_helper.to_array(tensor)
 
 
 def with_rows(model_file: Path, rows: dict[int, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-OVERRIDES = "overrides.data"
+OVERRIDES = "overrides"  # its data file: overrides.data (ExternalDataWriter names it after the model file)
 
 
 def _link(source: Path, target: Path) -> None:
@@ -32,6 +32,7 @@ def model_with_initializers(model_file: Path, values: dict[str, np.ndarray]) -> 
     deletes those of killed processes)."""
     import onnx
 
+    from sd_utils.optimize.external_data import ExternalDataWriter
     from sd_utils.optimize.olive_workflow import external_data_files, staging_folder
 
     folder = staging_folder(model_file.parent.parent.parent, "weights-")
@@ -39,20 +40,14 @@ def model_with_initializers(model_file: Path, values: dict[str, np.ndarray]) -> 
     model = onnx.load(str(model_file), load_external_data=False)
     for name in external_data_files(model_file):
         _link(model_file.parent / name, folder / name)
-    with open(folder / OVERRIDES, "wb") as data:
+    writer = ExternalDataWriter(folder / OVERRIDES)  # the changed tensors' bytes, in a file of their own
+    try:
         for tensor in model.graph.initializer:
-            if tensor.name not in values:
-                continue
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            payload = np.ascontiguousarray(values[tensor.name], dtype=dtype).tobytes()
-            offset = data.tell()
-            data.write(payload)
-            del tensor.external_data[:]
-            tensor.ClearField("raw_data")
-            for key, value in (("location", OVERRIDES), ("offset", str(offset)), ("length", str(len(payload)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            if tensor.name in values:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                writer.place(tensor, np.ascontiguousarray(values[tensor.name], dtype=dtype).tobytes())
+    finally:
+        writer.close()
     onnx.save_model(model, str(folder / "model.onnx"))
     return folder / "model.onnx", holder
 

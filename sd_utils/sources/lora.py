@@ -107,17 +107,16 @@ def _is_model(header: dict) -> bool:
     return any(key.startswith((single_file.UNET, "down_blocks.", "conditioner.")) for key in header)
 
 
-def load_adapter(pipeline, lora: LoraFile, name: str, *, low_cpu_mem_usage: bool = False) -> None:
+def load_adapter(pipeline, lora: LoraFile, name: str) -> None:
     """Load one LoRA into the diffusers ``pipeline`` as adapter ``name``, by diffusers' own loader (every layout it
-    reads); every one of its tensors must land on a module of the model. ``low_cpu_mem_usage``: PEFT makes the
-    adapter's layers by assigning the file's tensors (what models on the meta device need)."""
+    reads); every one of its tensors must land on a module of the model."""
     from safetensors.torch import load_file
 
     try:
         with _diffusers_notes() as notes, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # the second LoRA's
             # the file's own tensors: diffusers converts them on the way in (kohya names, alphas, sgm block names)
-            pipeline.load_lora_weights(load_file(lora.path), adapter_name=name, low_cpu_mem_usage=low_cpu_mem_usage)
+            pipeline.load_lora_weights(load_file(lora.path), adapter_name=name)
     except (ValueError, RuntimeError, KeyError, IndexError) as error:
         raise ModelNotFoundError(
             f"--lora {lora.path} does not fit the model ({_first_reason(error)}); give a LoRA made for this model's "
@@ -201,9 +200,9 @@ def _diffusers_notes() -> Iterator[list[str]]:
 
 
 class LoraLayers:
-    """One LoRA file's layers, loaded by diffusers and PEFT onto a copy of the model that has no weights (meta
-    tensors): each layer's change of its weight (PEFT's ``get_delta_weight``: up @ down x alpha / rank, convolutions
-    included) without reading or holding the model's weights."""
+    """One LoRA file's layers, loaded by diffusers and PEFT onto a copy of the model that has no weights
+    (:func:`_weightless_pipeline`): each layer's change of its weight (PEFT's ``get_delta_weight``: up @ down x
+    alpha / rank, convolutions included) without reading or holding the model's weights."""
 
     ADAPTER = "lora"
 
