@@ -222,7 +222,7 @@ def run_ort(
     import onnxruntime as ort
     import torch
 
-    from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
+    from sd_utils.runtime.cuda_graph import CudaGraphRunner, cuda_graph_session, unet_output_shapes
     from sd_utils.runtime.pipeline import load_pipeline
     from sd_utils.runtime.providers import PROVIDERS, session_options
     from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides
@@ -274,13 +274,14 @@ def run_ort(
         for key, value in entries.items():
             unet_session_options.add_session_config_entry(key, value)
     if cuda_graph:
-        runner = CudaGraphUNet(
+        runner = CudaGraphRunner(
             *cuda_graph_session(
                 Path(folder) / "unet" / "model.onnx",
                 device_id=0,
                 sess_options=unet_session_options,
                 extra_options={**dict(cuda.options), **provider_extra},
-            )
+            ),
+            output_shapes=unet_output_shapes(spec.latent_channels),
         )
         unet = runner.session
     else:

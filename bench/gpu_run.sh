@@ -13,6 +13,10 @@
 #                                  first images kept in /tmp/sdxl/fit_images); while the CPU
 #                                  builds, the GPU runs the gpu-marked tests, times the provider probe and tries
 #                                  memory_fit.py on the tiny model (and bench/experiments/fp8_gemm.py with FP8=1: "side" job)
+#   bash bench/gpu_run.sh controlnet  the model's build, the UNet with residual inputs and a full-size ControlNet built at
+#                                  once (bench/controlnet.py --parallel_builds), then a ControlNet's cost per step
+#                                  (1024², 20 steps; none / 1 / 2 ControlNets) in the background (controlnet.log),
+#                                  the gpu-marked graph tests beside it (controlnet_tests.log)
 #   bash bench/gpu_run.sh loras    build + --optimize --provider cuda, then bench/loras.py (run-time LoRA switches,
 #                                  s/step with and without; 1024², 20 steps), in the background (loras.log)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
@@ -39,6 +43,23 @@ copy_repo() {
 }
 
 case "${1:-}" in
+  controlnet)
+    copy_repo
+    setsid nohup bash bench/gpu_run.sh controlnet_job > "$WORK/controlnet.log" 2>&1 < /dev/null &
+    setsid nohup bash bench/gpu_run.sh controlnet_tests > "$WORK/controlnet_tests.log" 2>&1 < /dev/null &
+    ;;
+  controlnet_job)
+    cd "$WORK/repo"
+    echo "== builds (3 processes) + bench/controlnet.py $(date +%T)"
+    python3 bench/controlnet.py --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" --cache_dir \
+      "$WORK/cache" --size 1024 --steps 20 --repeats 3 --parallel_builds 2>&1 | grep --line-buffered -E "^\{|rror|built|optimized" || true
+    echo "== controlnet DONE $(date +%T)"
+    ;;
+  controlnet_tests)
+    cd "$WORK/repo"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
+    echo "== tests DONE $(date +%T)"
+    ;;
   loras)
     copy_repo
     setsid nohup bash bench/gpu_run.sh loras_job > "$WORK/loras.log" 2>&1 < /dev/null &

@@ -3,6 +3,8 @@ here (``ControlNetModel.from_unet`` with random output convolutions), canny maps
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,10 @@ from lora_files import write_controlnet, write_peft_lora
 from PIL import Image, ImageDraw
 
 from sd_utils import app
+from sd_utils.optimize.controlnets import controlnet_folder
 from sd_utils.options import parse_options
+from sd_utils.runtime.providers import PROVIDERS
+from sd_utils.sources.controlnet import resolve_controlnet
 from stable_diffusion_xl import main
 from tests.test_parity import psnr
 
@@ -173,6 +178,16 @@ def test_cli_run_records_the_controlnet_and_bad_input_is_one_line(tiny_optimized
     text = Image.open(png).text
     assert 'ControlNet 0: "Module: canny, Model: canny [' in text["parameters"] and "Weight: 0.8" in text["parameters"]
     assert text["controlnets"].startswith("canny:0.8:") and text["control_images"] == "shapes.png (canny)"
+    # a build follows the weights' content: a copy elsewhere finds it, and the PNG's hash is the file's SHA-256
+    copy = tmp_path / "copied-net"
+    shutil.copytree(nets["canny"], copy)
+    spec = app.plan(parse_options([*args, str(tmp_path / "out")])).model.spec
+    built, moved = (resolve_controlnet(str(net), 1.0, base=spec, models_dir=tmp_path) for net in (nets["canny"], copy))
+    assert controlnet_folder(built, PROVIDERS["cpu"], models_dir=tmp_path).name.removeprefix("canny") == (
+        controlnet_folder(moved, PROVIDERS["cpu"], models_dir=tmp_path).name.removeprefix("copied-net")
+    )
+    weights = nets["canny"] / "diffusion_pytorch_model.safetensors"
+    assert f"Model: canny [{hashlib.sha256(weights.read_bytes()).hexdigest()[:8]}]" in text["parameters"]
 
     capsys.readouterr()
     sd15 = tmp_path / "sd15"

@@ -270,3 +270,40 @@ def test_the_fp32_island_keeps_an_overflowing_vae_decoder_finite(tiny_spec, tmp_
     assert not np.isfinite(images[False]).all()
     assert np.isfinite(images[True]).all()
     assert psnr(expected, images[True], peak=2.0) >= 35  # pixels in [-1, 1]
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_cuda_graph_controlnet_matches_the_plain_sessions(tiny_spec, cuda_build, tiny_optimized, tmp_path):
+    """A ControlNet run on CUDA replays the ControlNet and the UNet that takes its residuals as CUDA graphs, and gives
+    the plain CUDA sessions' images (the fp16 bar, as for the UNet alone); the control changes the image."""
+    from lora_files import write_controlnet
+    from PIL import Image, ImageDraw
+
+    from sd_utils import app
+    from sd_utils.options import parse_options
+
+    control = Image.new("RGB", (CUDA_SHAPE["width"], CUDA_SHAPE["height"]), "black")
+    ImageDraw.Draw(control).ellipse((10, 20, 80, 110), fill="white")
+    control.save(tmp_path / "control.png")
+    net = write_controlnet(tiny_spec.root, tmp_path / "net", seed=1)
+    models = cuda_build.parent.parent
+    argv = ["--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models), "--cache_dir"]
+    argv += [str(tiny_optimized.cache_dir), "--controlnet", str(net), "--control_image", str(tmp_path / "control.png")]
+    options = parse_options(argv)
+    job = app.plan(options)
+    folders = tuple(app.prepare_models(options, job).controlnets.values())
+    call = {**CUDA_CALL, "image": [control]}
+    plain = _cuda_pipeline(cuda_build, tiny_spec, cuda_graph=False, controlnets=folders)
+    graphed = _cuda_pipeline(cuda_build, tiny_spec, controlnets=folders)
+    assert plain.unet_graph is None and graphed.unet_graph is not None
+    assert all(type(net.run).__name__ == "CudaGraphRunner" for net in graphed.controlnets)
+    images = []
+    for seed in (0, 1):
+        expected = plain.pipeline(latents=_latents(seed).cuda(), **call).images
+        images.append(graphed.pipeline(latents=_latents(seed).cuda(), **call).images)
+        assert np.isfinite(images[-1]).all()
+        assert psnr(expected, images[-1]) >= 35, f"seed {seed}"
+    assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"
+    uncontrolled = _cuda_pipeline(cuda_build, tiny_spec).pipeline(latents=_latents(1).cuda(), **CUDA_CALL).images
+    assert psnr(uncontrolled, images[1]) < 30

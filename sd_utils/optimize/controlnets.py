@@ -3,7 +3,8 @@ handling (``config_controlnet.json``, ``config_unet_controlnet.json``), and only
 
 * ``<build>/unet_controlnet``: the base model's UNet with the ControlNet residuals as inputs, next to the plain UNet
   (which runs without a ControlNet, as before). One per build: every ControlNet of the architecture shares it.
-* ``optimized/controlnets/<name>-<key>/controlnet``: one ControlNet, keyed by its weights' identity and the provider.
+* ``optimized/controlnets/<name>-<provider>-<key>/controlnet``: one ControlNet, keyed by its weights' SHA-256 and the
+  provider (a copy or a move of the same file finds its build).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def controlled_unet(
 
 
 def controlnet_folder(source: ControlNetSource, provider: Provider, *, models_dir: Path) -> Path:
-    key = hashlib.sha256(f"{source.weights}|{provider.name}|{FORMAT}".encode()).hexdigest()[:8]
+    key = hashlib.sha256(f"{source.sha256}|{provider.name}|{FORMAT}".encode()).hexdigest()[:8]
     return models_dir / "optimized" / "controlnets" / f"{source.name}-{provider.name}-{key}"
 
 
@@ -122,7 +123,7 @@ def controlnet_build(
                 work=staging, out=out / "controlnet",
             )  # fmt: skip
             shutil.copy2(source.root / "config.json", out / "controlnet" / "config.json")
-            record = {"name": source.name, "source": str(source.root), "weights": source.weights, "format": FORMAT}
+            record = {"name": source.name, "source": str(source.root), "sha256": source.sha256, "format": FORMAT}
             record["provider"] = provider.name
             (out / "build.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
             replace_folder(out, folder)

@@ -45,11 +45,13 @@ class OrtControlNet(torch.nn.Module):
     A ``torch.nn.Module`` because ``MultiControlNetModel`` keeps its nets in a ``ModuleList``; its one buffer gives
     diffusers the device and dtype it asks a ControlNet for."""
 
-    def __init__(self, session, folder: Path, *, device: str | torch.device = "cpu"):
+    def __init__(self, run, folder: Path, *, device: str | torch.device = "cpu"):
+        """``run(feeds)``: the ControlNet's session run on torch tensors (a :class:`SessionRunner`, or a CUDA-graph
+        runner), returning the residuals in order."""
         from diffusers.configuration_utils import FrozenDict
 
         super().__init__()
-        self.run = SessionRunner(session)
+        self.run = run
         self.folder = folder
         self.config = FrozenDict(json.loads((folder / "config.json").read_text(encoding="utf-8")))
         self.register_buffer("probe", torch.zeros((), device=device), persistent=False)

@@ -1,7 +1,7 @@
-"""The denoising UNet replayed as a CUDA graph (ONNX Runtime's CUDA EP ``enable_cuda_graph``).
+"""The denoising UNet (and ControlNets) replayed as a CUDA graph (ONNX Runtime's CUDA EP ``enable_cuda_graph``).
 
 ONNX Runtime captures the whole UNet on its first runs and replays it afterwards without launching its ~2,000
-kernels one by one. That needs fixed device addresses for every input and output: :class:`CudaGraphUNet` allocates
+kernels one by one. That needs fixed device addresses for every input and output: :class:`CudaGraphRunner` allocates
 them once, binds them once, and copies each call's tensors into them (device to device). Shapes must be static, which
 the free-dimension overrides of ``load_pipeline`` guarantee, and every node must run on the CUDA EP (ONNX Runtime
 refuses to create the session otherwise).
@@ -14,8 +14,11 @@ turns that off in ORT 1.31; bench/NOTES.md, run 7).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 # ONNX tensor element types -> torch dtypes, for the session's inputs and output
 TORCH_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
@@ -46,22 +49,23 @@ def cuda_graph_session(
     return session, stream
 
 
-class CudaGraphUNet:
-    """Runs a UNet session made by :func:`cuda_graph_session` on fixed, once-bound CUDA buffers.
+class CudaGraphRunner:
+    """Runs a session made by :func:`cuda_graph_session` on fixed, once-bound CUDA buffers.
 
-    ``__call__`` returns the output buffer itself, ready for any later work queued on the caller's torch stream; it
-    is overwritten by the next call, which is what a denoising loop needs (the scheduler reads it before the next
-    step).
+    ``output_shapes(feeds)`` gives the shape of each of the session's outputs, in order (static shapes: the first
+    call's feeds fix them). ``__call__`` returns the output buffers themselves, ready for any later work queued on
+    the caller's torch stream; they are overwritten by the next call, which is what a denoising loop needs (the
+    scheduler, or the UNet that takes a ControlNet's residuals, reads them before the next step).
     """
 
-    def __init__(self, session, stream, *, device_id: int = 0, output_like: str = "sample"):
+    def __init__(self, session, stream, *, output_shapes: Callable[[dict[str, Any]], list[tuple]], device_id: int = 0):
         self.session = session
         self.stream = stream
         self.device_id = device_id
-        self.output_like = output_like  # the UNet's prediction has the shape of its sample input
+        self.output_shapes = output_shapes
         self._binding = None
         self._inputs: dict[str, Any] = {}
-        self._output = None
+        self._outputs: list = []
 
     def _bind(self, feeds: dict[str, Any]) -> None:
         import torch
@@ -70,20 +74,22 @@ class CudaGraphUNet:
         binding = self.session.io_binding()
         for meta in self.session.get_inputs():
             dtype = getattr(torch, TORCH_DTYPES[meta.type])
-            buffer = torch.empty(tuple(feeds[meta.name].shape), dtype=dtype, device=device)
+            buffer = torch.empty(tuple(np.shape(feeds[meta.name])), dtype=dtype, device=device)
             self._inputs[meta.name] = buffer
             binding.bind_input(
                 meta.name, "cuda", self.device_id, _numpy_dtype(dtype), tuple(buffer.shape), buffer.data_ptr()
             )
-        output = self.session.get_outputs()[0]
-        dtype = getattr(torch, TORCH_DTYPES[output.type])
-        self._output = torch.empty(tuple(feeds[self.output_like].shape), dtype=dtype, device=device)
-        binding.bind_output(
-            output.name, "cuda", self.device_id, _numpy_dtype(dtype), tuple(self._output.shape), self._output.data_ptr()
-        )
+        metas = self.session.get_outputs()
+        for meta, shape in zip(metas, self.output_shapes(feeds), strict=True):
+            dtype = getattr(torch, TORCH_DTYPES[meta.type])
+            buffer = torch.empty(tuple(shape), dtype=dtype, device=device)
+            self._outputs.append(buffer)
+            binding.bind_output(
+                meta.name, "cuda", self.device_id, _numpy_dtype(dtype), tuple(buffer.shape), buffer.data_ptr()
+            )
         self._binding = binding
 
-    def __call__(self, feeds: dict[str, Any]):
+    def __call__(self, feeds: dict[str, Any]) -> list:
         import torch
 
         if self._binding is None:
@@ -93,15 +99,24 @@ class CudaGraphUNet:
         for name, buffer in self._inputs.items():
             value = feeds[name]
             if not isinstance(value, torch.Tensor):
-                value = torch.as_tensor(value)
+                value = torch.as_tensor(np.asarray(value))
             buffer.copy_(value.reshape(buffer.shape), non_blocking=True)
         self.stream.wait_stream(caller)  # the replay starts after the copies
         self.session.run_with_iobinding(self._binding)  # on self.stream
-        caller.wait_stream(self.stream)  # whatever the caller queues next sees the prediction
-        return self._output
+        caller.wait_stream(self.stream)  # whatever the caller queues next sees the outputs
+        return self._outputs
+
+
+def unet_output_shapes(latent_channels: int) -> Callable[[dict[str, Any]], list[tuple]]:
+    """A UNet's one output: the noise prediction, of the latents' shape (an inpainting UNet's ``sample`` input has
+    more channels than that)."""
+
+    def shapes(feeds: dict[str, Any]) -> list[tuple]:
+        batch, _, height, width = np.shape(feeds["sample"])
+        return [(batch, latent_channels, height, width)]
+
+    return shapes
 
 
 def _numpy_dtype(dtype) -> Any:
-    import numpy as np
-
     return np.dtype(str(dtype).removeprefix("torch."))

@@ -16,7 +16,7 @@ import numpy as np
 from sd_utils.optimize.recipe import read_record
 from sd_utils.runtime import optimum_adapter, token_table
 from sd_utils.runtime.controlnet import OrtControlNet, SessionRunner, residual_feeds
-from sd_utils.runtime.cuda_graph import CudaGraphUNet, cuda_graph_session
+from sd_utils.runtime.cuda_graph import CudaGraphRunner, cuda_graph_session, unet_output_shapes
 from sd_utils.runtime.lora_weights import lora_initializers, touches
 from sd_utils.runtime.providers import (
     Provider,
@@ -32,7 +32,7 @@ from sd_utils.runtime.vae_tiling import decode_tiled, tiled_shape
 from sd_utils.runtime.weight_overrides import model_with_initializers
 from sd_utils.sources.embeddings import Embeddings
 from sd_utils.sources.lora import LoraFile
-from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides, submodel_io
+from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides, residual_shapes, submodel_io
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class LoadedPipeline:
     provider: Provider
     shape: Shape | None  # the static shape the sessions are pinned to; None with --dynamic_dims
     model_label: str
-    unet_graph: CudaGraphUNet | None = None  # the UNet replayed as a CUDA graph, when it is
+    unet_graph: CudaGraphRunner | None = None  # the UNet replayed as a CUDA graph, when it is
     vae_tiling: bool = False  # the VAE decoder decodes tile by tile (sd_utils/vae_tiling.py)
     low_vram: bool = False  # the text encoders exist only while they encode a prompt (see encode_prompt)
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
@@ -97,8 +97,8 @@ def load_pipeline(
     ``task`` picks optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner,
     text2img otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables.
     ``loras``: run-time LoRAs, their changes put into the weights of the sessions they touch. ``controlnets``:
-    optimized ControlNet folders; the UNet that takes their residuals runs (a plain session, no CUDA graph), in
-    diffusers' ControlNet pipeline.
+    optimized ControlNet folders; they and the UNet that takes their residuals run in diffusers' ControlNet pipeline
+    (as CUDA graphs too, where the UNet would be one).
     ``reuse``: a pipeline of the same folder and settings with other ``loras``: its sessions of the parts whose
     weights stay the same are taken over, the others made again (switching LoRAs)."""
     task = task or ("img2img" if spec.is_refiner else "text2img")
@@ -108,7 +108,7 @@ def load_pipeline(
     options = session_options(provider, overrides)
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
-    cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None and not controlnets
+    cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
     parts.folders.update({"unet": "unet_controlnet"} if controlnets else {})
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
@@ -128,7 +128,10 @@ def load_pipeline(
     for part in pipeline.parts:
         check_session_provider(part.session, provider, str(part.path.parent))
     _adapt(pipeline, spec, runner=runner, vae_tiling=vae_tiling, drop_encoder=low_vram and task == "text2img")
-    pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse) if controlnets else (pipeline, [])
+    if controlnets:
+        pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse, runner=runner)
+    else:
+        nets = []
     return LoadedPipeline(
         pipeline,
         spec,
@@ -161,18 +164,26 @@ def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, contr
     return overrides
 
 
-def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, controlnets, reuse):
-    """optimum's ``pipeline`` (its UNet session: the one that takes residuals) as diffusers' ControlNet pipeline
-    for ``task``, with a session per ControlNet folder (``reuse``'s when it has the same ones)."""
-    runner = SessionRunner(pipeline.unet.session)
+def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, controlnets, reuse, *, runner):
+    """optimum's ``pipeline`` (its UNet session: the one that takes residuals; ``runner`` when it is a CUDA graph)
+    as diffusers' ControlNet pipeline for ``task``, with a session per ControlNet folder (``reuse``'s when it has
+    the same ones), each a CUDA graph too when the UNet is one."""
+    run = runner or SessionRunner(pipeline.unet.session)
     residuals = functools.partial(residual_feeds, spec)
-    optimum_adapter.set_unet_forward(pipeline, lambda feeds: runner(feeds)[0], residuals)
+    optimum_adapter.set_unet_forward(pipeline, lambda feeds: run(feeds)[0], residuals)
     wanted = [folder / "controlnet" for folder in controlnets]
     if reuse is not None and [net.folder for net in reuse.controlnets] == wanted:
-        nets = list(reuse.controlnets)
-    else:
-        nets = [OrtControlNet(parts.plain_session(path), path, device=pipeline.device) for path in wanted]
+        return optimum_adapter.controlnet_pipeline(pipeline, list(reuse.controlnets), task), list(reuse.controlnets)
+    nets = []
+    for path in wanted:
+        shapes = functools.partial(_residual_shapes, spec)
+        net_run = _cuda_graph_runner(parts, path / "model.onnx", shapes, label="a ControlNet") if runner else None
+        nets.append(OrtControlNet(net_run or SessionRunner(parts.plain_session(path)), path, device=pipeline.device))
     return optimum_adapter.controlnet_pipeline(pipeline, nets, task), nets
+
+
+def _residual_shapes(spec: ModelSpec, feeds: dict[str, Any]) -> list[tuple[int, ...]]:
+    return residual_shapes(spec, np.shape(feeds["sample"]))
 
 
 def _new_text_encoder(pipeline, parts: PartSessions, io_binding: bool, name: str) -> None:
@@ -180,10 +191,10 @@ def _new_text_encoder(pipeline, parts: PartSessions, io_binding: bool, name: str
     optimum_adapter.add_text_encoder(pipeline, name, parts.session(name), io_binding=io_binding)
 
 
-def _adapt(pipeline, spec: ModelSpec, *, runner: CudaGraphUNet | None, vae_tiling: bool, drop_encoder: bool) -> None:
+def _adapt(pipeline, spec: ModelSpec, *, runner: CudaGraphRunner | None, vae_tiling: bool, drop_encoder: bool) -> None:
     """What the tool changes in optimum's pipeline: the CUDA-graph UNet, the tiled VAE decoder, no VAE encoder."""
     if runner:
-        optimum_adapter.set_unet_forward(pipeline, runner)
+        optimum_adapter.set_unet_forward(pipeline, lambda feeds: runner(feeds)[0])
     if vae_tiling:
         optimum_adapter.set_vae_decoder_forward(pipeline, lambda decode, latents: decode_tiled(decode, latents, spec))
     if drop_encoder:
@@ -262,7 +273,7 @@ class PartSessions:
 
 def _sessions_to_make(
     parts: PartSessions, spec: ModelSpec, reuse: LoadedPipeline | None, *, cuda_graph: bool
-) -> tuple[dict[str, Any], CudaGraphUNet | None]:
+) -> tuple[dict[str, Any], CudaGraphRunner | None]:
     """The sessions load_pipeline hands optimum instead of letting it make them (by part), and the CUDA-graph UNet:
     those ``reuse`` has with the same weights, and new ones for parts whose weights change."""
     sessions: dict[str, Any] = {}
@@ -273,7 +284,9 @@ def _sessions_to_make(
         if reuse is not None and old is None:
             _release(reuse, part)  # its memory goes before the new session's comes (two full-size UNets do not fit)
         if part == "unet" and cuda_graph:
-            runner = reuse.unet_graph if old is not None and reuse.unet_graph else _cuda_graph_unet(parts, spec)
+            shapes = unet_output_shapes(spec.latent_channels)
+            runner = reuse.unet_graph if old is not None and reuse.unet_graph else None
+            runner = runner or _cuda_graph_runner(parts, parts.model_file(part), shapes, label="the UNet", part=part)
             if runner:
                 sessions[part] = runner.session
                 continue
@@ -292,12 +305,16 @@ def _release(replaced: LoadedPipeline, part: str) -> None:
     gc.collect()  # optimum's parts and pipelines refer to each other: free the session now, not at some later pass
 
 
-def _cuda_graph_unet(parts: PartSessions, spec: ModelSpec) -> CudaGraphUNet | None:
+def _cuda_graph_runner(
+    parts: PartSessions, model_file: Path, output_shapes, *, label: str, part: str | None = None
+) -> CudaGraphRunner | None:
+    """``model_file``'s session (of the build's ``part``, or a ControlNet's) replayed as a CUDA graph, or None (with
+    a warning) when ORT cannot capture it."""
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     try:
         session, stream = cuda_graph_session(
-            parts.model_file("unet"),
+            model_file,
             device_id=parts.device_id,
             sess_options=parts.options(),
             extra_options=dict(parts.provider.options),
@@ -305,7 +322,7 @@ def _cuda_graph_unet(parts: PartSessions, spec: ModelSpec) -> CudaGraphUNet | No
     except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
         if out_of_memory(error):
             raise
-        logger.warning("the UNet runs without a CUDA graph: %s", str(error).strip().splitlines()[0])
+        logger.warning("%s runs without a CUDA graph: %s", label, str(error).strip().splitlines()[0])
         return None
-    session.weight_files = parts._holders.get("unet")
-    return CudaGraphUNet(session, stream, device_id=parts.device_id)
+    session.weight_files = parts._holders.get(part)
+    return CudaGraphRunner(session, stream, output_shapes=output_shapes, device_id=parts.device_id)

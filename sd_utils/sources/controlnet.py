@@ -34,12 +34,13 @@ class ControlNetSource:
 
     root: Path  # config.json + weights
     name: str  # shown in PNGs (A1111's "Model: name [hash]")
-    weights: str  # path:size:time of each weight file: which version of the weights a build was made from
+    sha256: str  # of its weights file (of their digests, for weights in several files): its builds' identity
     scale: float = 1.0
 
     @property
     def short_hash(self) -> str:
-        return hashlib.sha256(self.weights.encode()).hexdigest()[:8]
+        """A1111's ControlNet "Model: name [hash]": the first 8 hex digits of the weights' SHA-256."""
+        return self.sha256[:8]
 
 
 def _weight_files(root: Path) -> list[Path]:
@@ -159,5 +160,6 @@ def _resolve(given: str, *, base: ModelSpec, models_dir: Path) -> ControlNetSour
     files = _weight_files(root)
     if not files:
         raise ModelNotFoundError(f"{OPTION} {given} has no .safetensors weights; give a ControlNet with its weights")
-    weights = "|".join(single_file.file_identity(file) for file in files)
-    return ControlNetSource(root=root.resolve(), name=name, weights=weights)
+    digests = [single_file.file_sha256(file) for file in files]  # a build follows the content, not the path
+    sha256 = digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
+    return ControlNetSource(root=root.resolve(), name=name, sha256=sha256)

@@ -223,6 +223,14 @@ def control_io_names(spec: ModelSpec) -> tuple[tuple[str, ...], str]:
     return tuple(f"down_residual_{index}" for index in range(len(spec.control_residuals) - 1)), "mid_residual"
 
 
+def residual_shapes(spec: ModelSpec, sample_shape) -> list[tuple[int, ...]]:
+    """The shapes of a ControlNet's residuals (down blocks', then mid block's) for a latent ``sample_shape``."""
+    batch, _, height, width = sample_shape
+    return [
+        (batch, channels, -(-height // 2**level), -(-width // 2**level)) for channels, level in spec.control_residuals
+    ]
+
+
 def _residual_axes(spec: ModelSpec, prefix: str) -> tuple[dict[str, dict[int, str]], Any, Any]:
     """Dynamic axes of the residual tensors named ``prefix``_…, their dim values and their shapes at a shape."""
     down, mid = control_io_names(spec)
@@ -246,10 +254,7 @@ def _residual_axes(spec: ModelSpec, prefix: str) -> tuple[dict[str, dict[int, st
 
     def shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         batch, height, width = latent(shape)
-        return {
-            name: (batch, channels, -(-height // 2**level), -(-width // 2**level))
-            for name, (channels, level) in zip(names, spec.control_residuals, strict=True)
-        }
+        return dict(zip(names, residual_shapes(spec, (batch, spec.latent_channels, height, width)), strict=True))
 
     return axes, dims, shapes
 
