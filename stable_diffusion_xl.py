@@ -63,7 +63,7 @@ def run(options: Options, *, provider_table: Mapping[str, Provider] | None = Non
     if options.ray:  # a missing install must never cost a model build
         from sd_utils.jobs.ray_job import check_ray_installed
 
-        check_ray_installed(options.ray)
+        check_ray_installed(options.ray, serve=options.serve)
     job = app.plan(options, provider_table=provider_table or PROVIDERS)
     works = None
     if options.prompts_file:
@@ -75,6 +75,14 @@ def run(options: Options, *, provider_table: Mapping[str, Provider] | None = Non
         for paths in filter(None, (ready.model, ready.refiner)):
             print(f"Optimized model: {paths.optimized}")
             print(f"Unoptimized model: {paths.unoptimized}")
+    if options.serve and options.ray:
+        from sd_utils.serve.ray_serve import serve_on_ray
+
+        return serve_on_ray(options, job, ready)
+    if options.serve:
+        from sd_utils.serve.server import serve
+
+        return serve(options, job, ready)
     if options.interactive:
         from sd_utils.ui.gui import run_window
 

@@ -92,7 +92,7 @@ def plan(options: Options, *, provider_table: Mapping[str, Provider] = PROVIDERS
         options.provider, for_inference=options.runs_inference, device_id=options.device_id, table=provider_table
     )
     request = generation_request(options, model) if options.generates and not options.prompts_file else None
-    if options.interactive:  # the window builds its requests later: check sizes now, before optimizing
+    if options.interactive or options.serve:  # requests come later: check sizes now, before optimizing
         generation_request(dataclasses.replace(options, prompt=options.prompt or "check"), model)
     checker = find_checker(
         options.safety_checker,

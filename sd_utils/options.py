@@ -86,6 +86,11 @@ class Options:
     safety_checker: str | None
     max_safety_retries: int
     use_fp16_fixed_vae: str | None
+    serve: bool
+    host: str
+    port: int
+    api_auth: str | None
+    serve_model: tuple[str, ...]
     debug: bool
 
     @property
@@ -95,7 +100,7 @@ class Options:
 
     @property
     def runs_inference(self) -> bool:
-        return self.generates or self.interactive
+        return self.generates or self.interactive or self.serve
 
     def image_size_for(self, default_size: int) -> tuple[int, int]:
         """(width, height): ``--width``/``--height`` win over ``--image_size``, which wins over the model default."""
@@ -183,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampler_arguments(parser)
     _add_job_arguments(parser)
+    _add_serve_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
 
@@ -566,6 +572,36 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    serving = parser.add_argument_group("HTTP API (A1111's /sdapi/v1, see docs/serve.md)")
+    serving.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, ...) with the model loaded "
+        "once; with --ray, on Ray Serve with --workers replicas",
+    )
+    serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serving.add_argument(
+        "--port",
+        type=_in_range(int, 1, "a port from 1 to 65535", 65535),
+        default=7860,
+        help="port to listen on (default 7860, as A1111)",
+    )
+    serving.add_argument(
+        "--api_auth",
+        default=None,
+        metavar="USER:PASS[,USER:PASS]",
+        help="HTTP basic authentication for every endpoint (as A1111's --api-auth)",
+    )
+    serving.add_argument(
+        "--serve_model",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="another model (any --model_id value) clients may switch to with sd_model_checkpoint (repeatable)",
+    )
+
+
 def _add_safety_arguments(parser: argparse.ArgumentParser) -> None:
     safety = parser.add_argument_group("safety checker")
     safety.add_argument(
@@ -596,6 +632,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     args.lora, args.lora_dir = tuple(args.lora), tuple(args.lora_dir)
     args.controlnet, args.control_image = tuple(args.controlnet), tuple(args.control_image)
     args.embedding, args.embedding_dir = tuple(args.embedding), tuple(args.embedding_dir)
+    args.serve_model = tuple(args.serve_model)
     options = Options(**vars(args))
     check_options(options)
     return options
@@ -666,11 +703,14 @@ def check_options(options: Options) -> None:
     """Checks that need no model; size checks against the model are in :func:`check_image_size`."""
     if options.list_builds or options.delete_build:
         return
-    if not (options.optimize or options.interactive or options.prompt is not None or options.prompts_file):
+    if not (
+        options.optimize or options.interactive or options.serve or options.prompt is not None or options.prompts_file
+    ):
         raise UserInputError(
             "nothing to do: pass --prompt TEXT to generate images, --prompts_file FILE for a job, --interactive for "
-            "the window, or --optimize"
+            "the window, --serve for the HTTP API, or --optimize"
         )
+    _check_serve_options(options)
     _check_job_options(options)
     if options.interactive and options.base_images:
         raise UserInputError("--interactive does not refine --base_images; refine them from the command line")
@@ -713,10 +753,42 @@ def check_options(options: Options) -> None:
         )
 
 
+def parse_credentials(text: str | None) -> list[tuple[str, str]]:
+    """``--api_auth USER:PASS[,USER:PASS]`` as (user, password) pairs."""
+    pairs = []
+    for item in (text or "").split(",") if text else ():
+        user, colon, password = item.strip().partition(":")
+        if not colon or not user or not password:
+            raise UserInputError(f"--api_auth {item.strip()!r}: expected USER:PASS (several separated by commas)")
+        pairs.append((user, password))
+    return pairs
+
+
+def _check_serve_options(options: Options) -> None:
+    if not options.serve:
+        if options.api_auth or options.serve_model:
+            raise UserInputError("--api_auth and --serve_model are for the HTTP API; add --serve")
+        return
+    for given, flag in (
+        (options.prompt is not None, "--prompt"),
+        (options.interactive, "--interactive"),
+        (options.prompts_file, "--prompts_file"),
+        (options.base_images, "--base_images"),
+        (options.controlnet, "--controlnet"),
+    ):
+        if given:
+            raise UserInputError(
+                f"--serve and {flag}: the server takes what to generate from its requests; drop {flag}"
+            )
+    if options.workers and not options.ray:
+        raise UserInputError(f"--workers {options.workers} sets Ray Serve's replicas: add --ray (or drop --workers)")
+    parse_credentials(options.api_auth)
+
+
 def _check_job_options(options: Options) -> None:
     if options.prompts_file is None:
-        if options.ray or options.workers:
-            raise UserInputError("--ray and --workers run a --prompts_file job; add --prompts_file FILE")
+        if (options.ray or options.workers) and not options.serve:
+            raise UserInputError("--ray and --workers run a --prompts_file job or --serve; add --prompts_file FILE")
         return
     for given, flag in ((options.prompt is not None, "--prompt"), (options.interactive, "--interactive")):
         if given:

@@ -49,6 +49,19 @@ def read_png_parameters(path: Path) -> PngParameters:
 def parse_parameters(text: str, *, source: str = "--from_png") -> PngParameters:
     """``text`` in A1111's format as options (``prompt``, ``negative_prompt``, ``num_inference_steps``,
     ``guidance_scale``, ``seed``, ``width``, ``height``, ``scheduler``, ``strength``)."""
+    prompt, negative, settings = split_parameters(text)
+    options: dict[str, Any] = {"prompt": prompt}
+    if negative is not None:
+        options["negative_prompt"] = negative
+    try:
+        options.update(_settings(settings))
+    except ValueError as error:
+        raise UserInputError(f"{source}: its parameters line has {error}; the PNG's metadata is damaged") from None
+    return PngParameters(options, model=settings.get("Model"), model_hash=settings.get("Model hash"))
+
+
+def split_parameters(text: str) -> tuple[str, str | None, dict[str, str]]:
+    """(prompt, negative prompt or None, the settings line's ``Key: value`` pairs) of A1111's parameters text."""
     lines = text.strip().split("\n")
     settings = _pairs(lines.pop()) if lines and lines[-1].lstrip().startswith("Steps:") else {}
     prompt_lines, negative_lines, target = [], [], None
@@ -57,15 +70,8 @@ def parse_parameters(text: str, *, source: str = "--from_png") -> PngParameters:
             target = negative_lines
             line = line.removeprefix("Negative prompt:").lstrip()
         (prompt_lines if target is None else target).append(line)
-    prompt = "\n".join(prompt_lines).strip()
-    options: dict[str, Any] = {"prompt": prompt}
-    if negative_lines:
-        options["negative_prompt"] = "\n".join(negative_lines).strip()
-    try:
-        options.update(_settings(settings))
-    except ValueError as error:
-        raise UserInputError(f"{source}: its parameters line has {error}; the PNG's metadata is damaged") from None
-    return PngParameters(options, model=settings.get("Model"), model_hash=settings.get("Model hash"))
+    negative = "\n".join(negative_lines).strip() if negative_lines else None
+    return "\n".join(prompt_lines).strip(), negative, settings
 
 
 def _pairs(line: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 INSTALL = "pip install 'ray[data]==2.60.0'"
+SERVE_INSTALL = "pip install 'ray[serve]==2.60.0'"
 CLIENT_INSTALL = "pip install 'ray[data,client]==2.60.0'"
 # what an actor returns per image it made (or found made by a killed attempt: seconds None)
 RESULT_COLUMNS = ("row_index", "image_index", "file", "seed", "seconds")
@@ -74,13 +75,15 @@ class ImageActor:
         run_row(self.generator.generate, work, self.options.output_dir, on_image=on_image)
 
 
-def check_ray_installed(address: str) -> None:
-    """Raise :class:`SetupError` with the install command when Ray is missing, or Ray Client's gRPC for a
-    ``ray://`` address (found without importing either: slow)."""
+def check_ray_installed(address: str, *, serve: bool = False) -> None:
+    """Raise :class:`SetupError` with the install command when Ray (with ``serve``: Ray Serve's extras) is missing,
+    or Ray Client's gRPC for a ``ray://`` address (found without importing them: slow)."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        raise SetupError(f"--ray needs Ray, which is not installed: {INSTALL} (see docs/batch.md)")
+        raise SetupError(f"--ray needs Ray, which is not installed: {SERVE_INSTALL if serve else INSTALL}")
+    if serve and importlib.util.find_spec("watchfiles") is None:  # one of what ray[serve] adds to Ray
+        raise SetupError(f"--serve --ray needs Ray Serve, which is not installed: {SERVE_INSTALL} (docs/serve.md)")
     if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
         raise SetupError(
             f"--ray {address} connects through Ray Client, which is not installed: {CLIENT_INSTALL} (see docs/batch.md)"
@@ -94,7 +97,7 @@ def default_workers(provider) -> int:
     return max(1, int(ray.cluster_resources().get("GPU", 0))) if provider.olive_device == "gpu" else 1
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """A ``host:port`` or ``ray://host:port`` that answers (Ray itself waits minutes on one that does not)."""
     import socket
 
@@ -110,7 +113,9 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _start(address: str | None) -> None:
+def start_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (None: start a local runtime in this process) with this project on the
+    workers' path."""
     import ray
     import ray.data
 
@@ -150,8 +155,8 @@ def run_on_ray(options, job, ready, works, folder, *, identity: dict[str, str]) 
         return 0
     address = None if options.ray == "local" else options.ray
     if address is not None:
-        _check_reachable(address)
-    _start(address)
+        check_reachable(address)
+    start_ray(address)
     try:
         return _run_dataset(ray, options, job, ready, works, folder, items=items, identity=identity)
     finally:

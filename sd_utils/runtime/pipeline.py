@@ -128,10 +128,7 @@ def load_pipeline(
     for part in pipeline.parts:
         check_session_provider(part.session, provider, str(part.path.parent))
     _adapt(pipeline, spec, runner=runner, vae_tiling=vae_tiling, drop_encoder=low_vram and task == "text2img")
-    if controlnets:
-        pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse, runner=runner)
-    else:
-        nets = []
+    pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse, runner=runner)
     return LoadedPipeline(
         pipeline,
         spec,
@@ -167,7 +164,9 @@ def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, contr
 def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, controlnets, reuse, *, runner):
     """optimum's ``pipeline`` (its UNet session: the one that takes residuals; ``runner`` when it is a CUDA graph)
     as diffusers' ControlNet pipeline for ``task``, with a session per ControlNet folder (``reuse``'s when it has
-    the same ones), each a CUDA graph too when the UNet is one."""
+    the same ones), each a CUDA graph too when the UNet is one; ``pipeline`` as it is without ControlNets."""
+    if not controlnets:
+        return pipeline, []
     run = runner or SessionRunner(pipeline.unet.session)
     residuals = functools.partial(residual_feeds, spec)
     optimum_adapter.set_unet_forward(pipeline, lambda feeds: run(feeds)[0], residuals)
