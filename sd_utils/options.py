@@ -202,7 +202,8 @@ def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="DIR|ID|FILE[:SCALE]",
         help="an SDXL ControlNet (diffusers folder, hub id, or its .safetensors in diffusers' layout) at SCALE "
-        "(default 1.0); repeat for several, each with its --control_image. Optimized once, like the model",
+        "(default 1.0); repeat for several, each with its --control_image. Optimized once, like the model. With "
+        "--serve: the ControlNets requests may name (alwayson_scripts.controlnet), without --control_image",
     )
     control.add_argument(
         "--control_image",
@@ -675,7 +676,7 @@ def _take_from_png(args: argparse.Namespace, *, given: set[str]) -> None:
 
 
 def _check_control_options(options: Options) -> None:
-    if len(options.control_image) != len(options.controlnet):
+    if len(options.control_image) != len(options.controlnet) and not options.serve:  # a server's come with requests
         raise UserInputError(
             f"{len(options.controlnet)} --controlnet and {len(options.control_image)} --control_image: give one "
             "control image per ControlNet, in the same order"
@@ -774,7 +775,7 @@ def _check_serve_options(options: Options) -> None:
         (options.interactive, "--interactive"),
         (options.prompts_file, "--prompts_file"),
         (options.base_images, "--base_images"),
-        (options.controlnet, "--controlnet"),
+        (options.control_image, "--control_image"),
     ):
         if given:
             raise UserInputError(

@@ -46,6 +46,7 @@ def _wait_until_serving(process: subprocess.Popen, port: int, log: Path, *, time
 
 @pytest.fixture(scope="module")
 def loras(tiny_optimized, tmp_path_factory) -> Path:
+    """A --lora_dir with one LoRA (``style``) for the tiny model."""
     from lora_files import write_peft_lora
 
     folder = tmp_path_factory.mktemp("serve-loras")
@@ -54,11 +55,20 @@ def loras(tiny_optimized, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_optimized, loras, tmp_path_factory):
+def edges(tiny_optimized, tmp_path_factory) -> Path:
+    """A ControlNet (``edges``) for the tiny model."""
+    from lora_files import write_controlnet
+
+    return write_controlnet(tiny_optimized.models_dir / "builtin" / "tiny", tmp_path_factory.mktemp("cn") / "edges")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_optimized, loras, edges, tmp_path_factory):
     """The tiny model served with basic authentication; yields (port, output folder)."""
     out = tmp_path_factory.mktemp("serve-out")
     port = _free_port()
     args = tiny_optimized.tiny("--serve --port", str(port), "--output_dir", str(out), "--lora_dir", str(loras))
+    args += ["--controlnet", str(edges)]  # requests may use it (alwayson_scripts.controlnet)
     log = out.parent / "server.log"
     env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
     with log.open("w") as stream:
@@ -85,7 +95,9 @@ def _client(port: int):
 
 def _txt2img(api, **extra):
     arguments = dict(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=STEPS, cfg_scale=CFG)
-    arguments.update(width=SIZE, height=SIZE, sampler_name="DPM++ 2M", scheduler="karras", **extra)
+    arguments.update(width=SIZE, height=SIZE, sampler_name="DPM++ 2M", scheduler="karras")
+    # a dict of its own: webuiapi adds ControlNet units into its default alwayson_scripts={}, which lives on
+    arguments.update(alwayson_scripts={}, **extra)
     return api.txt2img(**arguments)
 
 
@@ -136,6 +148,31 @@ def test_img2img_gives_the_cli_pixels_inpainting_and_png_info(server, tiny_optim
     info = api.png_info(result.image).json
     assert info["parameters"]["Prompt"] == "a blue square" and info["parameters"]["Seed"] == "3"
     assert info["parameters"]["Size-1"] == str(SIZE) and info["info"].startswith("a blue square\n")
+
+
+def test_controlnet_units_give_the_cli_pixels(server, tiny_optimized, loras, edges, tmp_path):
+    import webuiapi
+
+    shapes = Image.new("RGB", (SIZE, SIZE), "black")
+    shapes.paste((255, 255, 255), (12, 20, 40, 52))
+    shapes.save(tmp_path / "shapes.png")
+    unit = webuiapi.ControlNetUnit(image=shapes, module="canny", model="edges [0123]", weight=0.8, threshold_a=50)
+    unit.threshold_b, unit.guidance_end = 150, 0.8  # its default resize mode is fine: the image has the run's shape
+    result = _txt2img(_client(server[0]), controlnet_units=[unit])
+    args = tiny_optimized.tiny(
+        CLI_RUN, "--prompt", PROMPT, "--negative_prompt", NEGATIVE, "--output_dir", str(tmp_path)
+    )
+    args += ["--scheduler", "dpmpp_2m_karras", "--lora_dir", str(loras), "--controlnet", f"{edges}:0.8"]
+    args += ["--control_image", str(tmp_path / "shapes.png"), "--control_preprocess", "canny", "--canny_low", "50"]
+    assert main([*args, "--canny_high", "150", "--control_end", "0.8"]) == 0
+    (expected,) = tmp_path.glob("0*.png")
+    assert _pixels(result.image).tobytes() == _pixels(Image.open(expected)).tobytes()
+    assert 'ControlNet 0: "Module: canny, Model: edges [' in result.info["infotexts"][0]
+    plain = _txt2img(_client(server[0]))
+    assert _pixels(plain.image).tobytes() != _pixels(result.image).tobytes()
+    unit.model = "depth"
+    with pytest.raises(RuntimeError, match="not a ControlNet here"):
+        _txt2img(_client(server[0]), controlnet_units=[unit])
 
 
 def test_listings_options_and_bad_requests(server):

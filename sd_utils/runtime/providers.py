@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -317,6 +318,10 @@ def share_arena(provider: Provider, device_id: int = 0) -> None:
     _SHARED_ARENAS.add(device_id)
 
 
+# CPU threads of each ONNX Runtime session (default: ORT's, one per physical core); set for Ray's CPU replicas
+THREADS_VARIABLE = "SDXL_OLIVE_THREADS"
+
+
 def session_options(provider: Provider, free_dimensions: dict[str, int] | None = None):
     """ORT ``SessionOptions`` for ``provider``; ``free_dimensions`` pins symbolic dims by name (static shapes)."""
     import onnxruntime as ort
@@ -332,4 +337,7 @@ def session_options(provider: Provider, free_dimensions: dict[str, int] | None =
         options.add_session_config_entry(key, value)
     for dim_name, value in (free_dimensions or {}).items():
         options.add_free_dimension_override_by_name(dim_name, value)
+    threads = os.environ.get(THREADS_VARIABLE, "")
+    if threads.isdigit() and int(threads) > 0:  # processes sharing a machine's cores (Ray replicas and actors)
+        options.intra_op_num_threads = int(threads)
     return options

@@ -24,6 +24,7 @@ from sd_utils.errors import UserInputError
 from sd_utils.generation.png_parameters import scheduler_of, split_parameters
 from sd_utils.generation.schedulers import SAMPLERS
 from sd_utils.options import MAX_SEED, Options, check_options
+from sd_utils.serve.controlnet_units import control_changes
 
 # limits of one request (docs/serve.md): pixels of a generated or uploaded image, images per request
 MAX_SIDE = 4096
@@ -192,9 +193,12 @@ def _number(payload: dict, field: str, kind, default, *, low=None, high=None):
     return number
 
 
-def read_request(payload: dict[str, Any], base: Options, *, mode: str, scratch: Path) -> ApiRequest:
+def read_request(
+    payload: dict[str, Any], base: Options, *, mode: str, scratch: Path, controlnets: dict[str, str] | None = None
+) -> ApiRequest:
     """The options of a ``txt2img`` or ``img2img`` request (``mode``) over the server's ``base`` options; uploaded
-    images are written into ``scratch`` (the server's own folder for this request)."""
+    images are written into ``scratch`` (the server's own folder for this request); ``controlnets``: the server's
+    ControlNets (name -> ``--controlnet`` value) that ``alwayson_scripts.controlnet`` units may name."""
     check_fields(payload)
     batch = _number(payload, "batch_size", int, 1, low=1, high=MAX_IMAGES)
     n_iter = _number(payload, "n_iter", int, 1, low=1, high=MAX_IMAGES)
@@ -226,6 +230,9 @@ def read_request(payload: dict[str, Any], base: Options, *, mode: str, scratch: 
     }
     if not changes["prompt"].strip():
         changes["prompt"] = " "  # A1111 draws from an empty prompt: the tokenizer gives the empty text's tokens
+    size = (changes["width"], changes["height"])
+    scripts = payload.get("alwayson_scripts") or {}
+    changes.update(control_changes(scripts, controlnets or {}, scratch, decode_image, size=size))
     init_images: tuple = ()
     if mode == "img2img":
         init_images = _init_images(payload)

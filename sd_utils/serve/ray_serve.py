@@ -10,10 +10,12 @@ replica that dies; a request it was running is answered with an error by Serve's
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from sd_utils.errors import SetupError
 from sd_utils.options import parse_credentials
+from sd_utils.runtime.providers import THREADS_VARIABLE
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +40,15 @@ def deployment(options, job, ready, *, workers: int):
 
     api = create_app(replica_service, credentials=parse_credentials(options.api_auth))
     gpus = 1 if job.provider.olive_device == "gpu" else 0
+    actor = {"num_gpus": gpus, "num_cpus": 1}
+    if not gpus:  # CPU replicas share the machine's cores instead of each taking all of them
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        actor["runtime_env"] = {"env_vars": {THREADS_VARIABLE: os.environ.get(THREADS_VARIABLE, str(threads))}}
 
     @serve.deployment(
         name="sdxl-olive",
         num_replicas=workers,
-        ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
+        ray_actor_options=actor,
         max_ongoing_requests=64,  # progress and interrupt must get through while a replica generates
         health_check_period_s=5,
     )

@@ -101,13 +101,18 @@ class GenerationService:
         self.options, self.job, self.ready = options, job, ready
         self.generator = app.Generator(options, job, ready)
         self.title, self.hash = model_title(options, job, ready)
+        # the ControlNets requests may use (built at start): their names -> the --controlnet values
+        sources = app.controlnet_sources(options, job.model)
+        self.controlnets = {source.name: given for source, (given, _) in zip(sources, options.controlnet, strict=True)}
 
     # --- generation ---------------------------------------------------------------------------------------------
 
     def generate(self, payload: dict[str, Any], mode: str) -> dict[str, Any]:
         """A ``txt2img`` or ``img2img`` request -> A1111's response (``images``, ``parameters``, ``info``)."""
         with tempfile.TemporaryDirectory(prefix="sdxl-olive-api-") as scratch:
-            read = a1111.read_request(payload, self.options, mode=mode, scratch=Path(scratch))
+            read = a1111.read_request(
+                payload, self.options, mode=mode, scratch=Path(scratch), controlnets=self.controlnets
+            )
             self._check_overrides(payload)
             with self.turns.turn():
                 request = app.generation_request(read.options, self.job.model)
