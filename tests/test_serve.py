@@ -272,8 +272,29 @@ def test_ray_serve_with_two_replicas_gives_the_same_pixels(server, tiny_optimize
             thread.join(timeout=300)
         assert [_pixels(result.image).tobytes() for result in results] == [_pixels(expected.image).tobytes()] * 2
         assert requests.get(f"http://127.0.0.1:{port}/sdapi/v1/progress", timeout=30).status_code == 401
+        _replicas_die_mid_request(port)
     finally:
         ray_serve.stop()
+
+
+def _replicas_die_mid_request(port: int) -> None:
+    """Killed replicas: the request they ran is answered with an error at once (not left hanging), Serve starts
+    new ones, and the next request gets its image."""
+    import ray
+
+    answers = []
+    url, auth = f"http://127.0.0.1:{port}/sdapi/v1/txt2img", (USER, PASSWORD)
+    long = {"prompt": "x", "steps": 1000, "width": SIZE, "height": SIZE}
+    thread = threading.Thread(target=lambda: answers.append(requests.post(url, json=long, auth=auth, timeout=120)))
+    thread.start()
+    time.sleep(2)
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::sdxl-olive"):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    thread.join(timeout=120)
+    assert answers and answers[0].status_code >= 500
+    again = requests.post(url, json={**long, "steps": 2}, auth=auth, timeout=180)
+    assert again.status_code == 200 and len(again.json()["images"]) == 1
 
 
 def test_serve_options_are_checked_before_anything_is_built(tmp_path, capsys):
