@@ -233,6 +233,7 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
         high_noise_frac=options.high_noise_frac if options.refiner_model_id else None,
         loras=loras,
         control=control,
+        cfg_cutoff=options.cfg_cutoff,
     )
 
 

@@ -66,6 +66,7 @@ class Options:
     scheduler: str | None
     timestep_spacing: str | None
     disable_classifier_free_guidance: bool
+    cfg_cutoff: float
     seed: int | None
     image_size: int | None
     width: int | None
@@ -542,6 +543,15 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         help="which timesteps the steps run at, for schedulers that have the option (SDXL-Lightning wants trailing; "
         "default: the model's scheduler config, leading for SDXL)",
     )
+    sampler.add_argument(
+        "--cfg_cutoff",
+        type=_in_range(float, 0, "a fraction above 0 and at most 1", maximum=1),
+        default=1.0,
+        metavar="F",
+        help="guidance for the first fraction F of the steps only; the rest run the UNet at batch 1 per image "
+        "(about half a step's work; default 1: guidance on every step). On CUDA the UNet then runs without a "
+        "CUDA graph",
+    )
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -731,6 +741,8 @@ def check_options(options: Options) -> None:
         )
     _check_lora_options(options)
     _check_control_options(options)
+    if options.cfg_cutoff <= 0:
+        raise UserInputError("--cfg_cutoff 0 would drop guidance before the first step; use e.g. 0.6 (or leave it out)")
     if options.strength is not None and not 0 < options.strength <= 1:
         raise UserInputError(f"--strength {options.strength} is outside (0, 1]; use e.g. 0.3 for a light refinement")
     if not 0 < options.high_noise_frac < 1:

@@ -91,6 +91,7 @@ def _settings(settings: dict[str, str]) -> dict[str, Any]:
         "CFG scale": ("guidance_scale", float),
         "Seed": ("seed", int),
         "Denoising strength": ("strength", float),
+        "CFG cutoff": ("cfg_cutoff", float),
     }
     for key, (option, kind) in readers.items():
         if key in settings:

@@ -73,6 +73,7 @@ class GenerationRequest:
     # run-time LoRAs (sources.lora.LoraFile, each with its scale): --lora and the prompt's <lora:name:w> tags
     loras: tuple = ()
     control: ControlSettings | None = None  # --controlnet: the ControlNets and their control images
+    cfg_cutoff: float = 1.0  # guidance for this fraction of each call's steps only (generation/cfg_cutoff.py)
 
     @property
     def task(self) -> str:
@@ -104,6 +105,7 @@ class GenerationRequest:
             width=self.width,
             classifier_free_guidance=self.uses_cfg,
             text_chunks=self.text_chunks,
+            free_batch=self.uses_cfg and self.cfg_cutoff < 1,
         )
 
     @property

@@ -20,6 +20,7 @@ from typing import Any
 
 from sd_utils.errors import DiskFullError, SafetyCheckError
 from sd_utils.files import disk_full
+from sd_utils.generation.cfg_cutoff import drop_guidance
 from sd_utils.generation.output import png_metadata, save_png, to_pil_images
 from sd_utils.generation.prompts import encode_prompt
 from sd_utils.generation.request import GeneratedImage, GenerationRequest, ImageCallback, Saver, StepCallback
@@ -86,12 +87,16 @@ class BatchPlan:
 
 
 def _common_arguments(loaded: LoadedPipeline, request: GenerationRequest, call: CallInputs) -> dict[str, Any]:
+    cutoff = {}
+    if request.cfg_cutoff < 1:  # the step callback hands back the loop's tensors without their CFG half
+        cutoff["callback_on_step_end_tensor_inputs"] = list(loaded.pipeline._callback_tensor_inputs)
     return {
         **encode_prompt(loaded, request, len(call.indices)),
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": request.effective_guidance_scale,
         "generator": call.generators,
         "callback_on_step_end": call.step_end,
+        **cutoff,
     }
 
 
@@ -200,7 +205,7 @@ def _call_inputs(
 
 
 def _step_end(plan: BatchPlan, steps: Iterator[int], on_step: StepCallback | None, should_stop) -> Callable:
-    """diffusers' ``callback_on_step_end``: progress over the whole run, and the stop request."""
+    """diffusers' ``callback_on_step_end``: progress over the whole run, the stop request, ``--cfg_cutoff``."""
     total = plan.total_steps()
 
     def step_end(pipe, step, timestep, callback_kwargs):
@@ -208,7 +213,7 @@ def _step_end(plan: BatchPlan, steps: Iterator[int], on_step: StepCallback | Non
             on_step(min(next(steps), total), total)
         if should_stop is not None and should_stop():
             interrupt(pipe)
-        return callback_kwargs
+        return drop_guidance(pipe, step, plan.request.cfg_cutoff, callback_kwargs)
 
     return step_end
 

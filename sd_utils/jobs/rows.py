@@ -71,6 +71,8 @@ def pixel_identity(request: GenerationRequest, options: Options, *, build: str, 
     }
     if request.loras:  # only then: the keys of jobs without run-time LoRAs stay those earlier versions made
         identity["loras"] = [[lora.tensors_sha256 or lora.sha256, lora.scale] for lora in request.loras]
+    if request.uses_cfg and request.cfg_cutoff < 1:  # likewise
+        identity["cfg_cutoff"] = request.cfg_cutoff
     return identity
 
 

@@ -108,7 +108,7 @@ def load_pipeline(
     options = session_options(provider, overrides)
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
-    cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None
+    cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None and not shape.free_batch
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
     parts.folders.update({"unet": "unet_controlnet"} if controlnets else {})
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
@@ -158,7 +158,13 @@ def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, contr
         overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
     for name in ("unet_controlnet", "controlnet") if controlnets else ():
         overrides.update(submodel_io(spec, name).dim_values(shape))
+    if shape.free_batch:  # --cfg_cutoff: the denoising sessions run at batch 2B, then B
+        return {name: value for name, value in overrides.items() if not _denoising_batch(name)}
     return overrides
+
+
+def _denoising_batch(dim: str) -> bool:
+    return dim.startswith(("unet_", "controlnet_")) and dim.endswith("_batch")
 
 
 def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, controlnets, reuse, *, runner):

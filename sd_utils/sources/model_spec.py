@@ -164,6 +164,7 @@ class Shape:
     width: int
     classifier_free_guidance: bool = True
     text_chunks: int = 1  # prompt chunks of 77 tokens (long prompts, BREAK): the UNet's text sequence is 77 x this
+    free_batch: bool = False  # the UNet (and ControlNets) meet both batch sizes, with and without CFG (--cfg_cutoff)
 
 
 @dataclasses.dataclass(frozen=True)

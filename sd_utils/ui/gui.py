@@ -60,6 +60,7 @@ def _scheduler(text: str) -> str | None:
 SETTINGS = (
     Setting("num_inference_steps", "Steps", 5, int),
     Setting("guidance_scale", "Guidance", 5, float),
+    Setting("cfg_cutoff", "CFG until", 4, float),
     Setting("seed", "Seed", 11, _seed),
     Setting("width", "Width", 6, int),
     Setting("height", "Height", 6, int),

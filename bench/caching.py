@@ -1,0 +1,141 @@
+"""Less work per image: what ``--cfg_cutoff`` costs in quality and saves in time.
+
+    python bench/caching.py quality [--models_dir models] [--cache_dir cache] [--steps 25] [--cutoffs 0.6,0.8]
+    python bench/caching.py speed --model_id random-sdxl-base [--models_dir models] [--provider cpu]
+                                  [--size 1024] [--steps_list 20,30] [--cutoffs 0.6,0.8] [--repeats 2]
+
+``quality``: the demo model's 96 captions (``sd_utils.demo_model``: its judge reads colour, shape and position back
+from each image), drawn by the optimized ONNX pipeline with guidance throughout and with each cut-off, from the same
+latents; per case the judge's score and the PSNR / SSIM of its images to the uncut ones.
+``speed``: seconds per image through the tool's own run (``app.Generator``), guidance throughout and with each
+cut-off, after a warm-up image; one JSON line per case. DeepCache-style caching (``--cache_interval``) is not built
+yet: its rows are missing here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+
+def _ssim(reference: np.ndarray, images: np.ndarray) -> float | None:
+    try:
+        import torch
+        from torchmetrics.functional.image import structural_similarity_index_measure
+    except ImportError:
+        return None
+    as_tensor = [torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255 for array in (images, reference)]
+    return round(float(structural_similarity_index_measure(*as_tensor, data_range=1.0)), 4)
+
+
+def _psnr(reference: np.ndarray, images: np.ndarray) -> float:
+    mse = float(np.mean((reference.astype(np.float64) - images.astype(np.float64)) ** 2))
+    return round(10 * np.log10(255**2 / mse), 2) if mse else float("inf")
+
+
+def quality(args) -> None:
+    from sd_utils.demo_model import quality as demo
+    from sd_utils.demo_model import shapes
+    from sd_utils.generation.cfg_cutoff import drop_guidance
+    from sd_utils.runtime.pipeline import load_pipeline
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
+
+    scenes = list(shapes.ALL_SCENES)
+    folder, spec = demo.optimized_demo(Path(args.models_dir), Path(args.cache_dir))
+    latents = demo.starting_latents(len(scenes), spec)
+    shape = Shape(batch=16, height=shapes.SIZE, width=shapes.SIZE, free_batch=True)
+    pipeline = load_pipeline(folder, spec, provider=PROVIDERS["cpu"], shape=shape, model_label="demo").pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    reference = None
+    for cutoff in [1.0, *(float(value) for value in args.cutoffs.split(","))]:
+
+        def cut(pipe, step, timestep, tensors, cutoff=cutoff):
+            return drop_guidance(pipe, step, cutoff, tensors)
+
+        extra = {"callback_on_step_end": cut, "callback_on_step_end_tensor_inputs": pipeline._callback_tensor_inputs}
+        started = time.perf_counter()
+        images = _draw(pipeline, scenes, latents.clone(), args, extra)
+        seconds = time.perf_counter() - started
+        reference = images if reference is None else reference
+        row = {"cfg_cutoff": cutoff, "score": dataclasses.asdict(demo.score(images, scenes))}
+        row["score"].pop("misses")
+        row.update(psnr_db=_psnr(reference, images), ssim=_ssim(reference, images), seconds=round(seconds, 1))
+        print(json.dumps({**row, "prompts": len(scenes), "steps": args.steps, "guidance": args.guidance_scale}))
+
+
+def _draw(pipeline, scenes, latents, args, extra: dict) -> np.ndarray:
+    from sd_utils.demo_model import shapes
+
+    images = []
+    for start in range(0, len(scenes), 16):
+        chunk = scenes[start : start + 16]
+        out = pipeline(
+            prompt=[scene.caption for scene in chunk],
+            latents=latents[start : start + 16],
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            height=shapes.SIZE,
+            width=shapes.SIZE,
+            output_type="np",
+            **extra,
+        ).images
+        images.append(np.clip(np.asarray(out) * 255 + 0.5, 0, 255).astype(np.uint8))
+    return np.concatenate(images)
+
+
+def speed(args) -> None:
+    from sd_utils import app
+    from sd_utils.options import parse_options
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for steps in (int(value) for value in args.steps_list.split(",")):
+            for cutoff in [1.0, *(float(value) for value in args.cutoffs.split(","))]:
+                argv = ["--model_id", args.model_id, "--provider", args.provider, "--models_dir", args.models_dir]
+                argv += ["--cache_dir", args.cache_dir, "--output_dir", scratch, "--prompt", "a lighthouse at dusk"]
+                argv += ["--image_size", str(args.size), "--num_inference_steps", str(steps), "--seed", "1"]
+                options = parse_options([*argv, "--guidance_scale", "7", "--cfg_cutoff", str(cutoff)])
+                job = app.plan(options)
+                generator = app.Generator(options, job, app.prepare_models(options, job))
+                generator.generate(job.request)  # warm-up: sessions made
+                seconds = []
+                for _ in range(args.repeats):
+                    started = time.perf_counter()
+                    generator.generate(job.request)
+                    seconds.append(time.perf_counter() - started)
+                generator = None
+                row = {"cfg_cutoff": cutoff, "steps": steps, "s_per_image": round(statistics.median(seconds), 3)}
+                row.update(runs=[round(value, 3) for value in seconds], model=args.model_id, size=args.size)
+                print(json.dumps({**row, "provider": args.provider}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("quality", "speed"))
+    parser.add_argument("--model_id", default="tiny")
+    parser.add_argument("--models_dir", default="models")
+    parser.add_argument("--cache_dir", default="cache")
+    parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=25, help="quality: denoising steps")
+    parser.add_argument("--steps_list", default="20,30", help="speed: denoising steps of each case")
+    parser.add_argument("--guidance_scale", type=float, default=7.0)
+    parser.add_argument("--cutoffs", default="0.6,0.8")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    quality(args) if args.mode == "quality" else speed(args)
+
+
+if __name__ == "__main__":
+    main()

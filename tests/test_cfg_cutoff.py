@@ -1,0 +1,101 @@
+"""``--cfg_cutoff``: guidance for the first fraction of the steps, then the UNet at batch 1 per image; against a
+PyTorch reference (diffusers' SDXL pipeline with the same step callback) on the tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd_utils import app
+from sd_utils.generation.cfg_cutoff import drop_guidance
+from sd_utils.options import parse_options
+from stable_diffusion_xl import main
+from tests.test_parity import psnr
+
+RUN = "--prompt a_red_star --negative_prompt blurry --guidance_scale 5 --num_inference_steps 10 --image_size 64"
+
+
+def _options(workspace, *extra: str):
+    args = workspace.tiny(RUN, *extra)
+    args[args.index("a_red_star")] = "a red star"
+    return parse_options(args)
+
+
+def test_the_last_steps_run_the_batch_1_unet(tiny_optimized, tmp_path):
+    """10 steps at cut-off 0.6: 6 UNet calls at batch 2 x 2 images, then 4 at batch 2 (no negative half)."""
+    options = _options(tiny_optimized, "--cfg_cutoff", "0.6", "--num_images", "2", "--batch_size", "2")
+    options = dataclasses.replace(options, output_dir=tmp_path)
+    job = app.plan(options)
+    generator = app.Generator(options, job, app.prepare_models(options, job))
+    request = dataclasses.replace(job.request, text_chunks=generator._text_chunks(job.request))
+    loaded, _ = generator._pipelines(request)
+    assert loaded.unet_graph is None and loaded.shape.free_batch
+    unet, batches = loaded.pipeline.unet, []
+    forward = unet.forward
+    unet.forward = lambda sample, *args, **kwargs: (batches.append(sample.shape[0]), forward(sample, *args, **kwargs))[
+        1
+    ]
+    (first, _second) = generator.generate(job.request)
+    assert batches == [4] * 6 + [2] * 4
+    text = Image.open(first.path).text
+    assert "CFG cutoff: 0.6" in text["parameters"] and text["cfg_cutoff"] == "0.6"
+    again = tmp_path / "again"
+    assert main(tiny_optimized.tiny(f"--output_dir {again}", "--from_png", str(first.path))) == 0
+    (remade,) = again.glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(remade)), np.asarray(Image.open(first.path)))  # read back from it
+
+
+@pytest.mark.parametrize("cutoff", [0.3, 0.8])
+def test_cutoff_matches_diffusers_with_the_same_callback(tiny_optimized, tiny_spec, cutoff):
+    """The ONNX pipeline (batch dims free) against diffusers' PyTorch SDXL pipeline, same latents, same algorithm:
+    >= 60 dB in fp32, and far closer to it than to the reference without a cut-off (the tiny model's two halves
+    differ little, so the cut-off changes its images only slightly)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_utils.generation.run import CallInputs, _common_arguments
+
+    options = _options(tiny_optimized, "--cfg_cutoff", str(cutoff), "--seed", "5")
+    job = app.plan(options)
+    generator = app.Generator(options, job, app.prepare_models(options, job))
+    request = dataclasses.replace(job.request, text_chunks=1)
+    loaded, _ = generator._pipelines(request)
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+
+    def step_end(pipe, step, timestep, tensors):
+        return drop_guidance(pipe, step, cutoff, tensors)
+
+    call = CallInputs(indices=[0], generators=None, latents=None, step_end=step_end)
+    arguments = {key: value for key, value in _common_arguments(loaded, request, call).items() if key != "generator"}
+    onnx = loaded.pipeline(**arguments, height=64, width=64, latents=latents.clone(), output_type="np").images
+
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_spec.root, torch_dtype=torch.float32)
+    torch_images = reference(
+        prompt="a red star",
+        negative_prompt="blurry",
+        guidance_scale=5,
+        num_inference_steps=10,
+        height=64,
+        width=64,
+        latents=latents.clone(),
+        callback_on_step_end=step_end,
+        callback_on_step_end_tensor_inputs=reference._callback_tensor_inputs,
+        output_type="np",
+    ).images
+    same = psnr(torch_images, onnx)
+    assert same >= 60
+    full = reference(
+        prompt="a red star", negative_prompt="blurry", guidance_scale=5, num_inference_steps=10, height=64, width=64,
+        latents=latents.clone(), output_type="np",
+    ).images  # fmt: skip
+    assert psnr(full, onnx) < same - 10  # far closer to the cut-off reference than to the run with guidance throughout
+
+
+def test_cutoff_is_checked(tiny_optimized, tmp_path, capsys):
+    for value, said in (("0", "--cfg_cutoff 0 would drop guidance"), ("1.5", "at most 1"), ("x", "a fraction")):
+        assert main(tiny_optimized.tiny(RUN.replace("a_red_star", "x"), "--cfg_cutoff", value)) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and said in error[0], (value, error)
