@@ -216,6 +216,11 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED - options.num_images)
     loras = runtime_loras(options, model)
     control = control_settings(options, model, size=(width, height))
+    if control is not None and refine is not None and refine.masks and options.cfg_cutoff < 1:
+        raise UserInputError(  # diffusers' ControlNet inpainting loop drops what its step callback hands back
+            "--cfg_cutoff with --controlnet and --mask_image: ControlNet inpainting runs guidance on every step; "
+            "leave out --cfg_cutoff (it works for ControlNet text-to-image and img2img)"
+        )
     return GenerationRequest(
         prompt=options.prompt or "",
         negative_prompt=options.negative_prompt,
