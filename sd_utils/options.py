@@ -362,12 +362,16 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     )
     optimize.add_argument(
         "--use_fp16_fixed_vae",
+        "--vae",
+        dest="use_fp16_fixed_vae",
         nargs="?",
         const=DEFAULT_FP16_VAE,
         default=None,
         metavar="DIR|ID",
-        help="build the VAE from an fp16-fixed AutoencoderKL and run it in fp16 on GPU providers (faster; the stock "
-        f"SDXL VAE stays fp32 because it overflows fp16); without a value: {DEFAULT_FP16_VAE}",
+        help="build the VAE from another one and run it in fp16 on GPU providers: an fp16-fixed AutoencoderKL "
+        "(the stock SDXL VAE stays fp32 because it overflows fp16), or a tiny AutoencoderTiny (TAESD-XL, e.g. "
+        f"madebyollin/taesdxl: a fraction of the decoder's work, slightly softer images); without a value: "
+        f"{DEFAULT_FP16_VAE}",
     )
     optimize.add_argument("--tempdir", type=Path, default=None, help="temporary folder for Olive and ONNX Runtime")
 

@@ -7,6 +7,7 @@ fusions match the MatMul/Softmax attention pattern of a TorchScript fp32 export,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -95,7 +96,10 @@ class VaeEncoderExport(torch.nn.Module):
         self.vae = vae
 
     def forward(self, sample):
-        return self.vae.encode(sample).latent_dist.parameters
+        encoded = self.vae.encode(sample)
+        if hasattr(encoded, "latents"):  # AutoencoderTiny: the latents themselves, as a distribution of no spread
+            return torch.cat([encoded.latents, torch.full_like(encoded.latents, -30.0)], dim=1)
+        return encoded.latent_dist.parameters
 
 
 class VaeDecoderExport(torch.nn.Module):
@@ -157,11 +161,14 @@ def load_submodel(name: str, model_path: str | Path) -> torch.nn.Module:
         controlnet.set_attn_processor(AttnProcessor())
         module = ControlNetExport(controlnet)
     elif name in ("vae_encoder", "vae_decoder"):
-        from diffusers import AutoencoderKL
+        import diffusers
         from diffusers.models.attention_processor import AttnProcessor
 
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=stored_dtype(root / "vae"))
-        vae.set_attn_processor(AttnProcessor())
+        kind = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8")).get("_class_name")
+        cls = diffusers.AutoencoderTiny if kind == "AutoencoderTiny" else diffusers.AutoencoderKL
+        vae = cls.from_pretrained(root / "vae", torch_dtype=stored_dtype(root / "vae"))
+        if cls is diffusers.AutoencoderKL:  # the tiny one has no attention
+            vae.set_attn_processor(AttnProcessor())
         module = VaeEncoderExport(vae) if name == "vae_encoder" else VaeDecoderExport(vae)
     else:
         raise ValueError(f"unknown submodel {name!r}")

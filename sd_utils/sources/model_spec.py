@@ -114,7 +114,8 @@ class ModelSpec:
         )
         if remainder:
             raise ModelNotFoundError(f"{root}/unet config does not fit a pooled embedding of width {pooled_dim}")
-        vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        vae_blocks = vae.get("block_out_channels") or vae["decoder_block_out_channels"]  # AutoencoderTiny's
+        vae_scale_factor = 2 ** (len(vae_blocks) - 1)
         has_text_encoder = "text_encoder" in present
         submodels = tuple(name for name in SUBMODELS if name != "text_encoder" or has_text_encoder)
         return cls(
@@ -127,7 +128,9 @@ class ModelSpec:
             unet_downscale=2 ** (len(unet["block_out_channels"]) - 1),
             group_norm_sizes={
                 "unet": tuple(sorted({c // unet["norm_num_groups"] for c in unet["block_out_channels"]})),
-                "vae": tuple(sorted({c // vae["norm_num_groups"] for c in vae["block_out_channels"]})),
+                "vae": tuple(sorted({c // vae["norm_num_groups"] for c in vae_blocks}))
+                if "norm_num_groups" in vae
+                else (),
             },
             attention_channels=tuple(
                 sorted(

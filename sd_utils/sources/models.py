@@ -376,17 +376,21 @@ def with_vae(model: ResolvedModel, vae: str, *, destination: Path) -> Path:
             f"--use_fp16_fixed_vae {vae}: no config.json; give a folder with an AutoencoderKL (config.json + weights)"
         ) from None
     original = json.loads((model.spec.root / "vae" / "config.json").read_text())
-    for key in ("latent_channels", "block_out_channels"):
+    tiny = config.get("_class_name") == "AutoencoderTiny"
+    for key in ("latent_channels",) if tiny else ("latent_channels", "block_out_channels"):
         if config.get(key) != original.get(key):
             raise ModelNotFoundError(
-                f"--use_fp16_fixed_vae {vae} has {key}={config.get(key)}, the model's VAE has {original.get(key)}; "
-                "use the fp16-fixed VAE made for this model"
+                f"--vae {vae} has {key}={config.get(key)}, the model's VAE has {original.get(key)}; use a VAE made "
+                "for this model's latents (SDXL's: madebyollin/sdxl-vae-fp16-fix or madebyollin/taesdxl)"
             )
     if destination.exists():
         shutil.rmtree(destination)
     copy_configs(model.spec.root, destination)
     shutil.rmtree(destination / "vae")
     shutil.copytree(source, destination / "vae", ignore=shutil.ignore_patterns(".*"))
+    if tiny and "block_out_channels" not in config:  # what diffusers' pipelines read the VAE's scale from
+        config["block_out_channels"] = config["decoder_block_out_channels"]
+        (destination / "vae" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return destination
 
 
