@@ -3,13 +3,15 @@
     python bench/caching.py quality [--models_dir models] [--cache_dir cache] [--steps 25] [--cutoffs 0.6,0.8]
     python bench/caching.py speed --model_id random-sdxl-base [--models_dir models] [--provider cpu]
                                   [--size 1024] [--steps_list 20,30] [--cutoffs 0.6,0.8] [--repeats 2]
+                                  [--tiny_vae_steps 4]
 
 ``quality``: the demo model's 96 captions (``sd_utils.demo_model``: its judge reads colour, shape and position back
 from each image), drawn by the optimized ONNX pipeline with guidance throughout and with each cut-off, from the same
 latents; per case the judge's score and the PSNR / SSIM of its images to the uncut ones.
 ``speed``: seconds per image through the tool's own run (``app.Generator``), guidance throughout and with each
-cut-off, after a warm-up image; one JSON line per case. DeepCache-style caching (``--cache_interval``) is not built
-yet: its rows are missing here.
+cut-off, after a warm-up image; one JSON line per case; with ``--tiny_vae_steps``, also few-step images at guidance 0
+with the model's VAE and with an ``AutoencoderTiny`` of TAESD-XL's architecture (random weights, written first).
+DeepCache-style caching (``--cache_interval``) is not built yet: its rows are missing here.
 """
 
 from __future__ import annotations
@@ -95,29 +97,59 @@ def _draw(pipeline, scenes, latents, args, extra: dict) -> np.ndarray:
     return np.concatenate(images)
 
 
+def _random_tiny_vae(folder: Path) -> Path:
+    """An ``AutoencoderTiny`` of TAESD-XL's architecture (diffusers' defaults) with random weights: its speed."""
+    from diffusers import AutoencoderTiny
+
+    if not (folder / "config.json").is_file():
+        AutoencoderTiny().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def speed(args) -> None:
+    """Guidance 7 with each cut-off at ``--steps_list``; then, with ``--tiny_vae_steps``, few-step images at guidance
+    0 with the model's VAE and with a tiny one."""
+    for steps in (int(value) for value in args.steps_list.split(",")):
+        for cutoff in [1.0, *(float(value) for value in args.cutoffs.split(",") if value)]:
+            _speed_case(args, steps=steps, cutoff=cutoff, guidance=7.0, vae=None)
+    if args.tiny_vae_steps:
+        tiny = str(_random_tiny_vae(Path(args.models_dir) / "taesdxl-random"))
+        for steps in (int(value) for value in args.tiny_vae_steps.split(",")):
+            for vae in (None, tiny):
+                _speed_case(args, steps=steps, cutoff=1.0, guidance=0.0, vae=vae)
+
+
+def _speed_case(args, *, steps: int, cutoff: float, guidance: float, vae: str | None) -> None:
     from sd_utils import app
     from sd_utils.options import parse_options
 
     with tempfile.TemporaryDirectory() as scratch:
-        for steps in (int(value) for value in args.steps_list.split(",")):
-            for cutoff in [1.0, *(float(value) for value in args.cutoffs.split(","))]:
-                argv = ["--model_id", args.model_id, "--provider", args.provider, "--models_dir", args.models_dir]
-                argv += ["--cache_dir", args.cache_dir, "--output_dir", scratch, "--prompt", "a lighthouse at dusk"]
-                argv += ["--image_size", str(args.size), "--num_inference_steps", str(steps), "--seed", "1"]
-                options = parse_options([*argv, "--guidance_scale", "7", "--cfg_cutoff", str(cutoff)])
-                job = app.plan(options)
-                generator = app.Generator(options, job, app.prepare_models(options, job))
-                generator.generate(job.request)  # warm-up: sessions made
-                seconds = []
-                for _ in range(args.repeats):
-                    started = time.perf_counter()
-                    generator.generate(job.request)
-                    seconds.append(time.perf_counter() - started)
-                generator = None
-                row = {"cfg_cutoff": cutoff, "steps": steps, "s_per_image": round(statistics.median(seconds), 3)}
-                row.update(runs=[round(value, 3) for value in seconds], model=args.model_id, size=args.size)
-                print(json.dumps({**row, "provider": args.provider}), flush=True)
+        argv = ["--model_id", args.model_id, "--provider", args.provider, "--models_dir", args.models_dir]
+        argv += ["--cache_dir", args.cache_dir, "--output_dir", scratch, "--prompt", "a lighthouse at dusk"]
+        argv += ["--image_size", str(args.size), "--num_inference_steps", str(steps), "--seed", "1"]
+        argv += ["--guidance_scale", str(guidance), "--cfg_cutoff", str(cutoff), *(["--vae", vae] if vae else [])]
+        options = parse_options(argv)
+        job = app.plan(options)
+        generator = app.Generator(options, job, app.prepare_models(options, job))
+        generator.generate(job.request)  # warm-up: sessions made
+        seconds = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            generator.generate(job.request)
+            seconds.append(time.perf_counter() - started)
+    row = {
+        "cfg_cutoff": cutoff,
+        "steps": steps,
+        "guidance": guidance,
+        "s_per_image": round(statistics.median(seconds), 3),
+    }
+    row.update(vae="tiny (TAESD-XL architecture, random)" if vae else "the model's", model=args.model_id)
+    print(
+        json.dumps(
+            {**row, "runs": [round(value, 3) for value in seconds], "size": args.size, "provider": args.provider}
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -133,6 +165,7 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=7.0)
     parser.add_argument("--cutoffs", default="0.6,0.8")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny_vae_steps", default="", help="speed: also these step counts with a tiny VAE, e.g. 4")
     args = parser.parse_args()
     quality(args) if args.mode == "quality" else speed(args)
 
