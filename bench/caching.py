@@ -109,7 +109,7 @@ def _random_tiny_vae(folder: Path) -> Path:
 def speed(args) -> None:
     """Guidance 7 with each cut-off at ``--steps_list``; then, with ``--tiny_vae_steps``, few-step images at guidance
     0 with the model's VAE and with a tiny one."""
-    for steps in (int(value) for value in args.steps_list.split(",")):
+    for steps in (int(value) for value in args.steps_list.split(",") if value):
         for cutoff in [1.0, *(float(value) for value in args.cutoffs.split(",") if value)]:
             _speed_case(args, steps=steps, cutoff=cutoff, guidance=7.0, vae=None)
     if args.tiny_vae_steps:
