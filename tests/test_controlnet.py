@@ -199,6 +199,18 @@ def test_cli_run_records_the_controlnet_and_bad_input_is_one_line(tiny_optimized
         (["--controlnet", str(sd15), "--control_image", str(nets["shapes"])], "another architecture"),
         (["--controlnet", str(nets["canny"]), "--control_image", str(tmp_path / "none.png")], "no such file"),
         (["--controlnet", str(tmp_path / "missing"), "--control_image", str(nets["shapes"])], "no such folder"),
+        (
+            [
+                *control,
+                "--base_images",
+                str(nets["shapes"]),
+                "--mask_image",
+                str(nets["stripes"]),
+                "--cfg_cutoff",
+                "0.5",
+            ],
+            "ControlNet inpainting runs guidance on every step",
+        ),
     ]
     for extra, said in cases:
         assert main([*args, str(tmp_path / "bad"), *extra]) == 2, extra
