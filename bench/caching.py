@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import sys
@@ -109,14 +110,17 @@ def _random_tiny_vae(folder: Path) -> Path:
 def speed(args) -> None:
     """Guidance 7 with each cut-off at ``--steps_list``; then, with ``--tiny_vae_steps``, few-step images at guidance
     0 with the model's VAE and with a tiny one."""
+    cutoffs = [float(value) for value in args.cutoffs.split(",") if value]
     for steps in (int(value) for value in args.steps_list.split(",") if value):
-        for cutoff in [1.0, *(float(value) for value in args.cutoffs.split(",") if value)]:
+        for cutoff in [1.0, *cutoffs] if args.baseline else cutoffs:
             _speed_case(args, steps=steps, cutoff=cutoff, guidance=7.0, vae=None)
+            gc.collect()  # the case's sessions go before the next case's come (two full-size UNets do not fit)
     if args.tiny_vae_steps:
         tiny = str(_random_tiny_vae(Path(args.models_dir) / "taesdxl-random"))
         for steps in (int(value) for value in args.tiny_vae_steps.split(",")):
-            for vae in (None, tiny):
+            for vae in (None, tiny) if args.baseline else (tiny,):
                 _speed_case(args, steps=steps, cutoff=1.0, guidance=0.0, vae=vae)
+                gc.collect()
 
 
 def _speed_case(args, *, steps: int, cutoff: float, guidance: float, vae: str | None) -> None:
@@ -165,6 +169,7 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=7.0)
     parser.add_argument("--cutoffs", default="0.6,0.8")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no_baseline", dest="baseline", action="store_false", help="speed: skip the uncut rows")
     parser.add_argument("--tiny_vae_steps", default="", help="speed: also these step counts with a tiny VAE, e.g. 4")
     args = parser.parse_args()
     quality(args) if args.mode == "quality" else speed(args)
