@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import tempfile
 import threading
@@ -251,7 +252,8 @@ class GenerationService:
         options = dataclasses.replace(self.options, model_id=model_id)
         job = app.plan(options, provider_table={self.job.provider.name: self.job.provider})
         ready = app.prepare_models(options, job)
-        self.generator = None  # the old sessions go before the new ones come
+        self.generator = None  # the old sessions go before the new ones come (optimum's parts refer to each other)
+        gc.collect()
         self._load(options, job, ready)
 
     def loras(self) -> list[dict[str, Any]]:
