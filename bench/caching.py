@@ -69,33 +69,15 @@ def quality(args) -> None:
 
         extra = {"callback_on_step_end": cut, "callback_on_step_end_tensor_inputs": pipeline._callback_tensor_inputs}
         started = time.perf_counter()
-        images = _draw(pipeline, scenes, latents.clone(), args, extra)
+        images = demo.draw_all(
+            pipeline, scenes, latents.clone(), steps=args.steps, guidance_scale=args.guidance_scale, batch=16, **extra
+        )
         seconds = time.perf_counter() - started
         reference = images if reference is None else reference
         row = {"cfg_cutoff": cutoff, "score": dataclasses.asdict(demo.score(images, scenes))}
         row["score"].pop("misses")
         row.update(psnr_db=_psnr(reference, images), ssim=_ssim(reference, images), seconds=round(seconds, 1))
         print(json.dumps({**row, "prompts": len(scenes), "steps": args.steps, "guidance": args.guidance_scale}))
-
-
-def _draw(pipeline, scenes, latents, args, extra: dict) -> np.ndarray:
-    from sd_utils.demo_model import shapes
-
-    images = []
-    for start in range(0, len(scenes), 16):
-        chunk = scenes[start : start + 16]
-        out = pipeline(
-            prompt=[scene.caption for scene in chunk],
-            latents=latents[start : start + 16],
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            height=shapes.SIZE,
-            width=shapes.SIZE,
-            output_type="np",
-            **extra,
-        ).images
-        images.append(np.clip(np.asarray(out) * 255 + 0.5, 0, 255).astype(np.uint8))
-    return np.concatenate(images)
 
 
 def _random_tiny_vae(folder: Path) -> Path:

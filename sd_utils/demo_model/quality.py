@@ -59,8 +59,9 @@ def starting_latents(count: int, spec) -> torch.Tensor:  # noqa: F821
     return torch.randn((count, spec.latent_channels, size, size), generator=generator)
 
 
-def draw_all(pipeline, scenes, latents, *, steps: int, guidance_scale: float, batch: int) -> np.ndarray:
-    """Run ``pipeline`` (ONNX or PyTorch SDXL) over ``scenes`` in batches; returns uint8 images."""
+def draw_all(pipeline, scenes, latents, *, steps: int, guidance_scale: float, batch: int, **extra) -> np.ndarray:
+    """Run ``pipeline`` (ONNX or PyTorch SDXL) over ``scenes`` in batches; returns uint8 images. ``extra``: more
+    pipeline arguments (a step callback)."""
     images = []
     for start in range(0, len(scenes), batch):
         chunk = scenes[start : start + batch]
@@ -72,6 +73,7 @@ def draw_all(pipeline, scenes, latents, *, steps: int, guidance_scale: float, ba
             height=shapes.SIZE,
             width=shapes.SIZE,
             output_type="np",
+            **extra,
         ).images
         images.append(np.clip(np.asarray(out) * 255 + 0.5, 0, 255).astype(np.uint8))
     return np.concatenate(images)
