@@ -178,13 +178,17 @@ def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, contr
     optimum_adapter.set_unet_forward(pipeline, lambda feeds: run(feeds)[0], residuals)
     wanted = [folder / "controlnet" for folder in controlnets]
     if reuse is not None and [net.folder for net in reuse.controlnets] == wanted:
-        return optimum_adapter.controlnet_pipeline(pipeline, list(reuse.controlnets), task), list(reuse.controlnets)
-    nets = []
-    for path in wanted:
-        shapes = functools.partial(_residual_shapes, spec)
-        net_run = _cuda_graph_runner(parts, path / "model.onnx", shapes, label="a ControlNet") if runner else None
-        nets.append(OrtControlNet(net_run or SessionRunner(parts.plain_session(path)), path, device=pipeline.device))
+        nets = list(reuse.controlnets)
+    else:
+        nets = [_controlnet(parts, spec, path, graphed=runner is not None, device=pipeline.device) for path in wanted]
     return optimum_adapter.controlnet_pipeline(pipeline, nets, task), nets
+
+
+def _controlnet(parts: PartSessions, spec: ModelSpec, path: Path, *, graphed: bool, device) -> OrtControlNet:
+    """The ControlNet in ``path``: a CUDA graph when the UNet is one (and ORT can capture it), else a plain session."""
+    shapes = functools.partial(_residual_shapes, spec)
+    run = _cuda_graph_runner(parts, path / "model.onnx", shapes, label="a ControlNet") if graphed else None
+    return OrtControlNet(run or SessionRunner(parts.plain_session(path)), path, device=device)
 
 
 def _residual_shapes(spec: ModelSpec, feeds: dict[str, Any]) -> list[tuple[int, ...]]:

@@ -217,7 +217,6 @@ def read_request(
         "height": _number(payload, "height", int, 512, low=8, high=MAX_SIDE),
         "image_size": None,
         "scheduler": scheduler_for(payload) or base.scheduler,
-        "output_dir": base.output_dir,
         # one run of the CLI, as the server's own options would make it
         "interactive": False,
         "prompts_file": None,
