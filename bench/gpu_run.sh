@@ -17,6 +17,10 @@
 #                                  once (bench/controlnet.py --parallel_builds), then a ControlNet's cost per step
 #                                  (1024², 20 steps; none / 1 / 2 ControlNets) in the background (controlnet.log),
 #                                  the gpu-marked graph tests beside it (controlnet_tests.log)
+#   bash bench/gpu_run.sh less_work  build + --optimize --provider cuda, then (less_work.log, *.json) the denoising
+#                                  loop's overhead (bench/benchmark.py --profile, the graphed variant), then
+#                                  bench/caching.py speed: 20/30 steps with and without --cfg_cutoff, 4 steps with the
+#                                  model's and a tiny VAE, throughput at batch 1-8; the gpu-marked tests beside it
 #   bash bench/gpu_run.sh loras    build + --optimize --provider cuda, then bench/loras.py (run-time LoRA switches,
 #                                  s/step with and without; 1024², 20 steps), in the background (loras.log)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
@@ -59,6 +63,27 @@ case "${1:-}" in
     cd "$WORK/repo"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
     echo "== tests DONE $(date +%T)"
+    ;;
+  less_work)
+    copy_repo
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    setsid nohup bash bench/gpu_run.sh less_work_job > "$WORK/less_work.log" 2>&1 < /dev/null &
+    setsid nohup bash bench/gpu_run.sh controlnet_tests > "$WORK/controlnet_tests.log" 2>&1 < /dev/null &
+    ;;
+  less_work_job)
+    cd "$WORK/repo"
+    echo "== optimize $(date +%T)"
+    python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" \
+      --cache_dir "$WORK/cache" 2>&1 | grep --line-buffered -E "^\[|optimized|rror|done in" || true
+    while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
+    echo "== loop profile $(date +%T)"
+    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL" \
+      --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 3 > "$WORK/loop_profile.json" || true
+    echo "== caching.py speed $(date +%T)"
+    python3 bench/caching.py speed --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" \
+      --cache_dir "$WORK/cache" --size 1024 --steps_list 20,30 --cutoffs 0.6 --repeats 3 --tiny_vae_steps 4 \
+      --batches 2,4,8 2>&1 | tee "$WORK/caching_speed.jsonl" | grep --line-buffered -E "^\{|rror" || true
+    echo "== less_work DONE $(date +%T)"
     ;;
   loras)
     copy_repo
@@ -233,7 +258,7 @@ for run in range(3):
     cp "$WORK/cpurepo/sd_utils/demo_model/weights/settings.json" "$WORK/cpu_settings.json" 2>/dev/null || true
     tail -n "${LINES_SHOWN:-25}" "$WORK/side.log" 2>/dev/null || true
     tail -n 4 "$WORK/optimize_base.log" "$WORK/optimize_refiner.log" 2>/dev/null || true
-    for f in optimize_base.log optimize_refiner.log benchmark_torch.json few_step.json \
+    for f in less_work.log loop_profile.json caching_speed.jsonl controlnet_tests.log optimize_base.log optimize_refiner.log benchmark_torch.json few_step.json \
       pipeline.log side.log fused_ops.json benchmark.json benchmark_fp16vae.json benchmark_fp32vae.json \
       unet_variants.json memory_fit.json memory_fit_tiny.json \
       benchmark_last.json fp8_gemm.json \
