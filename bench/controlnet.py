@@ -28,6 +28,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 sys.path.insert(0, str(PROJECT_DIR / "tests"))
 from loras import timed_image  # noqa: E402 (bench/ is on the path of a bench script)
+from parallel_builds import build_in_parallel  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +66,7 @@ def main() -> None:
 
             controlnet = write_controlnet(job.model.spec.root, out / "controlnet")
         if args.parallel_builds:
-            _build_in_parallel(args, job, controlnet)
+            build_in_parallel(args, ("unet_controlnet",), (_build_controlnet, (args, controlnet)))
         cases = {"none": [], "1 ControlNet": [controlnet], "2 ControlNets": [controlnet, controlnet]}
         runs_of = {}
         for case, nets in cases.items():
@@ -97,65 +98,14 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
 
-def _build_in_parallel(args, job, controlnet: Path) -> None:
-    """The model's build, the UNet with residual inputs and the ControlNet, each in a process of its own. The UNet
-    with residual inputs is built in a folder of its own and moved into the model's build when that is done (the
-    model's build places its folder whole)."""
-    import multiprocessing
-    import shutil
-
-    from sd_utils.optimize.recipe import BuildRecipe
-
-    model = job.model
-    paths = BuildRecipe.of(model, provider=args.provider).paths(Path(args.models_dir))
-    aside = Path(args.models_dir) / "unet_controlnet-aside"
-    aside.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    spawn = multiprocessing.get_context("spawn")
-    workers = [
-        spawn.Process(target=_build_model, args=(args,)),
-        spawn.Process(target=_build_controlled_unet, args=(args, aside)),
-        spawn.Process(target=_build_controlnet, args=(args, controlnet)),
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-        assert worker.exitcode == 0, f"a build failed ({worker.exitcode})"
-    if not (paths.optimized / "unet_controlnet").exists():
-        shutil.move(aside / "build" / "unet_controlnet", paths.optimized / "unet_controlnet")
-    print(json.dumps({"parallel_builds_s": round(time.perf_counter() - started, 1)}), flush=True)
-
-
-def _model(args):
-    from sd_utils.runtime.providers import PROVIDERS
-    from sd_utils.sources.models import resolve_model
-
-    return resolve_model(args.model_id, models_dir=Path(args.models_dir)), PROVIDERS[args.provider]
-
-
-def _build_model(args) -> None:
-    from stable_diffusion_xl import main
-
-    argv = ["--optimize", "--model_id", args.model_id, "--provider", args.provider, "--models_dir", args.models_dir]
-    assert main([*argv, "--cache_dir", args.cache_dir]) == 0
-
-
-def _build_controlled_unet(args, aside: Path) -> None:
-    from sd_utils.optimize.controlnets import controlled_unet
-    from sd_utils.optimize.recipe import BuildPaths
-
-    model, provider = _model(args)
-    paths = BuildPaths(optimized=aside / "build", unoptimized=aside / "unoptimized")
-    paths.optimized.mkdir(exist_ok=True)
-    controlled_unet(paths, model, provider, cache_dir=aside / "cache", tempdir=None)
-
-
 def _build_controlnet(args, controlnet: Path) -> None:
     from sd_utils.optimize.controlnets import controlnet_build
+    from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.controlnet import resolve_controlnet
+    from sd_utils.sources.models import resolve_model
 
-    model, provider = _model(args)
+    model = resolve_model(args.model_id, models_dir=Path(args.models_dir))
+    provider = PROVIDERS[args.provider]
     source = resolve_controlnet(str(controlnet), 1.0, base=model.spec, models_dir=Path(args.models_dir))
     controlnet_build(source, model, provider, models_dir=Path(args.models_dir), tempdir=None)
 

@@ -1,5 +1,6 @@
 """The two graphs a ControlNet run adds to a build, each made by its own Olive workflow with the UNet's passes and fp16
-handling (``config_controlnet.json``, ``config_unet_controlnet.json``), and only when a run asks for a ControlNet:
+handling (``config_controlnet.json``, ``config_unet_controlnet.json``, see ``unet_graphs.py``), and only when a run
+asks for a ControlNet:
 
 * ``<build>/unet_controlnet``: the base model's UNet with the ControlNet residuals as inputs, next to the plain UNet
   (which runs without a ControlNet, as before). One per build: every ControlNet of the architecture shares it.
@@ -16,20 +17,10 @@ import shutil
 import time
 from pathlib import Path
 
-from sd_utils.errors import UserInputError
 from sd_utils.files import exclusive, replace_folder
-from sd_utils.optimize.olive_workflow import (
-    _place,
-    external_data_files,
-    load_template,
-    olive_cache,
-    run_checking_cache,
-    staged,
-    unsupported_fusions,
-    workflow_config,
-)
+from sd_utils.optimize.olive_workflow import staged
 from sd_utils.optimize.recipe import BuildPaths
-from sd_utils.optimize.weight_map import MAP_FILE, write_weight_maps
+from sd_utils.optimize.unet_graphs import run_workflow, unet_graph
 from sd_utils.runtime.providers import Provider
 from sd_utils.sources.controlnet import ControlNetSource
 from sd_utils.sources.models import ResolvedModel, copy_configs
@@ -40,54 +31,13 @@ CONTROLLED_UNET = "unet_controlnet"
 FORMAT = 1  # of a ControlNet build: a change here rebuilds them
 
 
-def _run_workflow(submodel: str, root: Path, provider: Provider, *, spec, cache_dir, tempdir, work: Path, out: Path):
-    """One Olive workflow (``config_<submodel>.json``) exporting ``submodel`` from the diffusers folder ``root``, its
-    outputs in ``work``; the optimized model placed in ``out`` (model.onnx and its data)."""
-    config = workflow_config(
-        load_template(submodel),
-        submodel=submodel,
-        provider=provider,
-        model_path=root,
-        disabled_fusions=unsupported_fusions(spec, provider=provider, submodel="unet"),  # the UNet's blocks
-        cache_dir=cache_dir,
-        output_dir=work / f"olive-{submodel}",
-    )
-    _, optimized = run_checking_cache(config, submodel=submodel, tempdir=tempdir, keep_cache=True)
-    out.mkdir(parents=True)
-    for name in external_data_files(optimized):
-        _place(optimized.parent / name, out / name, move=True)
-    _place(optimized, out / "model.onnx", move=True)
-
-
 def controlled_unet(
     paths: BuildPaths, model: ResolvedModel, provider: Provider, *, cache_dir: Path, tempdir: Path | None
 ) -> Path:
     """The build's UNet that takes ControlNet residuals (made on first use, next to the plain UNet)."""
-    target = paths.optimized / CONTROLLED_UNET
-    if (target / "model.onnx").is_file():
-        return target
-    if model.unet_file is not None or model.loras:
-        raise UserInputError(
-            "--controlnet runs on builds of a plain model: this one has a --unet file or fused LoRAs (--fuse_loras); "
-            "apply LoRAs at run time (without --fuse_loras) or leave --unet out"
-        )
-    with exclusive(paths.optimized.with_name(f".{paths.optimized.name}.lock"), waiting_for=f"building {target}"):
-        if (target / "model.onnx").is_file():
-            return target
-        started = time.perf_counter()
-        logger.info("building the UNet that takes ControlNet residuals -> %s", target)
-        with olive_cache(cache_dir, clean=False), staged(paths.optimized.parent, "controlnet-") as staging:
-            out = staging / CONTROLLED_UNET
-            root = model.spec.root
-            _run_workflow(
-                CONTROLLED_UNET, root, provider, spec=model.spec, cache_dir=cache_dir, tempdir=tempdir,
-                work=staging, out=out,
-            )  # fmt: skip
-            shutil.copy2(root / "unet" / "config.json", out / "config.json")
-            write_weight_maps("unet", root, {out / "model.onnx": out / MAP_FILE})  # run-time LoRAs reach it too
-            out.rename(target)
-        logger.info("built %s in %.1f s", target, time.perf_counter() - started)
-    return target
+    return unet_graph(
+        paths, model, provider, CONTROLLED_UNET, flag="--controlnet", cache_dir=cache_dir, tempdir=tempdir
+    )
 
 
 def controlnet_folder(source: ControlNetSource, provider: Provider, *, models_dir: Path) -> Path:
@@ -118,7 +68,7 @@ def controlnet_build(
             copy_configs(model.spec.root, root)
             (root / "controlnet").symlink_to(source.root, target_is_directory=True)
             out = staging / "build"
-            _run_workflow(
+            run_workflow(
                 "controlnet", root, provider, spec=model.spec, cache_dir=staging / "olive-cache", tempdir=tempdir,
                 work=staging, out=out / "controlnet",
             )  # fmt: skip
