@@ -38,6 +38,9 @@ unet_load, unet_io_config, unet_dummy_inputs = _entry_points("unet")
 # ControlNet runs: a ControlNet, and the UNet that takes its residuals
 controlnet_load, controlnet_io_config, controlnet_dummy_inputs = _entry_points("controlnet")
 unet_controlnet_load, unet_controlnet_io_config, unet_controlnet_dummy_inputs = _entry_points("unet_controlnet")
+# --cache_interval runs (DeepCache): the UNet that also outputs the cached feature, and its outer blocks alone
+unet_refresh_load, unet_refresh_io_config, unet_refresh_dummy_inputs = _entry_points("unet_refresh")
+unet_shallow_load, unet_shallow_io_config, unet_shallow_dummy_inputs = _entry_points("unet_shallow")
 vae_encoder_load, vae_encoder_io_config, vae_encoder_dummy_inputs = _entry_points("vae_encoder")
 vae_decoder_load, vae_decoder_io_config, vae_decoder_dummy_inputs = _entry_points("vae_decoder")
 

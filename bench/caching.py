@@ -1,19 +1,21 @@
-"""Less work per image: what ``--cfg_cutoff`` costs in quality and saves in time.
+"""Less work per image: what ``--cfg_cutoff`` and ``--cache_interval`` (DeepCache) cost in quality and save in time.
 
     python bench/caching.py quality [--models_dir models] [--cache_dir cache] [--steps 25] [--cutoffs 0.6,0.8]
+                                    [--intervals 2,3]
     python bench/caching.py speed --model_id random-sdxl-base [--models_dir models] [--provider cpu]
-                                  [--size 1024] [--steps_list 20,30] [--cutoffs 0.6,0.8] [--repeats 2]
+                                  [--size 1024] [--steps_list 20,30] [--cutoffs 0.6,0.8] [--intervals 2,3] [--repeats 2]
                                   [--tiny_vae_steps 4] [--batches 2,4,8]
 
+The cases: off, each cut-off, each interval, and both (the lowest cut-off with the largest interval).
 ``quality``: the demo model's 96 captions (``sd_utils.demo_model``: its judge reads colour, shape and position back
-from each image), drawn by the optimized ONNX pipeline with guidance throughout and with each cut-off, from the same
-latents; per case the judge's score and the PSNR / SSIM of its images to the uncut ones.
-``speed``: seconds per image through the tool's own run (``app.Generator``), guidance throughout and with each
-cut-off, after a warm-up image; one JSON line per case; with ``--tiny_vae_steps``, also few-step images at guidance 0
-with the model's VAE and with an ``AutoencoderTiny`` of TAESD-XL's architecture (random weights, written first);
-with ``--batches``, throughput at the first ``--steps_list`` count and ``--batch_guidance`` (MLPerf's SDXL setting:
-20 Euler steps, guidance 8) for each batch size (images per pipeline call), the cut-offs at the largest one only.
-DeepCache-style caching (``--cache_interval``) is not built yet: its rows are missing here.
+from each image), drawn by the optimized ONNX pipeline in each case from the same latents; per case the judge's score
+and the PSNR / SSIM of its images to those of the first case (off).
+``speed``: seconds per image through the tool's own run (``app.Generator``) per case, after a 2-step warm-up image; one
+JSON line per case (``--parallel_builds``: the builds first, see bench/parallel_builds.py); with ``--tiny_vae_steps``,
+also few-step images at guidance 0 with the model's VAE and with an ``AutoencoderTiny`` of TAESD-XL's architecture
+(random weights, written first); with ``--batches``, throughput at ``--batch_steps`` and ``--batch_guidance``
+(MLPerf's SDXL setting: 20 Euler steps, guidance 8) for each batch size (images per pipeline
+call), every case at the largest one, only "off" at the others.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def _psnr(reference: np.ndarray, images: np.ndarray) -> float:
     return round(10 * np.log10(255**2 / mse), 2) if mse else float("inf")
 
 
+def _cases(args) -> list[tuple[float, int]]:
+    """(cut-off, cache interval) of every case: off, each cut-off, each interval, and both (the lowest cut-off with
+    the largest interval)."""
+    cutoffs = [float(value) for value in args.cutoffs.split(",") if value]
+    intervals = [int(value) for value in args.intervals.split(",") if value]
+    cases = [(1.0, 1)] if args.baseline else []
+    cases += [(cutoff, 1) for cutoff in cutoffs] + [(1.0, interval) for interval in intervals]
+    return cases + ([(min(cutoffs), max(intervals))] if cutoffs and intervals else [])
+
+
 def quality(args) -> None:
     from sd_utils.demo_model import quality as demo
     from sd_utils.demo_model import shapes
@@ -58,25 +70,36 @@ def quality(args) -> None:
     from sd_utils.sources.model_spec import Shape
 
     scenes = list(shapes.ALL_SCENES)
-    folder, spec = demo.optimized_demo(Path(args.models_dir), Path(args.cache_dir))
+    folder, spec = demo.optimized_demo(Path(args.models_dir), Path(args.cache_dir), "--cache_interval", "2")
     latents = demo.starting_latents(len(scenes), spec)
     shape = Shape(batch=16, height=shapes.SIZE, width=shapes.SIZE, free_batch=True)
-    pipeline = load_pipeline(folder, spec, provider=PROVIDERS["cpu"], shape=shape, model_label="demo").pipeline
-    pipeline.set_progress_bar_config(disable=True)
+    cpu = PROVIDERS["cpu"]
+    loaded = {
+        cached: load_pipeline(folder, spec, provider=cpu, shape=shape, model_label="demo", deep_cache=cached)
+        for cached in (False, True)
+    }
     reference = None
-    for cutoff in [1.0, *(float(value) for value in args.cutoffs.split(","))]:
+    for cutoff, interval in _cases(args):
+        pipeline = loaded[interval > 1].pipeline
+        pipeline.set_progress_bar_config(disable=True)
 
         def cut(pipe, step, timestep, tensors, cutoff=cutoff):
             return drop_guidance(pipe, step, cutoff, tensors)
 
+        def call(*, pipeline=pipeline, cache=loaded[interval > 1].unet_cache, interval=interval, **arguments):
+            if cache is not None:
+                cache.start(interval)  # each call's first step refreshes the cache, as the tool's run does
+            return pipeline(**arguments)
+
         extra = {"callback_on_step_end": cut, "callback_on_step_end_tensor_inputs": pipeline._callback_tensor_inputs}
         started = time.perf_counter()
         images = demo.draw_all(
-            pipeline, scenes, latents.clone(), steps=args.steps, guidance_scale=args.guidance_scale, batch=16, **extra
+            call, scenes, latents.clone(), steps=args.steps, guidance_scale=args.guidance_scale, batch=16, **extra
         )
         seconds = time.perf_counter() - started
         reference = images if reference is None else reference
-        row = {"cfg_cutoff": cutoff, "score": dataclasses.asdict(demo.score(images, scenes))}
+        row = {"cfg_cutoff": cutoff, "cache_interval": interval}
+        row["score"] = dataclasses.asdict(demo.score(images, scenes))
         row["score"].pop("misses")
         row.update(psnr_db=_psnr(reference, images), ssim=_ssim(reference, images), seconds=round(seconds, 1))
         print(json.dumps({**row, "prompts": len(scenes), "steps": args.steps, "guidance": args.guidance_scale}))
@@ -92,24 +115,28 @@ def _random_tiny_vae(folder: Path) -> Path:
 
 
 def speed(args) -> None:
-    """Guidance 7 with each cut-off at ``--steps_list``; then, with ``--tiny_vae_steps``, few-step images at guidance
-    0 with the model's VAE and with a tiny one."""
-    cutoffs = [float(value) for value in args.cutoffs.split(",") if value]
+    """Guidance 7 in every case of :func:`_cases` at ``--steps_list``; then, with ``--tiny_vae_steps``, few-step
+    images at guidance 0 with the model's VAE and with a tiny one; then ``--batches``."""
+    if args.parallel_builds:
+        sys.path.insert(0, str(PROJECT_DIR / "bench"))
+        from parallel_builds import build_in_parallel
+
+        build_in_parallel(args, ("unet_refresh", "unet_shallow") if args.intervals else ())
     for steps in (int(value) for value in args.steps_list.split(",") if value):
-        for cutoff in [1.0, *cutoffs] if args.baseline else cutoffs:
-            _speed_case(args, steps=steps, cutoff=cutoff, guidance=7.0, vae=None)
+        for cutoff, interval in _cases(args):
+            _speed_case(args, steps=steps, cutoff=cutoff, interval=interval, guidance=7.0, vae=None)
             gc.collect()  # the case's sessions go before the next case's come (two full-size UNets do not fit)
     if args.tiny_vae_steps:
         tiny = str(_random_tiny_vae(Path(args.models_dir) / "taesdxl-random"))
         for steps in (int(value) for value in args.tiny_vae_steps.split(",")):
             for vae in (None, tiny) if args.baseline else (tiny,):
-                _speed_case(args, steps=steps, cutoff=1.0, guidance=0.0, vae=vae)
+                _speed_case(args, steps=steps, cutoff=1.0, interval=1, guidance=0.0, vae=vae)
                 gc.collect()
     batches = [int(value) for value in args.batches.split(",") if value]
     for batch in batches:
-        for cutoff in [1.0, *(cutoffs if batch == max(batches) else [])]:
-            steps = int(args.steps_list.split(",")[0])
-            _speed_case(args, steps=steps, cutoff=cutoff, guidance=args.batch_guidance, vae=None, batch=batch)
+        for cutoff, interval in _cases(args) if batch == max(batches) else [(1.0, 1)]:
+            guidance, steps = args.batch_guidance, args.batch_steps
+            _speed_case(args, steps=steps, cutoff=cutoff, interval=interval, guidance=guidance, vae=None, batch=batch)
             gc.collect()
 
 
@@ -118,7 +145,9 @@ def _kept(image, output_dir: Path, index: int, seed: int, metadata) -> Path:
     return Path(output_dir) / f"{index:05d}-{seed}.png"
 
 
-def _speed_case(args, *, steps: int, cutoff: float, guidance: float, vae: str | None, batch: int = 1) -> None:
+def _speed_case(
+    args, *, steps: int, cutoff: float, interval: int, guidance: float, vae: str | None, batch: int = 1
+) -> None:
     from sd_utils import app
     from sd_utils.options import parse_options
 
@@ -127,11 +156,12 @@ def _speed_case(args, *, steps: int, cutoff: float, guidance: float, vae: str | 
         argv += ["--cache_dir", args.cache_dir, "--output_dir", scratch, "--prompt", "a lighthouse at dusk"]
         argv += ["--image_size", str(args.size), "--num_inference_steps", str(steps), "--seed", "1"]
         argv += ["--guidance_scale", str(guidance), "--cfg_cutoff", str(cutoff), *(["--vae", vae] if vae else [])]
-        argv += ["--batch_size", str(batch), "--num_images", str(batch)]
+        argv += ["--batch_size", str(batch), "--num_images", str(batch), "--cache_interval", str(interval)]
         options = parse_options(argv)
         job = app.plan(options)
         generator = app.Generator(options, job, app.prepare_models(options, job))
-        generator.generate(job.request, saver=_kept)  # warm-up: sessions made
+        warm_up = dataclasses.replace(job.request, num_inference_steps=2)  # sessions made (and graphs captured)
+        generator.generate(warm_up, saver=_kept)
         seconds = []
         for _ in range(args.repeats):
             started = time.perf_counter()
@@ -139,6 +169,7 @@ def _speed_case(args, *, steps: int, cutoff: float, guidance: float, vae: str | 
             seconds.append(time.perf_counter() - started)
     row = {
         "cfg_cutoff": cutoff,
+        "cache_interval": interval,
         "steps": steps,
         "guidance": guidance,
         "batch": batch,
@@ -166,11 +197,16 @@ def main() -> None:
     parser.add_argument("--steps_list", default="20,30", help="speed: denoising steps of each case")
     parser.add_argument("--guidance_scale", type=float, default=7.0)
     parser.add_argument("--cutoffs", default="0.6,0.8")
+    parser.add_argument("--intervals", default="2,3", help="--cache_interval values (DeepCache)")
+    parser.add_argument(
+        "--parallel_builds", action="store_true", help="speed: the model's and DeepCache's builds in processes at once"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no_baseline", dest="baseline", action="store_false", help="speed: skip the uncut rows")
     parser.add_argument("--tiny_vae_steps", default="", help="speed: also these step counts with a tiny VAE, e.g. 4")
     parser.add_argument("--batches", default="", help="speed: throughput at these batch sizes, e.g. 1,2,4,8")
     parser.add_argument("--batch_guidance", type=float, default=8.0, help="speed: the batch rows' guidance scale")
+    parser.add_argument("--batch_steps", type=int, default=20, help="speed: the batch rows' denoising steps")
     args = parser.parse_args()
     quality(args) if args.mode == "quality" else speed(args)
 

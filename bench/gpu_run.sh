@@ -17,10 +17,12 @@
 #                                  once (bench/controlnet.py --parallel_builds), then a ControlNet's cost per step
 #                                  (1024², 20 steps; none / 1 / 2 ControlNets) in the background (controlnet.log),
 #                                  the gpu-marked graph tests beside it (controlnet_tests.log)
-#   bash bench/gpu_run.sh less_work  build + --optimize --provider cuda, then (less_work.log, *.json) the denoising
-#                                  loop's overhead (bench/benchmark.py --profile, the graphed variant), then
-#                                  bench/caching.py speed: 20/30 steps with and without --cfg_cutoff, 4 steps with the
-#                                  model's and a tiny VAE, throughput at batch 1-8; the gpu-marked tests beside it
+#   bash bench/gpu_run.sh less_work  the model's build and DeepCache's graphs at once (bench/parallel_builds.py), then
+#                                  bench/caching.py speed rows (less_work.log, caching_speed.jsonl): 20 steps off /
+#                                  --cfg_cutoff 0.6 / --cache_interval 3 / both, 4 steps with the model's and a tiny
+#                                  VAE, batch 8 throughput, 30 steps, interval 2, batch 2 and 4; then the denoising
+#                                  loop's overhead (bench/benchmark.py --profile, loop_profile.json); the gpu-marked
+#                                  tests beside the builds (controlnet_tests.log)
 #   bash bench/gpu_run.sh loras    build + --optimize --provider cuda, then bench/loras.py (run-time LoRA switches,
 #                                  s/step with and without; 1024², 20 steps), in the background (loras.log)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
@@ -72,17 +74,24 @@ case "${1:-}" in
     ;;
   less_work_job)
     cd "$WORK/repo"
-    echo "== optimize $(date +%T)"
-    python3 stable_diffusion_xl.py --optimize --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" \
-      --cache_dir "$WORK/cache" 2>&1 | grep --line-buffered -E "^\[|optimized|rror|done in" || true
+    speed=(python3 bench/caching.py speed --model_id "$MODEL" --provider cuda --models_dir "$WORK/models"
+      --cache_dir "$WORK/cache" --size 1024 --repeats 2)
+    echo "== builds: the model's and DeepCache's graphs at once $(date +%T)"
+    "${speed[@]}" --parallel_builds --steps_list= --cutoffs= --intervals 3 2>&1 | grep --line-buffered -E \
+      "^\{|rror|built|optimized" || true
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
+    # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes)
+    for row in "--steps_list 20 --cutoffs 0.6 --intervals 3" "--steps_list= --tiny_vae_steps 4 --repeats 3" \
+      "--steps_list= --batches 8 --cutoffs 0.6 --intervals 3" "--steps_list 30 --cutoffs= --intervals 3" \
+      "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
+      echo "== caching.py speed $row $(date +%T)"
+      # shellcheck disable=SC2086 # the row's options, split
+      "${speed[@]}" $row 2>&1 | grep --line-buffered -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
+    done
     echo "== loop profile $(date +%T)"
-    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$WORK/models/optimized/$MODEL" \
+    build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")
+    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
       --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 3 > "$WORK/loop_profile.json" || true
-    echo "== caching.py speed $(date +%T)"
-    python3 bench/caching.py speed --model_id "$MODEL" --provider cuda --models_dir "$WORK/models" \
-      --cache_dir "$WORK/cache" --size 1024 --steps_list 20,30 --cutoffs 0.6 --repeats 3 --tiny_vae_steps 4 \
-      --batches 2,4,8 2>&1 | tee "$WORK/caching_speed.jsonl" | grep --line-buffered -E "^\{|rror" || true
     echo "== less_work DONE $(date +%T)"
     ;;
   loras)

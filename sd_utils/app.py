@@ -30,7 +30,9 @@ from sd_utils.optimize.controlnets import controlled_unet, controlnet_build
 from sd_utils.optimize.lora_fusion import fuse_loras
 from sd_utils.optimize.olive_workflow import optimize, staged
 from sd_utils.optimize.recipe import BuildPaths, BuildRecipe, build_damage, legacy_folder
+from sd_utils.optimize.unet_graphs import unet_graph
 from sd_utils.options import MAX_SEED, Options, check_image_size
+from sd_utils.runtime import deep_cache
 from sd_utils.runtime.pipeline import LoadedPipeline, load_pipeline
 from sd_utils.runtime.providers import PROVIDERS, Provider, resolve_provider
 from sd_utils.sources.controlnet import ControlNetSource, resolve_controlnet
@@ -239,6 +241,7 @@ def generation_request(options: Options, model: ResolvedModel) -> GenerationRequ
         loras=loras,
         control=control,
         cfg_cutoff=options.cfg_cutoff,
+        cache_interval=options.cache_interval,
     )
 
 
@@ -362,6 +365,8 @@ def prepare_models(options: Options, job: Job) -> ReadyModels:
             controlnets[source.root] = controlnet_build(
                 source, job.model, job.provider, models_dir=options.models_dir, tempdir=options.tempdir
             )
+    if options.cache_interval > 1 and (options.runs_inference or options.optimize):
+        cache_graphs(options, job.model, job.provider, model)
     refiner = ensure_optimized(options, job.refiner, job.provider) if job.refiner else None
     checker = None
     if job.checker is not None:
@@ -389,8 +394,11 @@ def open_pipeline(
     loras: tuple[LoraFile, ...] = (),
     reuse: LoadedPipeline | None = None,
     controlnets: tuple[Path, ...] = (),
+    deep_cache: bool = False,
 ) -> LoadedPipeline:
     folder = paths.unoptimized if options.test_unoptimized else paths.optimized
+    if deep_cache:  # built here too: the window and the server may ask for caching after the models were prepared
+        cache_graphs(options, model, provider, paths)
     return load_pipeline(
         folder,
         model.spec,
@@ -406,7 +414,15 @@ def open_pipeline(
         loras=loras,
         reuse=reuse,
         controlnets=controlnets,
+        deep_cache=deep_cache,
     )
+
+
+def cache_graphs(options: Options, model: ResolvedModel, provider: Provider, paths: BuildPaths) -> None:
+    """DeepCache's two UNet graphs of the build (made on first use)."""
+    for graph in deep_cache.GRAPHS:
+        unet_graph(paths, model, provider, graph, flag="--cache_interval", cache_dir=options.cache_dir,
+                   tempdir=options.tempdir)  # fmt: skip
 
 
 class Generator:
@@ -437,8 +453,9 @@ class Generator:
         """The loaded base (and refiner) for ``request``: made again for other static shapes or another task; for
         other run-time LoRAs only the base's sessions of the parts those change are made again."""
         nets = tuple(self.ready.controlnets[net.root] for net in request.control.nets) if request.control else ()
-        key = (None if self.options.dynamic_dims else request.shape, request.task, nets)
-        base = {"loras": request.loras, "controlnets": nets}
+        cached = request.cache_interval > 1  # DeepCache's two UNet graphs instead of the plain one
+        key = (None if self.options.dynamic_dims else request.shape, request.task, nets, cached)
+        base = {"loras": request.loras, "controlnets": nets, "deep_cache": cached}
         if self._loaded is not None and self._loaded[0] == key and self._loaded[1].loras != request.loras:
             _, model, refiner = self._loaded
             self._loaded = None

@@ -67,6 +67,7 @@ class Options:
     timestep_spacing: str | None
     disable_classifier_free_guidance: bool
     cfg_cutoff: float
+    cache_interval: int
     seed: int | None
     image_size: int | None
     width: int | None
@@ -556,6 +557,15 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         "(about half a step's work; default 1: guidance on every step). On CUDA the UNet then runs without a "
         "CUDA graph",
     )
+    sampler.add_argument(
+        "--cache_interval",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="DeepCache: the full UNet on every N-th step only, its deep features reused on the steps between, "
+        "which run only its outer blocks (default 1: the full UNet on every step). Builds two more UNet graphs on "
+        "first use",
+    )
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -702,6 +712,13 @@ def _check_control_options(options: Options) -> None:
         )
     if options.controlnet and options.test_unoptimized:
         raise UserInputError("--controlnet runs optimized builds only; leave out --test_unoptimized")
+    if options.cache_interval > 1 and options.controlnet:
+        raise UserInputError(
+            f"--cache_interval {options.cache_interval} with --controlnet: a ControlNet feeds the deep blocks that "
+            "DeepCache skips; leave out one of them (--cfg_cutoff works with ControlNets)"
+        )
+    if options.cache_interval > 1 and options.test_unoptimized:
+        raise UserInputError("--cache_interval runs optimized builds only; leave out --test_unoptimized")
 
 
 def _check_lora_options(options: Options) -> None:
@@ -745,6 +762,10 @@ def check_options(options: Options) -> None:
         )
     _check_lora_options(options)
     _check_control_options(options)
+    if options.cache_interval < 1:
+        raise UserInputError(
+            f"--cache_interval {options.cache_interval}: use 1 (the full UNet every step) or more, e.g. 3"
+        )
     if options.cfg_cutoff <= 0:
         raise UserInputError("--cfg_cutoff 0 would drop guidance before the first step; use e.g. 0.6 (or leave it out)")
     if options.strength is not None and not 0 < options.strength <= 1:

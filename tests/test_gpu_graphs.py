@@ -307,3 +307,30 @@ def test_cuda_graph_controlnet_matches_the_plain_sessions(tiny_spec, cuda_build,
     assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"
     uncontrolled = _cuda_pipeline(cuda_build, tiny_spec).pipeline(latents=_latents(1).cuda(), **CUDA_CALL).images
     assert psnr(uncontrolled, images[1]) < 30
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_cuda_graph_deep_cache_matches_the_plain_sessions(tiny_spec, cuda_build, tiny_optimized):
+    """``--cache_interval 3`` on CUDA replays the refresh and shallow graphs as CUDA graphs and gives the plain CUDA
+    sessions' images under the same cache (the fp16 bar), seed after seed; the cache changes the image."""
+    from sd_utils import app
+    from sd_utils.options import parse_options
+
+    models = cuda_build.parent.parent
+    argv = ["--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models), "--cache_dir"]
+    options = parse_options([*argv, str(tiny_optimized.cache_dir), "--optimize", "--cache_interval", "3"])
+    app.prepare_models(options, app.plan(options))
+    plain = _cuda_pipeline(cuda_build, tiny_spec, cuda_graph=False, deep_cache=True)
+    graphed = _cuda_pipeline(cuda_build, tiny_spec, deep_cache=True)
+    assert plain.unet_graph is None and graphed.unet_graph is not None
+    assert type(graphed.unet_cache.shallow).__name__ == "CudaGraphRunner"
+    images = []
+    for seed in (0, 1):
+        plain.unet_cache.start(3)
+        expected = plain.pipeline(latents=_latents(seed).cuda(), **CUDA_CALL).images
+        graphed.unet_cache.start(3)
+        images.append(graphed.pipeline(latents=_latents(seed).cuda(), **CUDA_CALL).images)
+        assert np.isfinite(images[-1]).all() and graphed.unet_cache.refreshes == 4  # steps 0, 3, 6, 9 of 10
+        assert psnr(expected, images[-1]) >= 35, f"seed {seed}"
+    assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"

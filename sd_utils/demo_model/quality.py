@@ -79,13 +79,14 @@ def draw_all(pipeline, scenes, latents, *, steps: int, guidance_scale: float, ba
     return np.concatenate(images)
 
 
-def optimized_demo(models_dir: Path, cache_dir: Path):
-    """(optimized folder, spec) of ``--model_id demo`` for CPU, optimized by the tool if it has no current build."""
+def optimized_demo(models_dir: Path, cache_dir: Path, *extra: str):
+    """(optimized folder, spec) of ``--model_id demo`` for CPU, optimized by the tool if it has no current build;
+    ``extra``: more options whose graphs the build gets (``--cache_interval 2``: DeepCache's)."""
     from sd_utils import app
     from sd_utils.options import parse_options
 
     args = ["--model_id", "demo", "--provider", "cpu", "--prompt", "quality check"]
-    options = parse_options([*args, "--models_dir", str(models_dir), "--cache_dir", str(cache_dir)])
+    options = parse_options([*args, "--models_dir", str(models_dir), "--cache_dir", str(cache_dir), *extra])
     job = app.plan(options)
     return app.prepare_models(options, job).model.optimized, job.model.spec
 

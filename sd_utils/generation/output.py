@@ -68,6 +68,8 @@ def png_metadata(
         metadata["timestep_spacing"] = request.timestep_spacing
     if request.uses_cfg and request.cfg_cutoff < 1:
         metadata["cfg_cutoff"] = f"{request.cfg_cutoff:g}"
+    if request.cache_interval > 1:
+        metadata["cache_interval"] = str(request.cache_interval)
     if request.control is not None:
         control = request.control
         metadata["controlnets"] = ", ".join(f"{net.name}:{net.scale:g}:{net.short_hash}" for net in control.nets)
@@ -160,6 +162,7 @@ def a1111_parameters(loaded: LoadedPipeline, request: GenerationRequest, *, seed
         "Schedule type": schedule,
         "CFG scale": f"{request.effective_guidance_scale:g}",
         "CFG cutoff": f"{request.cfg_cutoff:g}" if request.uses_cfg and request.cfg_cutoff < 1 else None,
+        "DeepCache interval": request.cache_interval if request.cache_interval > 1 else None,
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
         "Model hash": facts.get("checkpoint_hash", loaded.build_digest),

@@ -92,6 +92,7 @@ def _settings(settings: dict[str, str]) -> dict[str, Any]:
         "Seed": ("seed", int),
         "Denoising strength": ("strength", float),
         "CFG cutoff": ("cfg_cutoff", float),
+        "DeepCache interval": ("cache_interval", int),
     }
     for key, (option, kind) in readers.items():
         if key in settings:

@@ -74,6 +74,7 @@ class GenerationRequest:
     loras: tuple = ()
     control: ControlSettings | None = None  # --controlnet: the ControlNets and their control images
     cfg_cutoff: float = 1.0  # guidance for this fraction of each call's steps only (generation/cfg_cutoff.py)
+    cache_interval: int = 1  # DeepCache: the full UNet on every N-th step of a call only (runtime/deep_cache.py)
 
     @property
     def task(self) -> str:

@@ -231,6 +231,8 @@ def _denoise(loaded: LoadedPipeline, request: GenerationRequest, run_call, call:
         fix += ", or add --low_vram"
     elif not loaded.vae_tiling:
         fix += ", or add --vae_tiling"
+    if loaded.unet_cache is not None:  # DeepCache: the call's first step refreshes the cache
+        loaded.unet_cache.start(request.cache_interval)
     with memory_errors(loaded.provider, making, fix):
         return run_call(call)
 

@@ -73,6 +73,8 @@ def pixel_identity(request: GenerationRequest, options: Options, *, build: str, 
         identity["loras"] = [[lora.tensors_sha256 or lora.sha256, lora.scale] for lora in request.loras]
     if request.uses_cfg and request.cfg_cutoff < 1:  # likewise
         identity["cfg_cutoff"] = request.cfg_cutoff
+    if request.cache_interval > 1:  # likewise
+        identity["cache_interval"] = request.cache_interval
     return identity
 
 

@@ -65,6 +65,71 @@ class ControlledUNetExport(torch.nn.Module):
         )[0]
 
 
+class RefreshUNetExport(UNetExport):
+    """The UNet (DeepCache's full step) -> its noise prediction and the input of its last up block, the feature the
+    shallow steps reuse."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__(unet)
+        self._feature: list[torch.Tensor] = []
+        unet.up_blocks[-1].register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        self._feature.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        self._feature.clear()
+        out = super().forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+        return out, self._feature[-1]
+
+
+class ShallowUNetExport(torch.nn.Module):
+    """DeepCache's shallow step: the UNet's time embedding, ``conv_in``, its first down block (without the
+    downsampler, whose output only deeper blocks read), then its last up block on the cached feature with those
+    skips, and the output layers: diffusers' own blocks, in the order ``UNet2DConditionModel.forward`` runs them.
+    Inputs: the UNet's (``encoder_hidden_states`` only when these blocks attend to the text), then the feature."""
+
+    def __init__(self, unet: torch.nn.Module, *, cross_attention: bool):
+        super().__init__()
+        self.unet = unet
+        self.cross_attention = cross_attention
+        self.first = unet.down_blocks[0]
+        self.first.downsamplers = None
+        self.last = unet.up_blocks[-1]
+        unet.mid_block = None  # the deep blocks: not part of this graph
+        unet.down_blocks = torch.nn.ModuleList()
+        unet.up_blocks = torch.nn.ModuleList()
+
+    def forward(self, sample, timestep, *rest):
+        unet = self.unet
+        text, (text_embeds, time_ids, feature) = (rest[0], rest[1:]) if self.cross_attention else (None, rest)
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        attend = {"encoder_hidden_states": text} if self.cross_attention else {}
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        hidden = unet.conv_in(sample)
+        _, skips = self.first(hidden_states=hidden, temb=emb, **(attend if _attends(self.first) else {}))
+        skips = (hidden, *skips)
+        hidden = self.last(
+            hidden_states=feature,
+            temb=emb,
+            res_hidden_states_tuple=skips[-len(self.last.resnets) :],
+            **(attend if _attends(self.last) else {}),
+        )
+        if unet.conv_norm_out:
+            hidden = unet.conv_act(unet.conv_norm_out(hidden))
+        return unet.conv_out(hidden)
+
+
+def _attends(block: torch.nn.Module) -> bool:
+    return getattr(block, "has_cross_attention", False)
+
+
 class ControlNetExport(torch.nn.Module):
     """A ControlNet: the UNet's inputs, the control image and its scale -> the residuals, flat."""
 
@@ -145,13 +210,18 @@ def load_submodel(name: str, model_path: str | Path) -> torch.nn.Module:
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         encoder = cls.from_pretrained(root / name, dtype=stored_dtype(root / name), attn_implementation="eager")
         module: torch.nn.Module = TextEncoderExport(encoder, with_projection=with_projection)
-    elif name in ("unet", "unet_controlnet"):
+    elif name in ("unet", "unet_controlnet", "unet_refresh", "unet_shallow"):
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor
 
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=stored_dtype(root / "unet"))
         unet.set_attn_processor(AttnProcessor())
-        module = UNetExport(unet) if name == "unet" else ControlledUNetExport(unet)
+        if name == "unet_shallow":
+            module = ShallowUNetExport(unet, cross_attention=ModelSpec.from_folder(root).shallow_cross_attention)
+        else:
+            module = {"unet": UNetExport, "unet_controlnet": ControlledUNetExport, "unet_refresh": RefreshUNetExport}[
+                name
+            ](unet)
     elif name == "controlnet":
         from diffusers import ControlNetModel
         from diffusers.models.attention_processor import AttnProcessor

@@ -24,11 +24,17 @@ def touches(lora: LoraFile, submodel: str) -> bool:
 
 
 def lora_initializers(
-    folder: Path, submodel: str, loras: Sequence[LoraFile], *, config_root: Path | None = None
+    folder: Path,
+    submodel: str,
+    loras: Sequence[LoraFile],
+    *,
+    config_root: Path | None = None,
+    partial: bool = False,
 ) -> dict[str, np.ndarray]:
     """The initializers of build ``folder``'s ``submodel`` graph that ``loras`` (at their scales) change, with
     their new values in the graph's dtype; {} when none of them touches the submodel. ``config_root``: the model
-    folder whose configs place the LoRAs' layers (default: the build's own copies)."""
+    folder whose configs place the LoRAs' layers (default: the build's own copies). ``partial``: the graph holds
+    only some of its component's layers (DeepCache's shallow UNet), so a layer it lacks is skipped, not refused."""
     component = COMPONENT_OF[submodel]
     loras = [lora for lora in loras if touches(lora, submodel)]
     if not loras:
@@ -43,6 +49,8 @@ def lora_initializers(
     for lora in loras:
         for weight, delta in lora_layers(config_root or folder, lora).deltas(component):
             if weight not in places:
+                if partial:
+                    continue
                 raise ModelNotFoundError(
                     f"--lora {lora.path.name} changes {component} layer {weight.removesuffix('.weight')}, which the "
                     "optimized graph does not hold as a weight (a fusion folded it into another); bake this LoRA "

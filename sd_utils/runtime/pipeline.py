@@ -17,6 +17,7 @@ from sd_utils.optimize.recipe import read_record
 from sd_utils.runtime import optimum_adapter, token_table
 from sd_utils.runtime.controlnet import OrtControlNet, SessionRunner, residual_feeds
 from sd_utils.runtime.cuda_graph import CudaGraphRunner, cuda_graph_session, unet_output_shapes
+from sd_utils.runtime.deep_cache import REFRESH, SHALLOW, CachedUNet, refresh_output_shapes
 from sd_utils.runtime.lora_weights import lora_initializers, touches
 from sd_utils.runtime.providers import (
     Provider,
@@ -55,6 +56,7 @@ class LoadedPipeline:
     # part -> what set its session's weights (PartSessions.key): which sessions another LoRA set can take over
     session_keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     controlnets: tuple = ()  # OrtControlNet per --controlnet, when the pipeline is diffusers' ControlNet one
+    unet_cache: CachedUNet | None = None  # the UNet under DeepCache (--cache_interval), when it is
     # build.json: what the build was made from (checkpoint file, LoRAs, VAE) and its digest, recorded in the PNGs
     build_record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # the model folder's own scheduler config (--scheduler makes its scheduler from it)
@@ -85,6 +87,7 @@ def load_pipeline(
     loras: tuple[LoraFile, ...] = (),
     reuse: LoadedPipeline | None = None,
     controlnets: tuple[Path, ...] = (),
+    deep_cache: bool = False,
 ) -> LoadedPipeline:
     """Create ORT sessions for the pipeline folder; ``shape`` pins every symbolic dim (static shapes).
 
@@ -97,12 +100,12 @@ def load_pipeline(
     ``task`` picks optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner,
     text2img otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables.
     ``loras``: run-time LoRAs, their changes put into the weights of the sessions they touch. ``controlnets``:
-    optimized ControlNet folders; they and the UNet that takes their residuals run in diffusers' ControlNet pipeline
-    (as CUDA graphs too, where the UNet would be one).
+    optimized ControlNet folders; they and the UNet that takes their residuals run in diffusers' ControlNet pipeline.
+    ``deep_cache``: the UNet runs as DeepCache's two graphs (``runtime/deep_cache.py``). Both as CUDA graphs too,
+    where the UNet would be one.
     ``reuse``: a pipeline of the same folder and settings with other ``loras``: its sessions of the parts whose
     weights stay the same are taken over, the others made again (switching LoRAs)."""
     task = task or ("img2img" if spec.is_refiner else "text2img")
-    cls = optimum_adapter.pipeline_class(task)
     providers, provider_options = session_providers(provider, device_id)
     overrides = _dimensions(spec, shape, vae_tiling=vae_tiling, controlnets=bool(controlnets))
     options = session_options(provider, overrides)
@@ -110,13 +113,13 @@ def load_pipeline(
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None and not shape.free_batch
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
-    parts.folders.update({"unet": "unet_controlnet"} if controlnets else {})
+    parts.folders.update(_unet_folder(controlnets=bool(controlnets), deep_cache=deep_cache))
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
-        sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
-        graphed = " (UNet as a CUDA graph)" if runner else ""
+        sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph, deep_cache=deep_cache)
+        graphed = " (UNet as a CUDA graph)" * bool(runner)
         logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)
-        pipeline = cls.from_pretrained(
+        pipeline = optimum_adapter.pipeline_class(task).from_pretrained(
             folder,
             export=False,
             providers=providers,
@@ -125,8 +128,7 @@ def load_pipeline(
             use_io_binding=io_binding,
             **{f"{part}_session": session for part, session in sessions.items()},
         )
-    for part in pipeline.parts:
-        check_session_provider(part.session, provider, str(part.path.parent))
+    _check_providers(pipeline, provider)
     _adapt(pipeline, spec, runner=runner, vae_tiling=vae_tiling, drop_encoder=low_vram and task == "text2img")
     pipeline, nets = _controlled(pipeline, parts, spec, task, controlnets, reuse, runner=runner)
     return LoadedPipeline(
@@ -146,7 +148,19 @@ def load_pipeline(
         loras=loras,
         session_keys={part: parts.key(part) for part in spec.submodels},
         controlnets=tuple(nets),
+        unet_cache=_deep_cached(pipeline, parts, spec, runner=runner) if deep_cache else None,  # no ControlNets then
     )
+
+
+def _unet_folder(*, controlnets: bool, deep_cache: bool) -> dict[str, str]:
+    """The graph the pipeline's UNet part runs, where not the plain one: the one that takes ControlNet residuals, or
+    DeepCache's refresh graph."""
+    return {"unet": "unet_controlnet"} if controlnets else {"unet": REFRESH} if deep_cache else {}
+
+
+def _check_providers(pipeline, provider: Provider) -> None:
+    for part in pipeline.parts:
+        check_session_provider(part.session, provider, str(part.path.parent))
 
 
 def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, controlnets: bool) -> dict | None:
@@ -195,6 +209,20 @@ def _residual_shapes(spec: ModelSpec, feeds: dict[str, Any]) -> list[tuple[int, 
     return residual_shapes(spec, np.shape(feeds["sample"]))
 
 
+def _deep_cached(pipeline, parts: PartSessions, spec: ModelSpec, *, runner: CudaGraphRunner | None) -> CachedUNet:
+    """The pipeline's UNet (the refresh graph's session, ``runner`` when it is a CUDA graph) under DeepCache, with a
+    session of the shallow graph (a CUDA graph too when the UNet is one)."""
+    shallow = None
+    if runner is not None:
+        shapes = unet_output_shapes(spec.latent_channels)
+        shallow = _cuda_graph_runner(parts, parts.model_file(SHALLOW), shapes, label="the shallow UNet", part=SHALLOW)
+    shallow = shallow or SessionRunner(parts.session(SHALLOW))
+    inputs = tuple(meta.name for meta in shallow.session.get_inputs())
+    cached = CachedUNet(runner or SessionRunner(pipeline.unet.session), shallow, inputs)
+    optimum_adapter.set_unet_forward(pipeline, cached)
+    return cached
+
+
 def _new_text_encoder(pipeline, parts: PartSessions, io_binding: bool, name: str) -> None:
     """Give ``pipeline`` a new session of text encoder ``name`` (``low_vram`` drops them)."""
     optimum_adapter.add_text_encoder(pipeline, name, parts.session(name), io_binding=io_binding)
@@ -211,7 +239,7 @@ def _adapt(pipeline, spec: ModelSpec, *, runner: CudaGraphRunner | None, vae_til
 
 
 # the parts whose sessions get initializer overrides: run-time LoRA weights, embeddings' token-table rows
-OVERRIDABLE = ("unet", "text_encoder", "text_encoder_2")
+OVERRIDABLE = ("unet", "text_encoder", "text_encoder_2", SHALLOW)
 
 
 @dataclasses.dataclass
@@ -242,7 +270,9 @@ class PartSessions:
         values = {}
         if part in OVERRIDABLE:
             submodel = self.folders.get(part, part)
-            values = lora_initializers(self.folder, submodel, self.loras, config_root=self.config_root)
+            values = lora_initializers(
+                self.folder, submodel, self.loras, config_root=self.config_root, partial=submodel == SHALLOW
+            )
         rows = self.embeddings.rows.get(part)
         if rows:
             values.update(token_table.with_rows(self.folder / part / "model.onnx", rows))
@@ -281,7 +311,7 @@ class PartSessions:
 
 
 def _sessions_to_make(
-    parts: PartSessions, spec: ModelSpec, reuse: LoadedPipeline | None, *, cuda_graph: bool
+    parts: PartSessions, spec: ModelSpec, reuse: LoadedPipeline | None, *, cuda_graph: bool, deep_cache: bool
 ) -> tuple[dict[str, Any], CudaGraphRunner | None]:
     """The sessions load_pipeline hands optimum instead of letting it make them (by part), and the CUDA-graph UNet:
     those ``reuse`` has with the same weights, and new ones for parts whose weights change."""
@@ -294,6 +324,8 @@ def _sessions_to_make(
             _release(reuse, part)  # its memory goes before the new session's comes (two full-size UNets do not fit)
         if part == "unet" and cuda_graph:
             shapes = unet_output_shapes(spec.latent_channels)
+            if deep_cache:
+                shapes = refresh_output_shapes(spec.latent_channels, spec.cache_channels)
             runner = reuse.unet_graph if old is not None and reuse.unet_graph else None
             runner = runner or _cuda_graph_runner(parts, parts.model_file(part), shapes, label="the UNet", part=part)
             if runner:

@@ -23,6 +23,8 @@ COMPONENT_OF = {
     "text_encoder_2": "text_encoder_2",
     "unet": "unet",
     "unet_controlnet": "unet",  # the UNet that takes ControlNet residuals (ControlNet runs only)
+    "unet_refresh": "unet",  # the UNet that also outputs DeepCache's feature (--cache_interval runs only)
+    "unet_shallow": "unet",  # the UNet's outer blocks on that cached feature (--cache_interval runs only)
     "controlnet": "controlnet",
     "vae_encoder": "vae",
     "vae_decoder": "vae",
@@ -67,6 +69,10 @@ class ModelSpec:
     # what a ControlNet adds to the UNet: (channels, downscale as a power of 2) of each down-block residual, then the
     # mid block's (diffusers' ControlNetModel: conv_in, each resnet of each down block, each downsampler)
     control_residuals: tuple[tuple[int, int], ...] = ()
+    # DeepCache (--cache_interval): channels of the feature it caches (the input of the UNet's last up block), and
+    # whether the blocks around it (first down block, last up block) read the text through cross-attention
+    cache_channels: int = 0
+    shallow_cross_attention: bool = False
 
     @property
     def is_refiner(self) -> bool:
@@ -155,6 +161,8 @@ class ModelSpec:
             default_image_size=unet["sample_size"] * vae_scale_factor,
             has_safety_checker="safety_checker" in present,
             control_residuals=control_residuals(unet),
+            cache_channels=cache_channels(unet),
+            shallow_cross_attention="CrossAttn" in unet["down_block_types"][0] + unet["up_block_types"][-1],
         )
 
 
@@ -222,6 +230,13 @@ def control_residuals(unet: dict[str, Any]) -> tuple[tuple[int, int], ...]:
     return (*found, (channels[-1], len(channels) - 1))
 
 
+def cache_channels(unet: dict[str, Any]) -> int:
+    """Channels of the input of the last up block of a UNet with config ``unet`` (diffusers' UNet2DConditionModel:
+    the previous up block's output, ``block_out_channels[1]``; the mid block's with one level)."""
+    channels = unet["block_out_channels"]
+    return channels[1] if len(channels) > 1 else channels[0]
+
+
 def control_io_names(spec: ModelSpec) -> tuple[tuple[str, ...], str]:
     """The ONNX names of the ControlNet residuals: the down blocks', then the mid block's."""
     return tuple(f"down_residual_{index}" for index in range(len(spec.control_residuals) - 1)), "mid_residual"
@@ -276,6 +291,46 @@ def _controlled_unet_io(spec: ModelSpec) -> SubmodelIO:
         dim_values_for=lambda shape: {**plain.dim_values(shape), **dims(shape)},
         dummy_shapes_for=lambda shape: {**plain.dummy_shapes_for(shape), **shapes(shape)},
         input_dtypes={**plain.input_dtypes, **dict.fromkeys(names, "float32")},
+    )
+
+
+def _refresh_unet_io(spec: ModelSpec) -> SubmodelIO:
+    """The UNet that also outputs the feature DeepCache keeps: the input of its last up block, at the latents'
+    height and width (built only for --cache_interval runs)."""
+    plain = _unet_io(spec)
+    return dataclasses.replace(
+        plain,
+        name="unet_refresh",
+        output_names=(*plain.output_names, "cache_feature"),
+        dynamic_axes={**plain.dynamic_axes, "cache_feature": plain.dynamic_axes["sample"]},
+    )
+
+
+def _shallow_unet_io(spec: ModelSpec) -> SubmodelIO:
+    """The UNet's outer blocks (conv_in, first down block, last up block, output) on a cached feature: the UNet's
+    inputs (the text only where those blocks attend to it) and the feature, with the latents' batch and size."""
+    plain = _unet_io(spec)
+    inputs = [name for name in plain.input_names if name != "encoder_hidden_states" or spec.shallow_cross_attention]
+    inputs.append("cache_feature")
+
+    def shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+        found = plain.dummy_shapes_for(shape)
+        batch, _, height, width = found["sample"]
+        return {**found, "cache_feature": (batch, spec.cache_channels, height, width)}
+
+    axes = {**plain.dynamic_axes, "cache_feature": plain.dynamic_axes["sample"]}
+    return SubmodelIO(
+        name="unet_shallow",
+        input_names=tuple(inputs),
+        output_names=plain.output_names,
+        dynamic_axes={name: value for name, value in axes.items() if name in inputs or name in plain.output_names},
+        dim_values_for=lambda shape: {
+            name: value
+            for name, value in plain.dim_values(shape).items()
+            if spec.shallow_cross_attention or not name.startswith("unet_hidden_")
+        },
+        dummy_shapes_for=shapes,
+        input_dtypes={**plain.input_dtypes, "cache_feature": "float32"},
     )
 
 
@@ -424,6 +479,10 @@ def submodel_io(spec: ModelSpec, name: str) -> SubmodelIO:
         return _controlled_unet_io(spec)
     if name == "controlnet":
         return _controlnet_io(spec)
+    if name == "unet_refresh":
+        return _refresh_unet_io(spec)
+    if name == "unet_shallow":
+        return _shallow_unet_io(spec)
     raise ValueError(f"unknown submodel {name!r}; expected one of {', '.join(SUBMODELS)}")
 
 

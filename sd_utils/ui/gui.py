@@ -61,6 +61,7 @@ SETTINGS = (
     Setting("num_inference_steps", "Steps", 5, int),
     Setting("guidance_scale", "Guidance", 5, float),
     Setting("cfg_cutoff", "CFG until", 4, float),
+    Setting("cache_interval", "Cache every", 3, int),
     Setting("seed", "Seed", 11, _seed),
     Setting("width", "Width", 6, int),
     Setting("height", "Height", 6, int),
