@@ -19,8 +19,8 @@
 #                                  the gpu-marked graph tests beside it (controlnet_tests.log)
 #   bash bench/gpu_run.sh less_work  the model's build and DeepCache's graphs at once (bench/parallel_builds.py), then
 #                                  bench/caching.py speed rows (less_work.log, caching_speed.jsonl): 20 steps off /
-#                                  --cfg_cutoff 0.6 / --cache_interval 3 / both, 4 steps with the model's and a tiny
-#                                  VAE, batch 8 throughput, 30 steps, interval 2, batch 2 and 4; then the denoising
+#                                  --cfg_cutoff 0.6 / --cache_interval 3 / both, batch 8 throughput, 4 steps with the
+#                                  model's and a tiny VAE, 30 steps, interval 2, batch 2 and 4; then the denoising
 #                                  loop's overhead (bench/benchmark.py --profile, loop_profile.json); the gpu-marked
 #                                  tests beside the builds (controlnet_tests.log)
 #   bash bench/gpu_run.sh loras    build + --optimize --provider cuda, then bench/loras.py (run-time LoRA switches,
@@ -81,8 +81,8 @@ case "${1:-}" in
       "^\{|rror|built|optimized" || true
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes)
-    for row in "--steps_list 20 --cutoffs 0.6 --intervals 3" "--steps_list= --tiny_vae_steps 4 --repeats 3" \
-      "--steps_list= --batches 8 --cutoffs 0.6 --intervals 3" "--steps_list 30 --cutoffs= --intervals 3" \
+    for row in "--steps_list 20 --cutoffs 0.6 --intervals 3" "--steps_list= --batches 8 --cutoffs 0.6 --intervals 3" \
+      "--steps_list= --tiny_vae_steps 4 --repeats 3" "--steps_list 30 --cutoffs= --intervals 3" \
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
       echo "== caching.py speed $row $(date +%T)"
       # shellcheck disable=SC2086 # the row's options, split
