@@ -23,6 +23,8 @@
 #                                  model's and a tiny VAE, 30 steps, interval 2, batch 2 and 4; then the denoising
 #                                  loop's overhead (bench/benchmark.py --profile, loop_profile.json); the gpu-marked
 #                                  tests beside the builds (controlnet_tests.log)
+#   bash bench/gpu_run.sh tiny_loop  the tiny model: the loop's overhead (bench/benchmark.py --profile at 1024²), then
+#                                  the gpu-marked tests, in the foreground (a few minutes: for a short lent session)
 #   bash bench/gpu_run.sh loras    build + --optimize --provider cuda, then bench/loras.py (run-time LoRA switches,
 #                                  s/step with and without; 1024², 20 steps), in the background (loras.log)
 #   bash bench/gpu_run.sh tests    run the gpu-marked tests (tiny model) in the foreground
@@ -70,7 +72,7 @@ case "${1:-}" in
     copy_repo
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     setsid nohup bash bench/gpu_run.sh less_work_job > "$WORK/less_work.log" 2>&1 < /dev/null &
-    setsid nohup bash bench/gpu_run.sh controlnet_tests > "$WORK/controlnet_tests.log" 2>&1 < /dev/null &
+    [ -n "${NO_TESTS:-}" ] || setsid nohup bash bench/gpu_run.sh controlnet_tests > "$WORK/controlnet_tests.log" 2>&1 < /dev/null &
     ;;
   less_work_job)
     cd "$WORK/repo"
@@ -81,7 +83,8 @@ case "${1:-}" in
       "^\{|rror|built|optimized" || true
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes)
-    for row in "--steps_list 20 --cutoffs 0.6 --intervals 3" "--steps_list= --batches 8 --cutoffs 0.6 --intervals 3" \
+    for row in "--steps_list 20 --cutoffs= --intervals 3" "--steps_list 20 --cutoffs 0.6 --intervals= --no_baseline" \
+      "--steps_list= --batches 8 --cutoffs 0.6 --intervals 3" "--steps_list 20 --cutoffs 0.6 --intervals 3 --no_baseline" \
       "--steps_list= --tiny_vae_steps 4 --repeats 3" "--steps_list 30 --cutoffs= --intervals 3" \
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
       echo "== caching.py speed $row $(date +%T)"
@@ -93,6 +96,18 @@ case "${1:-}" in
     python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
       --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 3 > "$WORK/loop_profile.json" || true
     echo "== less_work DONE $(date +%T)"
+    ;;
+  tiny_loop)
+    # when the lent time is too short for a full-size build: the gpu-marked tests, then the denoising loop's own
+    # overhead on the tiny model (its UNet step is short, so what the loop adds per step shows)
+    copy_repo
+    python3 stable_diffusion_xl.py --optimize --model_id tiny --provider cuda --models_dir "$WORK/models" \
+      --cache_dir "$WORK/cache" 2>&1 | tail -n 1
+    build=$(ls -d "$WORK"/models/optimized/tiny-* | head -n 1)
+    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/tiny" --onnx_dir "$build" --size "${SIZE:-1024}" \
+      --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 5 > "$WORK/loop_profile.json" || true
+    [ -n "${OUT:-}" ] && cp "$WORK/loop_profile.json" "$OUT/"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tail -n 15
     ;;
   loras)
     copy_repo

@@ -288,7 +288,7 @@ def test_cuda_graph_controlnet_matches_the_plain_sessions(tiny_spec, cuda_build,
     control.save(tmp_path / "control.png")
     net = write_controlnet(tiny_spec.root, tmp_path / "net", seed=1)
     models = cuda_build.parent.parent
-    argv = ["--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models), "--cache_dir"]
+    argv = ["--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models), "--prompt", "x", "--cache_dir"]
     argv += [str(tiny_optimized.cache_dir), "--controlnet", str(net), "--control_image", str(tmp_path / "control.png")]
     options = parse_options(argv)
     job = app.plan(options)
