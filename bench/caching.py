@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -124,25 +124,32 @@ def speed(args) -> None:
         build_in_parallel(args, ("unet_refresh", "unet_shallow") if args.intervals else ())
     for steps in (int(value) for value in args.steps_list.split(",") if value):
         for cutoff, interval in _cases(args):
-            _speed_case(args, steps=steps, cutoff=cutoff, interval=interval, guidance=7.0, vae=None)
-            gc.collect()  # the case's sessions go before the next case's come (two full-size UNets do not fit)
+            _in_own_process(args, steps=steps, cutoff=cutoff, interval=interval, guidance=7.0, vae=None)
     if args.tiny_vae_steps:
         tiny = str(_random_tiny_vae(Path(args.models_dir) / "taesdxl-random"))
         for steps in (int(value) for value in args.tiny_vae_steps.split(",")):
             for vae in (None, tiny) if args.baseline else (tiny,):
-                _speed_case(args, steps=steps, cutoff=1.0, interval=1, guidance=0.0, vae=vae)
-                gc.collect()
+                _in_own_process(args, steps=steps, cutoff=1.0, interval=1, guidance=0.0, vae=vae)
     batches = [int(value) for value in args.batches.split(",") if value]
     for batch in batches:
         for cutoff, interval in _cases(args) if batch == max(batches) else [(1.0, 1)]:
-            guidance, steps = args.batch_guidance, args.batch_steps
-            _speed_case(args, steps=steps, cutoff=cutoff, interval=interval, guidance=guidance, vae=None, batch=batch)
-            gc.collect()
+            case = dict(cutoff=cutoff, interval=interval, guidance=args.batch_guidance, vae=None, batch=batch)
+            _in_own_process(args, steps=args.batch_steps, **case)
 
 
 def _kept(image, output_dir: Path, index: int, seed: int, metadata) -> Path:
     """The images stay in memory: a 1024² PNG's encoding on the host is no part of the pipeline's time."""
     return Path(output_dir) / f"{index:05d}-{seed}.png"
+
+
+def _in_own_process(args, **case) -> None:
+    """:func:`_speed_case` in a fresh process: two full-size pipelines do not fit this machine's memory, and one
+    process did not give all of a released pipeline's memory back (a second full-size case was OOM-killed)."""
+    worker = multiprocessing.get_context("spawn").Process(target=_speed_case, args=(args,), kwargs=case)
+    worker.start()
+    worker.join()
+    if worker.exitcode:
+        print(json.dumps({**case, "error": f"the case's process ended with {worker.exitcode}"}), flush=True)
 
 
 def _speed_case(
