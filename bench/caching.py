@@ -54,6 +54,8 @@ def _psnr(reference: np.ndarray, images: np.ndarray) -> float:
 def _cases(args) -> list[tuple[float, int]]:
     """(cut-off, cache interval) of every case: off, each cut-off, each interval, and both (the lowest cut-off with
     the largest interval)."""
+    if args.cases:  # F:N,... as given
+        return [(float(case.split(":")[0]), int(case.split(":")[1])) for case in args.cases.split(",")]
     cutoffs = [float(value) for value in args.cutoffs.split(",") if value]
     intervals = [int(value) for value in args.intervals.split(",") if value]
     cases = [(1.0, 1)] if args.baseline else []
@@ -205,6 +207,7 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=7.0)
     parser.add_argument("--cutoffs", default="0.6,0.8")
     parser.add_argument("--intervals", default="2,3", help="--cache_interval values (DeepCache)")
+    parser.add_argument("--cases", default="", help="instead: these cases, cut-off:interval, e.g. 1:3,0.6:3")
     parser.add_argument(
         "--parallel_builds", action="store_true", help="speed: the model's and DeepCache's builds in processes at once"
     )
