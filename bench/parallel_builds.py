@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,10 @@ def build_in_parallel(args, graphs: tuple[str, ...], *jobs: tuple[Callable, tupl
     """The build of ``args.model_id`` for ``args.provider`` in ``args.models_dir`` (Olive cache ``args.cache_dir``),
     its UNet graphs ``graphs`` and ``jobs`` ((function, arguments) run in a process each)."""
     from sd_utils.optimize.recipe import BuildRecipe
-    from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.models import resolve_model
 
     model = resolve_model(args.model_id, models_dir=Path(args.models_dir))  # made once, before the processes read it
-    paths = BuildRecipe.of(model, provider=PROVIDERS[args.provider]).paths(Path(args.models_dir))
+    paths = BuildRecipe.of(model, provider=args.provider).paths(Path(args.models_dir))
     started = time.perf_counter()
     spawn = multiprocessing.get_context("spawn")
     asides = {graph: Path(args.models_dir) / f"{graph}-aside" for graph in graphs}
@@ -40,8 +38,8 @@ def build_in_parallel(args, graphs: tuple[str, ...], *jobs: tuple[Callable, tupl
         worker.join()
         assert worker.exitcode == 0, f"a build failed ({worker.exitcode})"
     for graph, aside in asides.items():
-        if not (paths.optimized / graph).exists():
-            shutil.move(aside / "build" / graph, paths.optimized / graph)
+        if not (paths.optimized / graph).exists():  # a rename: the model's build must be there, not made anew
+            (aside / "build" / graph).rename(paths.optimized / graph)
     print(json.dumps({"parallel_builds_s": round(time.perf_counter() - started, 1), "graphs": graphs}), flush=True)
 
 
