@@ -178,6 +178,9 @@ class VaeDecoderExport(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+# the UNet graphs exported from the whole UNet, by submodel name (DeepCache's shallow one takes part of it)
+UNET_EXPORTS = {"unet": UNetExport, "unet_controlnet": ControlledUNetExport, "unet_refresh": RefreshUNetExport}
+
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -210,18 +213,16 @@ def load_submodel(name: str, model_path: str | Path) -> torch.nn.Module:
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         encoder = cls.from_pretrained(root / name, dtype=stored_dtype(root / name), attn_implementation="eager")
         module: torch.nn.Module = TextEncoderExport(encoder, with_projection=with_projection)
-    elif name in ("unet", "unet_controlnet", "unet_refresh", "unet_shallow"):
+    elif name in (*UNET_EXPORTS, "unet_shallow"):
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor
 
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=stored_dtype(root / "unet"))
         unet.set_attn_processor(AttnProcessor())
-        if name == "unet_shallow":
+        if name == "unet_shallow":  # the one that needs a fact of the model's configs
             module = ShallowUNetExport(unet, cross_attention=ModelSpec.from_folder(root).shallow_cross_attention)
         else:
-            module = {"unet": UNetExport, "unet_controlnet": ControlledUNetExport, "unet_refresh": RefreshUNetExport}[
-                name
-            ](unet)
+            module = UNET_EXPORTS[name](unet)
     elif name == "controlnet":
         from diffusers import ControlNetModel
         from diffusers.models.attention_processor import AttnProcessor

@@ -116,8 +116,8 @@ def load_pipeline(
     parts.folders.update(_unet_folder(controlnets=bool(controlnets), deep_cache=deep_cache))
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
-        sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph, deep_cache=deep_cache)
-        graphed = " (UNet as a CUDA graph)" * bool(runner)
+        sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
+        graphed = " (UNet as a CUDA graph)" if runner else ""
         logger.info("loading %s with %s%s%s", folder, provider.execution_provider, static, graphed)
         pipeline = optimum_adapter.pipeline_class(task).from_pretrained(
             folder,
@@ -311,7 +311,7 @@ class PartSessions:
 
 
 def _sessions_to_make(
-    parts: PartSessions, spec: ModelSpec, reuse: LoadedPipeline | None, *, cuda_graph: bool, deep_cache: bool
+    parts: PartSessions, spec: ModelSpec, reuse: LoadedPipeline | None, *, cuda_graph: bool
 ) -> tuple[dict[str, Any], CudaGraphRunner | None]:
     """The sessions load_pipeline hands optimum instead of letting it make them (by part), and the CUDA-graph UNet:
     those ``reuse`` has with the same weights, and new ones for parts whose weights change."""
@@ -324,7 +324,7 @@ def _sessions_to_make(
             _release(reuse, part)  # its memory goes before the new session's comes (two full-size UNets do not fit)
         if part == "unet" and cuda_graph:
             shapes = unet_output_shapes(spec.latent_channels)
-            if deep_cache:
+            if parts.folders.get(part) == REFRESH:  # DeepCache's full UNet: the feature is a second output
                 shapes = refresh_output_shapes(spec.latent_channels, spec.cache_channels)
             runner = reuse.unet_graph if old is not None and reuse.unet_graph else None
             runner = runner or _cuda_graph_runner(parts, parts.model_file(part), shapes, label="the UNet", part=part)
