@@ -47,10 +47,34 @@ copy_repo() {
   rm -rf "$WORK/repo" && mkdir "$WORK/repo"
   tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
   cd "$WORK/repo"
-  python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+  python3 -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: 0)(); print(o.__version__, o.get_available_providers())"
 }
 
 case "${1:-}" in
+  stack)
+    # the project's Python stack without onnxruntime-gpu (carrying .gpuwheel): a CUDA build needs no CUDA provider, so
+    # `NO_TESTS=1 bash bench/gpu_run.sh less_work` can start right after it while .gpu1 ... .gpu5 travel; then `ort`
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpuwheel/*.whl
+    ;;
+  ort)
+    # onnxruntime-gpu alone from /tmp/parts (after `stack`): running builds keep the onnxruntime they imported
+    whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    cat /tmp/parts/part* > "$whl"
+    grep -o "[0-9a-f]\{64\}" .gpuwheel/install.sh | sed "s|\$|  $whl|" | sha256sum -c -
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl"
+    python3 -c "import torch, onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+    ;;
+  wait)
+    # up to $2 seconds, until the less_work log has a new row or says DONE; then the status
+    for _ in $(seq "${2:-500}"); do
+      grep -q "less_work DONE" "$WORK/less_work.log" 2>/dev/null && break
+      [ -n "${UNTIL:-}" ] && grep -q -- "$UNTIL" "$WORK/less_work.log" 2>/dev/null && break
+      sleep 1
+    done
+    tail -n "${LINES_SHOWN:-25}" "$WORK/less_work.log" || true
+    df -h /tmp | tail -n 1
+    bash bench/gpu_run.sh status > /dev/null
+    ;;
   controlnet)
     copy_repo
     setsid nohup bash bench/gpu_run.sh controlnet_job > "$WORK/controlnet.log" 2>&1 < /dev/null &
