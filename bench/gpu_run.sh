@@ -23,6 +23,12 @@
 #                                  model's and a tiny VAE, 30 steps, interval 2, batch 2 and 4; then the denoising
 #                                  loop's overhead (bench/benchmark.py --profile, loop_profile.json); the gpu-marked
 #                                  tests beside the builds (controlnet_tests.log)
+#                                  (CARRIED=1: builds carried from the CPU machine, no build here; see `carried`)
+#   bash bench/gpu_run.sh stack    the Python stack without onnxruntime-gpu (carrying .gpuwheel); `ort` adds
+#                                  onnxruntime-gpu once .gpu1 ... .gpu5 are in /tmp/parts: a build can start before it
+#   bash bench/gpu_run.sh carried  builds made here and carried as graphs (bench/carry_build.py pack -> .carry,
+#                                  .carry-vae) written out with fresh weights, the built-in model's folder made
+#   bash bench/gpu_run.sh wait S   up to S seconds until less_work.log says DONE (or has UNTIL=text), then its tail
 #   bash bench/gpu_run.sh tiny_loop  the tiny model: the loop's overhead (bench/benchmark.py --profile at 1024²), then
 #                                  the gpu-marked tests, in the foreground (a few minutes: for a short lent session)
 #   bash bench/gpu_run.sh loras    build + --optimize --provider cuda, then bench/loras.py (run-time LoRA switches,
@@ -55,6 +61,22 @@ case "${1:-}" in
     # the project's Python stack without onnxruntime-gpu (carrying .gpuwheel): a CUDA build needs no CUDA provider, so
     # `NO_TESTS=1 bash bench/gpu_run.sh less_work` can start right after it while .gpu1 ... .gpu5 travel; then `ort`
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpuwheel/*.whl
+    ;;
+  carried)
+    # the builds made on the CPU machine and carried without their weights (bench/carry_build.py; carrying .carry,
+    # and .carry-vae when it travels with the same command): their weights written again, then the built-in model's
+    # folder (its configs: made in the background while onnxruntime-gpu's parts travel); after `stack`
+    mkdir -p "$WORK"
+    for folder in .carry .carry-vae; do
+      [ -d "$folder" ] && python3 bench/carry_build.py unpack "$folder" "$WORK/models"
+    done
+    [ -d .carry-vae/taesdxl-random ] && cp -r .carry-vae/taesdxl-random "$WORK/models/"
+    rm -rf "$WORK/builtin_repo" && mkdir "$WORK/builtin_repo"
+    tar --exclude='./.gpu*' --exclude='./.carry*' --exclude='./.git' -cf - . | tar -xf - -C "$WORK/builtin_repo"
+    cd "$WORK/builtin_repo"
+    setsid nohup python3 -c "from pathlib import Path; from sd_utils.sources.models import ensure_builtin as e; \
+      print(e('$MODEL', models_dir=Path('$WORK/models')))" > "$WORK/builtin.log" 2>&1 < /dev/null &
+    df -h /tmp | tail -n 1
     ;;
   ort)
     # onnxruntime-gpu alone from /tmp/parts (after `stack`): running builds keep the onnxruntime they imported
@@ -102,9 +124,11 @@ case "${1:-}" in
     cd "$WORK/repo"
     speed=(python3 bench/caching.py speed --model_id "$MODEL" --provider cuda --models_dir "$WORK/models"
       --cache_dir "$WORK/cache" --size 1024 --repeats 2)
-    echo "== builds: the model's and DeepCache's graphs at once $(date +%T)"
-    "${speed[@]}" --parallel_builds --steps_list= --cutoffs= --intervals 3 2>&1 | grep --line-buffered -E \
-      "^\{|rror|built|optimized" || true
+    if [ -z "${CARRIED:-}" ]; then
+      echo "== builds: the model's and DeepCache's graphs at once $(date +%T)"
+      "${speed[@]}" --parallel_builds --steps_list= --cutoffs= --intervals 3 2>&1 | grep --line-buffered -E \
+        "^\{|rror|built|optimized" || true
+    fi
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes)
     for row in "--steps_list 20 --cutoffs= --intervals 3" "--steps_list 20 --cutoffs 0.6 --intervals= --no_baseline" \
