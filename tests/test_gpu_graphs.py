@@ -334,3 +334,24 @@ def test_cuda_graph_deep_cache_matches_the_plain_sessions(tiny_spec, cuda_build,
         assert np.isfinite(images[-1]).all() and graphed.unet_cache.refreshes == 4  # steps 0, 3, 6, 9 of 10
         assert psnr(expected, images[-1]) >= 35, f"seed {seed}"
     assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"
+    # without CUDA graphs both graphs run on device buffers bound once per batch (--cfg_cutoff halves it): the values
+    # of the same sessions run through host arrays
+    from sd_utils.runtime.controlnet import SessionRunner
+
+    cache, fed = plain.unet_cache, []
+    runners = {"refresh": cache.refresh, "shallow": cache.shallow}
+    for name, runner in runners.items():
+        assert type(runner).__name__ == "DeviceRunner"
+        setattr(cache, name, lambda feeds, run=runner: fed.append((run, dict(feeds))) or run(feeds))
+    cache.start(3)
+    plain.pipeline(latents=_latents(0).cuda(), **{**CUDA_CALL, "num_inference_steps": 2})
+    assert {id(run) for run, _ in fed} == {id(runner) for runner in runners.values()}
+    for run, feeds in fed:
+        batch = np.shape(feeds["sample"])[0]
+        half = {
+            name: value[: batch // 2] if np.shape(value)[:1] == (batch,) else value for name, value in feeds.items()
+        }
+        for batch_feeds in (feeds, half):
+            expected = SessionRunner(run.session)(batch_feeds)
+            for got, want in zip(run(batch_feeds), expected, strict=True):
+                torch.testing.assert_close(got.float(), want.to(got.device), rtol=1e-3, atol=1e-3)

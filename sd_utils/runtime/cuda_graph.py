@@ -49,6 +49,43 @@ def cuda_graph_session(
     return session, stream
 
 
+class _Bound:
+    """A session's IO binding to CUDA buffers of one set of shapes (``feeds``'s and ``output_shapes(feeds)``): each
+    call's inputs are copied into them (device to device), the outputs are written there."""
+
+    def __init__(self, session, feeds: dict[str, Any], output_shapes: Callable, device_id: int):
+        import torch
+
+        device = torch.device("cuda", device_id)
+        self.binding = session.io_binding()
+        self.inputs: dict[str, Any] = {}
+        self.outputs: list = []
+        for meta in session.get_inputs():
+            dtype = getattr(torch, TORCH_DTYPES[meta.type])
+            buffer = torch.empty(tuple(np.shape(feeds[meta.name])), dtype=dtype, device=device)
+            self.inputs[meta.name] = buffer
+            self.binding.bind_input(
+                meta.name, "cuda", device_id, _numpy_dtype(dtype), tuple(buffer.shape), buffer.data_ptr()
+            )
+        for meta, shape in zip(session.get_outputs(), output_shapes(feeds), strict=True):
+            dtype = getattr(torch, TORCH_DTYPES[meta.type])
+            buffer = torch.empty(tuple(shape), dtype=dtype, device=device)
+            self.outputs.append(buffer)
+            self.binding.bind_output(
+                meta.name, "cuda", device_id, _numpy_dtype(dtype), tuple(buffer.shape), buffer.data_ptr()
+            )
+
+    def load(self, feeds: dict[str, Any]) -> None:
+        """Queue the copies of ``feeds`` into the input buffers on torch's current stream."""
+        import torch
+
+        for name, buffer in self.inputs.items():
+            value = feeds[name]
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(np.asarray(value))
+            buffer.copy_(value.reshape(buffer.shape), non_blocking=True)
+
+
 class CudaGraphRunner:
     """Runs a session made by :func:`cuda_graph_session` on fixed, once-bound CUDA buffers.
 
@@ -63,48 +100,45 @@ class CudaGraphRunner:
         self.stream = stream
         self.device_id = device_id
         self.output_shapes = output_shapes
-        self._binding = None
-        self._inputs: dict[str, Any] = {}
-        self._outputs: list = []
-
-    def _bind(self, feeds: dict[str, Any]) -> None:
-        import torch
-
-        device = torch.device("cuda", self.device_id)
-        binding = self.session.io_binding()
-        for meta in self.session.get_inputs():
-            dtype = getattr(torch, TORCH_DTYPES[meta.type])
-            buffer = torch.empty(tuple(np.shape(feeds[meta.name])), dtype=dtype, device=device)
-            self._inputs[meta.name] = buffer
-            binding.bind_input(
-                meta.name, "cuda", self.device_id, _numpy_dtype(dtype), tuple(buffer.shape), buffer.data_ptr()
-            )
-        metas = self.session.get_outputs()
-        for meta, shape in zip(metas, self.output_shapes(feeds), strict=True):
-            dtype = getattr(torch, TORCH_DTYPES[meta.type])
-            buffer = torch.empty(tuple(shape), dtype=dtype, device=device)
-            self._outputs.append(buffer)
-            binding.bind_output(
-                meta.name, "cuda", self.device_id, _numpy_dtype(dtype), tuple(buffer.shape), buffer.data_ptr()
-            )
-        self._binding = binding
+        self._bound: _Bound | None = None
 
     def __call__(self, feeds: dict[str, Any]) -> list:
         import torch
 
-        if self._binding is None:
-            self._bind(feeds)
+        if self._bound is None:
+            self._bound = _Bound(self.session, feeds, self.output_shapes, self.device_id)
         caller = torch.cuda.current_stream(self.device_id)
         # the caller's stream waited for the previous replay (below), so these copies cannot overtake it
-        for name, buffer in self._inputs.items():
-            value = feeds[name]
-            if not isinstance(value, torch.Tensor):
-                value = torch.as_tensor(np.asarray(value))
-            buffer.copy_(value.reshape(buffer.shape), non_blocking=True)
+        self._bound.load(feeds)
         self.stream.wait_stream(caller)  # the replay starts after the copies
-        self.session.run_with_iobinding(self._binding)  # on self.stream
+        self.session.run_with_iobinding(self._bound.binding)  # on self.stream
         caller.wait_stream(self.stream)  # whatever the caller queues next sees the outputs
-        return self._outputs
+        return self._bound.outputs
+
+
+class DeviceRunner:
+    """Runs a plain CUDA session (no CUDA graph: shapes that change within a run, e.g. the batch under
+    ``--cfg_cutoff``) on CUDA buffers bound once per set of input shapes, so a step's tensors (DeepCache's feature
+    map, a ControlNet's residuals) stay on the device instead of a round trip through the host. Outputs as
+    :class:`CudaGraphRunner`'s: the buffers, overwritten by the next call of the same shapes."""
+
+    def __init__(self, session, *, output_shapes: Callable[[dict[str, Any]], list[tuple]], device_id: int = 0):
+        self.session = session
+        self.output_shapes = output_shapes
+        self.device_id = device_id
+        self._bound: dict[tuple, _Bound] = {}
+
+    def __call__(self, feeds: dict[str, Any]) -> list:
+        import torch
+
+        key = tuple(np.shape(feeds[meta.name]) for meta in self.session.get_inputs())
+        if key not in self._bound:
+            self._bound[key] = _Bound(self.session, feeds, self.output_shapes, self.device_id)
+        bound = self._bound[key]
+        bound.load(feeds)
+        torch.cuda.current_stream(self.device_id).synchronize()  # the session runs on a stream of ORT's own
+        self.session.run_with_iobinding(bound.binding)  # returns once the outputs are written
+        return bound.outputs
 
 
 def unet_output_shapes(latent_channels: int) -> Callable[[dict[str, Any]], list[tuple]]:

@@ -16,7 +16,7 @@ import numpy as np
 from sd_utils.optimize.recipe import read_record
 from sd_utils.runtime import optimum_adapter, token_table
 from sd_utils.runtime.controlnet import OrtControlNet, SessionRunner, residual_feeds
-from sd_utils.runtime.cuda_graph import CudaGraphRunner, cuda_graph_session, unet_output_shapes
+from sd_utils.runtime.cuda_graph import CudaGraphRunner, DeviceRunner, cuda_graph_session, unet_output_shapes
 from sd_utils.runtime.deep_cache import REFRESH, SHALLOW, CachedUNet, refresh_output_shapes
 from sd_utils.runtime.lora_weights import lora_initializers, touches
 from sd_utils.runtime.providers import (
@@ -187,7 +187,7 @@ def _controlled(pipeline, parts: PartSessions, spec: ModelSpec, task: str, contr
     the same ones), each a CUDA graph too when the UNet is one; ``pipeline`` as it is without ControlNets."""
     if not controlnets:
         return pipeline, []
-    run = runner or SessionRunner(pipeline.unet.session)
+    run = runner or _plain_runner(parts, pipeline.unet.session, unet_output_shapes(spec.latent_channels))
     residuals = functools.partial(residual_feeds, spec)
     optimum_adapter.set_unet_forward(pipeline, lambda feeds: run(feeds)[0], residuals)
     wanted = [folder / "controlnet" for folder in controlnets]
@@ -202,7 +202,7 @@ def _controlnet(parts: PartSessions, spec: ModelSpec, path: Path, *, graphed: bo
     """The ControlNet in ``path``: a CUDA graph when the UNet is one (and ORT can capture it), else a plain session."""
     shapes = functools.partial(_residual_shapes, spec)
     run = _cuda_graph_runner(parts, path / "model.onnx", shapes, label="a ControlNet") if graphed else None
-    return OrtControlNet(run or SessionRunner(parts.plain_session(path)), path, device=device)
+    return OrtControlNet(run or _plain_runner(parts, parts.plain_session(path), shapes), path, device=device)
 
 
 def _residual_shapes(spec: ModelSpec, feeds: dict[str, Any]) -> list[tuple[int, ...]]:
@@ -212,15 +212,23 @@ def _residual_shapes(spec: ModelSpec, feeds: dict[str, Any]) -> list[tuple[int, 
 def _deep_cached(pipeline, parts: PartSessions, spec: ModelSpec, *, runner: CudaGraphRunner | None) -> CachedUNet:
     """The pipeline's UNet (the refresh graph's session, ``runner`` when it is a CUDA graph) under DeepCache, with a
     session of the shallow graph (a CUDA graph too when the UNet is one)."""
-    shallow = None
+    shallow, shapes = None, unet_output_shapes(spec.latent_channels)
     if runner is not None:
-        shapes = unet_output_shapes(spec.latent_channels)
         shallow = _cuda_graph_runner(parts, parts.model_file(SHALLOW), shapes, label="the shallow UNet", part=SHALLOW)
-    shallow = shallow or SessionRunner(parts.session(SHALLOW))
+    shallow = shallow or _plain_runner(parts, parts.session(SHALLOW), shapes)
     inputs = tuple(meta.name for meta in shallow.session.get_inputs())
-    cached = CachedUNet(runner or SessionRunner(pipeline.unet.session), shallow, inputs)
+    refresh_shapes = refresh_output_shapes(spec.latent_channels, spec.cache_channels)
+    cached = CachedUNet(runner or _plain_runner(parts, pipeline.unet.session, refresh_shapes), shallow, inputs)
     optimum_adapter.set_unet_forward(pipeline, cached)
     return cached
+
+
+def _plain_runner(parts: PartSessions, session, output_shapes) -> SessionRunner | DeviceRunner:
+    """A denoising session that is no CUDA graph: on CUDA on bound device buffers (no host round trip per step),
+    elsewhere through host arrays."""
+    if parts.provider.name == "cuda":
+        return DeviceRunner(session, output_shapes=output_shapes, device_id=parts.device_id)
+    return SessionRunner(session)
 
 
 def _new_text_encoder(pipeline, parts: PartSessions, io_binding: bool, name: str) -> None:
