@@ -51,7 +51,7 @@ export OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=
 copy_repo() {
   mkdir -p "$WORK"
   rm -rf "$WORK/repo" && mkdir "$WORK/repo"
-  tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
+  tar --exclude='./.gpu*' --exclude='./.carry*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/repo"
   cd "$WORK/repo"
   python3 -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: 0)(); print(o.__version__, o.get_available_providers())"
 }
@@ -317,7 +317,7 @@ for run in range(3):
   cputrain)
     # the training end to end on this machine's CPU (GPU hidden), then the quality check on what it made
     rm -rf "$WORK/cpurepo" && mkdir -p "$WORK/cpurepo"
-    tar --exclude='./.gpu*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/cpurepo"
+    tar --exclude='./.gpu*' --exclude='./.carry*' --exclude='./.git' --exclude='./models' --exclude='./cache' -cf - . | tar -xf - -C "$WORK/cpurepo"
     cd "$WORK/cpurepo"
     CUDA_VISIBLE_DEVICES="" setsid nohup sh -c "python3 -m sd_utils.demo_model.train \
       --out sd_utils/demo_model/weights && python3 -m sd_utils.demo_model.quality --models_dir $WORK/cpu_models \
