@@ -76,7 +76,8 @@ class _Bound:
             )
 
     def load(self, feeds: dict[str, Any]) -> None:
-        """Queue the copies of ``feeds`` into the input buffers on torch's current stream."""
+        """Queue the copies of ``feeds`` into the input buffers on torch's current stream (every input, every call: a
+        tensor may be another session's output buffer, rewritten by ONNX Runtime without torch knowing)."""
         import torch
 
         for name, buffer in self.inputs.items():
@@ -101,18 +102,23 @@ class CudaGraphRunner:
         self.device_id = device_id
         self.output_shapes = output_shapes
         self._bound: _Bound | None = None
+        self._events: tuple | None = None  # (inputs copied, outputs written): made once, recorded on every call
 
     def __call__(self, feeds: dict[str, Any]) -> list:
         import torch
 
         if self._bound is None:
             self._bound = _Bound(self.session, feeds, self.output_shapes, self.device_id)
+            self._events = (torch.cuda.Event(), torch.cuda.Event())
+        copied, written = self._events
         caller = torch.cuda.current_stream(self.device_id)
         # the caller's stream waited for the previous replay (below), so these copies cannot overtake it
         self._bound.load(feeds)
-        self.stream.wait_stream(caller)  # the replay starts after the copies
+        copied.record(caller)
+        self.stream.wait_event(copied)  # the replay starts after the copies
         self.session.run_with_iobinding(self._bound.binding)  # on self.stream
-        caller.wait_stream(self.stream)  # whatever the caller queues next sees the outputs
+        written.record(self.stream)
+        caller.wait_event(written)  # whatever the caller queues next sees the outputs
         return self._bound.outputs
 
 
