@@ -20,9 +20,10 @@
 #   bash bench/gpu_run.sh less_work  the model's build and DeepCache's graphs at once (bench/parallel_builds.py), then
 #                                  bench/caching.py speed rows (less_work.log, caching_speed.jsonl): 20 steps off /
 #                                  --cfg_cutoff 0.6 / --cache_interval 3 / both, batch 8 throughput, 4 steps with the
-#                                  model's and a tiny VAE, 30 steps, interval 2, batch 2 and 4; then the denoising
-#                                  loop's overhead (bench/benchmark.py --profile, loop_profile.json); the gpu-marked
-#                                  tests beside the builds (controlnet_tests.log)
+#                                  model's and a tiny VAE, 30 steps, interval 2, batch 2 and 4; among them the
+#                                  CUDA runners' gpu-marked tests (controlnet_tests.log) and the denoising loop's
+#                                  overhead (bench/benchmark.py --profile, loop_profile.json); all gpu-marked tests
+#                                  beside the builds unless NO_TESTS=1
 #                                  (CARRIED=1: builds carried from the CPU machine, no build here; see `carried`)
 #   bash bench/gpu_run.sh stack    the Python stack without onnxruntime-gpu (carrying .gpuwheel); `ort` adds
 #                                  onnxruntime-gpu once .gpu1 ... .gpu5 are in /tmp/parts: a build can start before it
@@ -130,19 +131,30 @@ case "${1:-}" in
         "^\{|rror|built|optimized" || true
     fi
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
-    # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes)
+    # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
+    # gpu-marked tests of the CUDA runners and the loop's profile among them
     for row in "--steps_list 20 --cutoffs= --intervals 3" "--steps_list 20 --cutoffs 0.6 --intervals= --no_baseline" \
       "--steps_list= --batches 8 --cutoffs 0.6 --intervals 3" "--steps_list 20 --cutoffs 0.6 --intervals 3 --no_baseline" \
-      "--steps_list= --tiny_vae_steps 4 --repeats 3" "--steps_list 30 --cutoffs= --intervals 3" \
+      tests "--steps_list= --tiny_vae_steps 4 --repeats 3" profile "--steps_list 30 --cutoffs= --intervals 3" \
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
-      echo "== caching.py speed $row $(date +%T)"
-      # shellcheck disable=SC2086 # the row's options, split
-      "${speed[@]}" $row 2>&1 | grep --line-buffered -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
+      echo "== $row $(date +%T)"
+      case "$row" in
+        tests)
+          python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py -k "deep_cache or controlnet" 2>&1 \
+            | tail -n 15 > "$WORK/controlnet_tests.log" || true
+          tail -n 3 "$WORK/controlnet_tests.log"
+          ;;
+        profile)
+          build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")
+          python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
+            --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 3 > "$WORK/loop_profile.json" || true
+          ;;
+        *)
+          # shellcheck disable=SC2086 # the row's options, split
+          "${speed[@]}" $row 2>&1 | grep --line-buffered -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
+          ;;
+      esac
     done
-    echo "== loop profile $(date +%T)"
-    build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")
-    python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
-      --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 3 > "$WORK/loop_profile.json" || true
     echo "== less_work DONE $(date +%T)"
     ;;
   tiny_loop)
