@@ -133,9 +133,8 @@ case "${1:-}" in
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
-    for row in "--steps_list 20 --cutoffs= --intervals 3" "--steps_list 20 --cutoffs 0.6 --intervals= --no_baseline" \
-      "--steps_list= --batches 8 --cutoffs 0.6 --intervals 3" "--steps_list 20 --cutoffs 0.6 --intervals 3 --no_baseline" \
-      tests "--steps_list= --tiny_vae_steps 4 --repeats 3" profile "--steps_list 30 --cutoffs= --intervals 3" \
+    for row in "--steps_list 20 --cases 1:1,1:3,0.6:1,0.6:3" "--steps_list= --batches 8 --cases 1:1,1:3,0.6:3" \
+      "--steps_list= --tiny_vae_steps 4 --repeats 3" tests profile "--steps_list 30 --cutoffs= --intervals 3" \
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
       echo "== $row $(date +%T)"
       case "$row" in
