@@ -134,6 +134,7 @@ def test_the_weight_map_follows_fp16_packed_and_nhwc_weights():
     weights = {name: rng.standard_normal((width, width)).astype(np.float32) for name in ("q", "k", "v", "out")}
     weights["conv"] = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
     weights["zero"] = np.zeros((width, width), np.float32)  # equal rows everywhere: placed by order
+    weights["q"][0, :4] = [1e-9, -3e-8, 7e4, -1e30]  # values the converter clamps: the map's fp16 clamps them alike
 
     def pack(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         per_head = [values[name].T.reshape(width, heads, size) for name in ("q", "k", "v")]
