@@ -8,6 +8,10 @@ own bytes, which travel in the manifest. The unoptimized folder travels as its `
 record; it loads the optimized graphs). For speed figures only: a random-weight model's speed does not depend on its
 values, and the values are not the model's.
 
+A build's identity must come out the same there: a built-in model's does; one made with ``--vae DIR`` names the
+folder as typed, so make it here with the path it will have there (``/tmp/sdxl/models/taesdxl-random`` for
+bench/caching.py's tiny-VAE rows under bench/gpu_run.sh).
+
     python bench/carry_build.py pack MODELS_DIR BUILD_NAME DEST     # here; DEST then travels (device `carry`)
     python bench/carry_build.py unpack DEST MODELS_DIR              # on the GPU machine
 """
