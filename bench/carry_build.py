@@ -5,8 +5,8 @@ before it does). So the build is made on this machine (a CUDA build needs no GPU
 file of the build's folder as built except the external data files, which the GPU machine writes again, each tensor
 at its offset, floating-point ones filled with random values of their dtype, the others (shapes, indices) with their
 own bytes, which travel in the manifest. The unoptimized folder travels as its ``build.json`` only (a run reads that
-record; it loads the optimized graphs). For speed figures only: a random-weight model's speed does not depend on its
-values, and the values are not the model's.
+record; it loads the optimized graphs), a built-in model's folder without its weights. For speed figures only: a
+random-weight model's speed does not depend on its values, and the values are not the model's.
 
 A build's identity must come out the same there: a built-in model's does; one made with ``--vae DIR`` names the
 folder as typed, so make it here with the path it will have there (``/tmp/sdxl/models/taesdxl-random`` for
@@ -79,10 +79,24 @@ def pack(models_dir: Path, name: str, dest: Path) -> None:
     record = models_dir / "unoptimized" / name / "build.json"
     (dest / "unoptimized" / name).mkdir(parents=True)
     shutil.copy2(record, dest / "unoptimized" / name / "build.json")
+    _pack_builtin(models_dir, json.loads(record.read_text(encoding="utf-8"))["source"], dest)
     size = sum(path.stat().st_size for path in dest.rglob("*") if path.is_file())
     weights = sum(entry["size"] for entry in manifest["data_files"].values())
     print(json.dumps({"packed": str(dest), "bytes": size, "weights_left_behind": weights}))
     assert size <= CARRY_LIMIT, f"{dest} holds {size} bytes: more than one command carries"
+
+
+def _pack_builtin(models_dir: Path, source: dict, dest: Path) -> None:
+    """A built-in model's folder without its weights (a run on a current build reads its configs and record only):
+    the GPU machine need not make it (a minute of a lease)."""
+    if source["kind"] != "builtin":
+        return
+    folder = models_dir / "builtin" / source["source"]
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix not in (".safetensors", ".bin"):
+            target = dest / "builtin" / source["source"] / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
 
 
 # ONNX TensorProto data types -> numpy dtype names of the floating-point ones (filled with random values)
@@ -97,6 +111,8 @@ def unpack(source: Path, models_dir: Path) -> None:
     name = manifest["name"]
     for kind in ("optimized", "unoptimized"):
         shutil.copytree(source / kind / name, models_dir / kind / name, dirs_exist_ok=True)
+    if (source / "builtin").is_dir():
+        shutil.copytree(source / "builtin", models_dir / "builtin", dirs_exist_ok=True)
     block = np.random.default_rng(0).standard_normal(BLOCK_VALUES).astype(np.float32) * 0.02
     blocks = {code: memoryview(block.astype(dtype).tobytes()) for code, dtype in FLOAT_TYPES.items()}
     for relative, entry in manifest["data_files"].items():
