@@ -29,6 +29,8 @@ MANIFEST = "carry_manifest.json"
 CARRY_LIMIT = 60 * 2**20  # what one device command carries, less a margin for the working tree
 KEPT_LIMIT = 2**20  # a non-float external tensor larger than this is not a shape or an index table: refuse it
 BLOCK_VALUES = 1 << 22  # random values written over and over (values do not matter, only that they are finite)
+# ONNX TensorProto data types -> numpy dtype names of the floating-point ones (filled with random values)
+FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64"}
 
 
 def _external_tensors(onnx_file: Path) -> dict[str, list[dict]]:
@@ -97,10 +99,6 @@ def _pack_builtin(models_dir: Path, source: dict, dest: Path) -> None:
             target = dest / "builtin" / source["source"] / path.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
-
-
-# ONNX TensorProto data types -> numpy dtype names of the floating-point ones (filled with random values)
-FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64"}
 
 
 def unpack(source: Path, models_dir: Path) -> None:

@@ -28,7 +28,7 @@
 #   bash bench/gpu_run.sh stack    the Python stack without onnxruntime-gpu (carrying .gpuwheel); `ort` adds
 #                                  onnxruntime-gpu once .gpu1 ... .gpu5 are in /tmp/parts: a build can start before it
 #   bash bench/gpu_run.sh carried  builds made here and carried as graphs (bench/carry_build.py pack -> .carry,
-#                                  .carry-vae) written out with fresh weights, the built-in model's folder made
+#                                  .carry-vae) written out with fresh weights
 #   bash bench/gpu_run.sh wait S   up to S seconds until less_work.log says DONE (or has UNTIL=text), then its tail
 #   bash bench/gpu_run.sh tiny_loop  the tiny model: the loop's overhead (bench/benchmark.py --profile at 1024²), then
 #                                  the gpu-marked tests, in the foreground (a few minutes: for a short lent session)
@@ -64,19 +64,13 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpuwheel/*.whl
     ;;
   carried)
-    # the builds made on the CPU machine and carried without their weights (bench/carry_build.py; carrying .carry,
-    # and .carry-vae when it travels with the same command): their weights written again, then the built-in model's
-    # folder (its configs: made in the background while onnxruntime-gpu's parts travel); after `stack`
+    # the builds made on the CPU machine and carried without their weights (bench/carry_build.py; carrying .carry
+    # and/or .carry-vae), with the built-in model's folder less its weights: their weights written again; after `stack`
     mkdir -p "$WORK"
     for folder in .carry .carry-vae; do
       [ -d "$folder" ] && python3 bench/carry_build.py unpack "$folder" "$WORK/models"
     done
     [ -d .carry-vae/taesdxl-random ] && cp -r .carry-vae/taesdxl-random "$WORK/models/"
-    rm -rf "$WORK/builtin_repo" && mkdir "$WORK/builtin_repo"
-    tar --exclude='./.gpu*' --exclude='./.carry*' --exclude='./.git' -cf - . | tar -xf - -C "$WORK/builtin_repo"
-    cd "$WORK/builtin_repo"
-    setsid nohup python3 -c "from pathlib import Path; from sd_utils.sources.models import ensure_builtin as e; \
-      print(e('$MODEL', models_dir=Path('$WORK/models')))" > "$WORK/builtin.log" 2>&1 < /dev/null &
     df -h /tmp | tail -n 1
     ;;
   ort)
@@ -88,7 +82,7 @@ case "${1:-}" in
     python3 -c "import torch, onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
     ;;
   wait)
-    # up to $2 seconds, until the less_work log has a new row or says DONE; then the status
+    # up to $2 seconds, until the less_work log says DONE (or holds $UNTIL); then its tail, results copied to $OUT
     for _ in $(seq "${2:-500}"); do
       grep -q "less_work DONE" "$WORK/less_work.log" 2>/dev/null && break
       [ -n "${UNTIL:-}" ] && grep -q -- "$UNTIL" "$WORK/less_work.log" 2>/dev/null && break

@@ -56,12 +56,10 @@ def as_graph_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype == np.float16 and values.dtype != np.float16:
         values = values.astype(np.float32)  # a copy: clamped in place
         magnitude = np.abs(values)
-        for outside, bound in (
-            ((magnitude > 0) & (magnitude < FP16_TINY), FP16_TINY),
-            (magnitude > FP16_MAX, FP16_MAX),
-        ):
-            outside &= np.isfinite(values)
-            values[outside] = np.copysign(bound, values[outside])
+        tiny = (magnitude > 0) & (magnitude < FP16_TINY)  # NaN compares false: left as it is
+        values[tiny] = np.copysign(FP16_TINY, values[tiny])
+        huge = (magnitude > FP16_MAX) & (magnitude < np.inf)
+        values[huge] = np.copysign(FP16_MAX, values[huge])
         return values.astype(np.float16)
     return values.astype(dtype, copy=False)
 

@@ -132,12 +132,13 @@ class DeviceRunner:
         self.session = session
         self.output_shapes = output_shapes
         self.device_id = device_id
+        self._inputs = [meta.name for meta in session.get_inputs()]  # read once: ORT makes new objects per call
         self._bound: dict[tuple, _Bound] = {}
 
     def __call__(self, feeds: dict[str, Any]) -> list:
         import torch
 
-        key = tuple(np.shape(feeds[meta.name]) for meta in self.session.get_inputs())
+        key = tuple(np.shape(feeds[name]) for name in self._inputs)
         if key not in self._bound:
             self._bound[key] = _Bound(self.session, feeds, self.output_shapes, self.device_id)
         bound = self._bound[key]
