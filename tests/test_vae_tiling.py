@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_utils.runtime.vae_tiling import decode_tiled, tile_side, tile_starts
+from sd_utils.runtime.vae_tiling import decode_in_slices, decode_tiled, tile_side, tile_starts
 from stable_diffusion_xl import main
 
 
@@ -72,3 +73,34 @@ def test_cli_decodes_tile_by_tile(tiny_optimized, tiny_spec, tmp_path):
     assert decoder.run(None, {"latent_sample": tile})[0].shape == (1, 3, 64, 64)
     with pytest.raises(Exception, match=r"(?i)dim|shape"):
         decoder.run(None, {"latent_sample": np.zeros((1, tiny_spec.latent_channels, 16, 32), dtype=np.float32)})
+
+
+@pytest.mark.parametrize(
+    ("batch", "side", "expected"), [(8, 1024, 4), (7, 1024, 7), (9, 1024, 3), (11, 1024, 1), (8, 512, 8), (2, 2048, 1)]
+)
+def test_the_decoder_takes_as_many_images_as_its_attention_scores_fit(tiny_spec, batch, side, expected):
+    """CUDA's cuDNN failed the full-size decoder at batch 8, 1024² (BiasSoftmax: CUDNN_STATUS_NOT_SUPPORTED): its
+    attention scores, 8 x 16384², pass 2³¹ elements. The decoder's batch dim is pinned to the slice it decodes."""
+    from sd_utils.sources.model_spec import Shape, decoder_batch, submodel_io
+
+    spec = dataclasses.replace(tiny_spec, vae_scale_factor=8)  # SDXL's VAE: 1024² is 16384 latent tokens
+    shape = Shape(batch=batch, height=side, width=side)
+    assert decoder_batch(spec, shape) == expected
+    assert submodel_io(spec, "vae_decoder").dim_values(shape)["vae_decoder_batch"] == expected
+
+
+def test_slices_decode_the_images_the_whole_batch_would(tiny_spec):
+    """Slices of the batch go through a decoder that reuses its output buffer: each slice lands in its own images."""
+    spec = dataclasses.replace(tiny_spec, vae_scale_factor=8)
+    latents = torch.randn((8, tiny_spec.latent_channels, 128, 128), generator=torch.Generator().manual_seed(1))
+    buffer, calls = {}, []
+
+    def decode(part):
+        calls.append(part.shape[0])
+        out = buffer.setdefault(part.shape, torch.empty((part.shape[0], 3, 16, 16)))
+        return out.copy_(part[:, :3, ::8, ::8])
+
+    image = decode_in_slices(decode, latents, spec)
+    assert calls == [4, 4]
+    torch.testing.assert_close(image, latents[:, :3, ::8, ::8], rtol=0, atol=0)
+    assert decode_in_slices(decode, latents[:2], spec).shape[0] == 2 and calls[-1] == 2  # fits: one call

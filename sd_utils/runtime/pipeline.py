@@ -29,7 +29,7 @@ from sd_utils.runtime.providers import (
     session_providers,
     share_arena,
 )
-from sd_utils.runtime.vae_tiling import decode_tiled, tiled_shape
+from sd_utils.runtime.vae_tiling import decode_in_slices, decode_tiled, tiled_shape
 from sd_utils.runtime.weight_overrides import model_with_initializers
 from sd_utils.sources.embeddings import Embeddings
 from sd_utils.sources.lora import LoraFile
@@ -94,17 +94,16 @@ def load_pipeline(
     ``use_io_binding`` (default: on for GPU providers that optimum can bind, i.e. CUDA) keeps the denoising loop's
     tensors on the device: no host round trip per step. ``cuda_graph`` (default: on for CUDA with static shapes)
     replays the UNet as a CUDA graph instead of launching its kernels one by one; a UNet that cannot be captured
-    (some node not on the CUDA EP) runs as usual, with a warning. ``vae_tiling`` decodes tile by tile, the
-    decoder's dims pinned to the tile's shape. ``low_vram`` frees the text encoders' memory after they have encoded
-    the prompt (:func:`encode_prompt`) and drops a base model's VAE encoder, which text-to-image never runs.
-    ``task`` picks optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner,
-    text2img otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables.
-    ``loras``: run-time LoRAs, their changes put into the weights of the sessions they touch. ``controlnets``:
-    optimized ControlNet folders; they and the UNet that takes their residuals run in diffusers' ControlNet pipeline.
-    ``deep_cache``: the UNet runs as DeepCache's two graphs (``runtime/deep_cache.py``). Both as CUDA graphs too,
-    where the UNet would be one.
-    ``reuse``: a pipeline of the same folder and settings with other ``loras``: its sessions of the parts whose
-    weights stay the same are taken over, the others made again (switching LoRAs)."""
+    (some node not on the CUDA EP) runs as usual, with a warning. ``vae_tiling`` decodes tile by tile, the decoder's
+    dims pinned to the tile's shape. ``low_vram`` frees the text encoders' memory after they have encoded the prompt
+    (:func:`encode_prompt`) and drops a base model's VAE encoder, which text-to-image never runs. ``task`` picks
+    optimum's pipeline: ``text2img``, ``img2img`` or ``inpaint`` (default: img2img for a refiner, text2img
+    otherwise). ``embeddings``: textual-inversion vectors put into the text encoders' token tables. ``loras``:
+    run-time LoRAs, their changes put into the weights of the sessions they touch. ``controlnets``: optimized
+    ControlNet folders; they and the UNet that takes their residuals run in diffusers' ControlNet pipeline.
+    ``deep_cache``: the UNet runs as DeepCache's two graphs (``runtime/deep_cache.py``); both CUDA graphs where the
+    UNet would be one. ``reuse``: a pipeline of the same folder and settings with other ``loras``: its sessions of
+    the parts whose weights stay the same are taken over, the others made again (switching LoRAs)."""
     task = task or ("img2img" if spec.is_refiner else "text2img")
     providers, provider_options = session_providers(provider, device_id)
     overrides = _dimensions(spec, shape, vae_tiling=vae_tiling, controlnets=bool(controlnets))
@@ -114,6 +113,7 @@ def load_pipeline(
     cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None and not shape.free_batch
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
     parts.folders.update(_unet_folder(controlnets=bool(controlnets), deep_cache=deep_cache))
+    parts.free_batch = shape is not None and shape.free_batch
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
         sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
@@ -202,7 +202,8 @@ def _controlnet(parts: PartSessions, spec: ModelSpec, path: Path, *, graphed: bo
     """The ControlNet in ``path``: a CUDA graph when the UNet is one (and ORT can capture it), else a plain session."""
     shapes = functools.partial(_residual_shapes, spec)
     run = _cuda_graph_runner(parts, path / "model.onnx", shapes, label="a ControlNet") if graphed else None
-    return OrtControlNet(run or _plain_runner(parts, parts.plain_session(path), shapes), path, device=device)
+    run = run or _plain_runner(parts, parts.plain_session(path, denoising=True), shapes)
+    return OrtControlNet(run, path, device=device)
 
 
 def _residual_shapes(spec: ModelSpec, feeds: dict[str, Any]) -> list[tuple[int, ...]]:
@@ -237,17 +238,24 @@ def _new_text_encoder(pipeline, parts: PartSessions, io_binding: bool, name: str
 
 
 def _adapt(pipeline, spec: ModelSpec, *, runner: CudaGraphRunner | None, vae_tiling: bool, drop_encoder: bool) -> None:
-    """What the tool changes in optimum's pipeline: the CUDA-graph UNet, the tiled VAE decoder, no VAE encoder."""
+    """What the tool changes in optimum's pipeline: the CUDA-graph UNet, the VAE decoder's slices and tiles, no VAE
+    encoder."""
     if runner:
         optimum_adapter.set_unet_forward(pipeline, lambda feeds: runner(feeds)[0])
-    if vae_tiling:
-        optimum_adapter.set_vae_decoder_forward(pipeline, lambda decode, latents: decode_tiled(decode, latents, spec))
+
+    def decoder(decode, latents):  # tile by tile; in each call as many images at once as the decoder takes
+        sliced = functools.partial(decode_in_slices, decode, spec=spec)
+        return decode_tiled(sliced, latents, spec) if vae_tiling else sliced(latents)
+
+    optimum_adapter.set_vae_decoder_forward(pipeline, decoder)
     if drop_encoder:
         optimum_adapter.drop_parts(pipeline, ["vae_encoder"])
 
 
 # the parts whose sessions get initializer overrides: run-time LoRA weights, embeddings' token-table rows
 OVERRIDABLE = ("unet", "text_encoder", "text_encoder_2", SHALLOW)
+# the parts that denoise (a ControlNet's session is made apart)
+DENOISING = ("unet", SHALLOW)
 
 
 @dataclasses.dataclass
@@ -264,6 +272,7 @@ class PartSessions:
     loras: tuple[LoraFile, ...]
     config_root: Path  # the model folder: its configs place the LoRAs' layers, as the run's checks did
     folders: dict = dataclasses.field(default_factory=dict)  # part -> its graph's folder, where not its own name
+    free_batch: bool = False  # the denoising sessions meet two batch sizes (--cfg_cutoff)
     _models: dict = dataclasses.field(default_factory=dict)  # part -> its model file
     # part -> what keeps its changed model file's folder (its sessions hold it too, see session())
     _holders: dict = dataclasses.field(default_factory=dict)
@@ -304,16 +313,25 @@ class PartSessions:
     def options(self):
         return session_options(self.provider, self.dims)
 
+    @property
+    def denoising_options(self) -> dict[str, str]:
+        """Provider options of the UNets' and ControlNets' sessions beyond the provider's own."""
+        return dict(self.provider.free_batch_options) if self.free_batch else {}
+
     def session(self, part: str):
         """A session of the part with its changes; it keeps its changed model file (if any) as long as it lives,
         also when another pipeline takes it over."""
-        session = self.plain_session(self.model_file(part).parent, where=self.folder / self.folders.get(part, part))
+        where, denoising = self.folder / self.folders.get(part, part), part in DENOISING
+        session = self.plain_session(self.model_file(part).parent, where=where, denoising=denoising)
         session.weight_files = self._holders.get(part)
         return session
 
-    def plain_session(self, folder: Path, *, where: Path | None = None):
-        """A session of the graph in ``folder`` (``where``: the build folder named in a provider error)."""
-        session = new_session(str(folder / "model.onnx"), self.provider, self.device_id, options=self.options())
+    def plain_session(self, folder: Path, *, where: Path | None = None, denoising: bool = False):
+        """A session of the graph in ``folder`` (``where``: the build folder named in a provider error; ``denoising``:
+        a UNet's or ControlNet's, with :attr:`denoising_options`)."""
+        extra = self.denoising_options if denoising else None
+        model = str(folder / "model.onnx")
+        session = new_session(model, self.provider, self.device_id, options=self.options(), extra_options=extra)
         check_session_provider(session, self.provider, str(where or folder))
         return session
 
@@ -341,7 +359,7 @@ def _sessions_to_make(
                 continue
         if old is not None:
             sessions[part] = old.session
-        elif any(key) or part in parts.folders:
+        elif any(key) or part in parts.folders or (part in DENOISING and parts.denoising_options):
             sessions[part] = parts.session(part)
     return sessions, runner
 

@@ -36,6 +36,8 @@ class Provider:
     cuda_graph: bool = False
     # execution provider options of every session, beside the device
     options: tuple[tuple[str, str], ...] = ()
+    # execution provider options of the denoising sessions whose batch changes within a run (--cfg_cutoff)
+    free_batch_options: tuple[tuple[str, str], ...] = ()
     # ONNX Runtime session config entries of every session (``SessionOptions.add_session_config_entry``)
     session_entries: tuple[tuple[str, str], ...] = ()
     # the sessions of a process take their intermediate tensors from one arena per device (see share_arena)
@@ -85,6 +87,10 @@ PROVIDERS: dict[str, Provider] = {
                 # (bench/memory_fit.py, bench/NOTES.md)
                 ("arena_extend_strategy", "kSameAsRequested"),
             ),
+            # cuDNN's exhaustive search, run again as the batch changes, made a 20-step 1024² image under
+            # --cfg_cutoff 0.6 take 5.4 s instead of 0.75 s on an H100; its heuristic choice is as fast per step at
+            # both batches (bench/NOTES.md, session 20)
+            free_batch_options=(("cudnn_conv_algo_search", "HEURISTIC"),),
             shared_arena=True,
             needs=(
                 "onnxruntime-gpu needs an NVIDIA driver and the CUDA and cuDNN libraries of its build "
@@ -271,13 +277,15 @@ def new_session(
     free_dimensions: dict[str, int] | None = None,
     *,
     options=None,
+    extra_options: dict[str, str] | None = None,
 ):
     """An ORT ``InferenceSession`` of ``model`` (a path or serialized ONNX) on ``provider``, CPU fallback included;
     ``free_dimensions`` pins symbolic dims as :func:`session_options` does (or ``options``: session options made
-    by it, with more set)."""
+    by it, with more set); ``extra_options``: more options of ``provider``."""
     import onnxruntime as ort
 
     providers, provider_options = session_providers(provider, device_id)
+    provider_options[0].update(extra_options or {})
     return ort.InferenceSession(
         model,
         sess_options=options if options is not None else session_options(provider, free_dimensions),

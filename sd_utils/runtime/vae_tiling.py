@@ -9,6 +9,9 @@ written again here because ONNX Runtime sessions are pinned to one input shape (
 the same shape (tiles spread evenly, their overlap at least a quarter tile), and the overlaps are blended with
 linear ramps normalized to a partition of unity. The decoder's attention then sees one tile at a time, so pixels
 differ slightly from a whole-image decode (as with diffusers' tiling).
+
+Every decode, tiled or not, also takes the batch in slices where its attention scores would not fit one call
+(:func:`decode_in_slices`; diffusers' ``enable_vae_slicing`` decodes image by image for the same reason).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sd_utils.sources.model_spec import ModelSpec, Shape
+from sd_utils.sources.model_spec import ModelSpec, Shape, decoder_batch
 
 
 def tile_side(spec: ModelSpec) -> int:
@@ -89,3 +92,20 @@ def decode_tiled(decode, latents, spec: ModelSpec):
             image[:, :, rows_out, columns_out] += pixels * weight  # added at once: the decoder may reuse its output
             weights[rows_out, columns_out] += weight
     return image / weights
+
+
+def decode_in_slices(decode, latents, spec: ModelSpec):
+    """``decode`` applied to :func:`decoder_batch` images of ``latents`` (N, C, H, W) at a time (all N where they fit
+    in one call), the pixels gathered on the latents' device."""
+    count, _, height, width = latents.shape
+    factor = spec.vae_scale_factor
+    size = decoder_batch(spec, Shape(batch=count, height=height * factor, width=width * factor))
+    if size >= count:
+        return decode(latents)
+    image = None
+    for start in range(0, count, size):
+        pixels = decode(latents[start : start + size].contiguous())
+        if image is None:
+            image = pixels.new_empty((count, *pixels.shape[1:]))
+        image[start : start + size] = pixels  # copied at once: the decoder may reuse its output
+    return image

@@ -438,6 +438,19 @@ def _unet_io(spec: ModelSpec) -> SubmodelIO:
     )
 
 
+# CUDA's cuDNN describes a tensor's extent with 32-bit integers: the VAE decoder's mid-block attention scores for n
+# images, n x tokens² elements, must stay within it (at 1024², 16384 latent tokens: 7 images; bench/NOTES.md)
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+
+
+def decoder_batch(spec: ModelSpec, shape: Shape) -> int:
+    """Images the VAE decoder decodes at once for images of ``shape``: all of them, else the largest divisor of the
+    batch whose attention scores fit :data:`MAX_TENSOR_ELEMENTS` (every slice the same shape: static dims)."""
+    tokens = (shape.height // spec.vae_scale_factor) * (shape.width // spec.vae_scale_factor)
+    fits = max(1, MAX_TENSOR_ELEMENTS // max(1, tokens) ** 2)
+    return max(size for size in range(1, min(shape.batch, fits) + 1) if shape.batch % size == 0)
+
+
 def _vae_io(spec: ModelSpec, name: str) -> SubmodelIO:
     batch, height, width = f"{name}_batch", f"{name}_height", f"{name}_width"
     encoder = name == "vae_encoder"
@@ -447,7 +460,7 @@ def _vae_io(spec: ModelSpec, name: str) -> SubmodelIO:
     channels = 3 if encoder else spec.latent_channels
     # diffusers' img2img encodes image by image when it gets one generator per image, as this tool always passes
     # (StableDiffusionXLImg2ImgPipeline.prepare_latents), so the encoder always runs at batch 1
-    run_batch = (lambda shape: 1) if encoder else (lambda shape: shape.batch)
+    run_batch = (lambda shape: 1) if encoder else (lambda shape: decoder_batch(spec, shape))
     axes = {0: batch, 2: height, 3: width}
     out_axes = {0: batch, 2: f"{name}_out_height", 3: f"{name}_out_width"}
     return SubmodelIO(
