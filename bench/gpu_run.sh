@@ -18,9 +18,9 @@
 #                                  (1024², 20 steps; none / 1 / 2 ControlNets) in the background (controlnet.log),
 #                                  the gpu-marked graph tests beside it (controlnet_tests.log)
 #   bash bench/gpu_run.sh less_work  the model's build and DeepCache's graphs at once (bench/parallel_builds.py), then
-#                                  bench/caching.py speed rows (less_work.log, caching_speed.jsonl): 20 steps off /
-#                                  --cfg_cutoff 0.6 / --cache_interval 3 / both, batch 8 throughput, 4 steps with the
-#                                  model's and a tiny VAE, 30 steps, interval 2, batch 2 and 4; among them the
+#                                  bench/caching.py speed rows (less_work.log, caching_speed.jsonl): 20 steps
+#                                  --cfg_cutoff 0.6 / both / off, 4 steps with the model's and a tiny VAE, batch 8
+#                                  throughput, 30 steps, interval 2, batch 2 and 4; among them the
 #                                  CUDA runners' gpu-marked tests (controlnet_tests.log) and the denoising loop's
 #                                  overhead (bench/benchmark.py --profile, loop_profile.json); all gpu-marked tests
 #                                  beside the builds unless NO_TESTS=1
@@ -43,6 +43,11 @@
 #   bash bench/gpu_run.sh cputrain train the demo model on this machine's CPU (GPU hidden), then its quality check
 #   bash bench/gpu_run.sh status   the background jobs' logs so far; copies results to $OUT
 # Everything lives under /tmp/sdxl, which survives between commands sent to the same warm machine.
+# A lease with carried builds, one call each: carrying .gpuwheel `bash bench/gpu_run.sh stack`; carrying .gpu1 ...
+# .gpu4 `mkdir -p /tmp/parts && cp .gpuN/* /tmp/parts/`; carrying .gpu5 and .carry `cp .gpu5/* /tmp/parts/ && bash
+# bench/gpu_run.sh ort && bash bench/gpu_run.sh carried && CARRIED=1 NO_TESTS=1 bash bench/gpu_run.sh less_work`;
+# carrying .carry-vae `bash bench/gpu_run.sh carried`; then `bash bench/gpu_run.sh wait 500` calls back to back. The
+# machine goes back after ~30 s without a call, /tmp/sdxl with it: keep a call in flight while thinking.
 set -euo pipefail
 MODEL=${MODEL:-random-sdxl-base}
 WORK=/tmp/sdxl
@@ -127,8 +132,9 @@ case "${1:-}" in
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
-    for row in "--steps_list 20 --cases 1:1,1:3,0.6:1,0.6:3" "--steps_list= --batches 8 --cases 1:1,1:3,0.6:3" \
-      "--steps_list= --tiny_vae_steps 4 --repeats 3" tests profile "--steps_list 30 --cutoffs= --intervals 3" \
+    # (session 20 measured 20 steps off / interval 3 and batches 2 and 4: the cut-off's fix and what is left first)
+    for row in "--steps_list 20 --cases 0.6:1,0.6:3,1:1" "--steps_list= --tiny_vae_steps 4 --repeats 3" \
+      "--steps_list= --batches 8 --cases 1:1,1:3,0.6:3" tests profile "--steps_list 30 --cutoffs= --intervals 3" \
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
       echo "== $row $(date +%T)"
       case "$row" in

@@ -1,0 +1,120 @@
+"""The UNet step of a CUDA build without a CUDA graph: static shapes vs a free batch (``--cfg_cutoff``'s sessions).
+
+    python bench/experiments/plain_step.py --model_dir models/builtin/random-sdxl-base \
+        --onnx_dir models/optimized/random-sdxl-base-<hash> [--graph unet] [--size 1024] [--profile]
+
+Each variant makes its own session (the tool's CUDA provider options, IO binding to torch buffers) and prints one
+JSON line: ms per step at batch 2 and 1 (and 2 again for a free batch; median of 10 after 3 warm-ups). ``--profile``:
+ORT's profile of the free-batch variant's runs, the 15 costliest op types per run (warm-ups included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PROJECT_DIR))
+
+
+def _bound(session, batch: int, dims: dict[str, int]) -> tuple:
+    """(an IO binding of random inputs at ``batch`` on the GPU, the tensors it points to: keep them alive)."""
+    import numpy as np
+    import torch
+
+    from sd_utils.runtime.cuda_graph import TORCH_DTYPES
+
+    binding, tensors = session.io_binding(), []
+    for meta in session.get_inputs():
+        shape = [batch if str(dim).endswith("_batch") else dims.get(dim, dim) for dim in meta.shape]
+        dtype = getattr(torch, TORCH_DTYPES[meta.type])
+        value = torch.rand(shape, device="cuda").to(dtype)  # integer inputs (none in a UNet) would be zeros
+        binding.bind_input(meta.name, "cuda", 0, np.dtype(str(dtype)[6:]), tuple(value.shape), value.data_ptr())
+        tensors.append(value)
+    for meta in session.get_outputs():
+        binding.bind_output(meta.name, "cuda", 0)
+    return binding, tensors
+
+
+def _time(session, bound: tuple, runs: int = 10) -> float:
+    binding, _tensors = bound
+    for _ in range(3):
+        session.run_with_iobinding(binding)
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run_with_iobinding(binding)
+        seconds.append(time.perf_counter() - started)
+    return round(statistics.median(seconds) * 1000, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, type=Path)
+    parser.add_argument("--onnx_dir", required=True, type=Path)
+    parser.add_argument("--graph", default="unet")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--variants", default="free,static,free_heuristic")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+    import torch  # noqa: F401  (CUDA libraries first)
+
+    ort.preload_dlls()
+    from sd_utils.runtime.providers import PROVIDERS, session_options, share_arena
+    from sd_utils.sources.model_spec import ModelSpec, Shape, free_dimension_overrides
+
+    provider = PROVIDERS["cuda"]
+    spec = ModelSpec.from_folder(args.model_dir)
+    dims = free_dimension_overrides(spec, Shape(batch=1, height=args.size, width=args.size))
+    share_arena(provider)
+    model = str(args.onnx_dir / args.graph / "model.onnx")
+    for variant in args.variants.split(","):
+        row = {"variant": variant, "graph": args.graph}
+        for batch in (2, 1) if variant == "static" else (None,):
+            pinned = {k: v for k, v in dims.items() if not k.endswith("_batch")}
+            pinned.update({k: batch for k in dims if k.endswith("_batch") and batch})
+            options = session_options(provider, pinned)
+            options.enable_profiling = args.profile and variant == "free"
+            cuda = dict(provider.options) | {"device_id": "0"}
+            if variant == "free_heuristic":
+                cuda["cudnn_conv_algo_search"] = "HEURISTIC"
+            session = ort.InferenceSession(model, sess_options=options, providers=[("CUDAExecutionProvider", cuda)])
+            for size in (batch,) if batch else (2, 1, 2):
+                row[f"batch{size}_ms" + ("_again" if f"batch{size}_ms" in row else "")] = _time(
+                    session, _bound(session, size, dims)
+                )
+            if options.enable_profiling:
+                _top_ops(session.end_profiling())
+            del session
+        print(json.dumps(row), flush=True)
+
+
+def _top_ops(profile_file: str) -> None:
+    events = json.loads(Path(profile_file).read_text())
+    totals: Counter = Counter()
+    runs = 0
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"].get("op_name", "?")] += event["dur"]
+        if event.get("name") == "model_run":
+            runs += 1
+    print(
+        json.dumps(
+            {
+                "profile_runs": runs,
+                "top_ops_ms_per_run": {op: round(us / 1000 / max(runs, 1), 2) for op, us in totals.most_common(15)},
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
