@@ -1,7 +1,7 @@
 """The UNet step of a CUDA build without a CUDA graph: static shapes vs a free batch (``--cfg_cutoff``'s sessions).
 
     python bench/experiments/plain_step.py --model_dir models/builtin/random-sdxl-base \
-        --onnx_dir models/optimized/random-sdxl-base-<hash> [--graph unet] [--size 1024] [--profile]
+        --onnx_dir models/optimized/random-sdxl-base-<hash> [--size 1024] [--profile]
 
 Each variant makes its own session (the tool's CUDA provider options, IO binding to torch buffers) and prints one
 JSON line: ms per step at batch 2 and 1 (and 2 again for a free batch; median of 10 after 3 warm-ups). ``--profile``:
@@ -22,27 +22,24 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 
 
-def _bound(session, batch: int, dims: dict[str, int]) -> tuple:
-    """(an IO binding of random inputs at ``batch`` on the GPU, the tensors it points to: keep them alive)."""
+def _bound(session, batch: int, dims: dict[str, int], latent_channels: int):
+    """The session bound as the tool binds it (``cuda_graph._Bound``), its inputs random at ``batch``."""
     import numpy as np
-    import torch
 
-    from sd_utils.runtime.cuda_graph import TORCH_DTYPES
+    from sd_utils.runtime.cuda_graph import _Bound, unet_output_shapes
 
-    binding, tensors = session.io_binding(), []
-    for meta in session.get_inputs():
-        shape = [batch if str(dim).endswith("_batch") else dims.get(dim, dim) for dim in meta.shape]
-        dtype = getattr(torch, TORCH_DTYPES[meta.type])
-        value = torch.rand(shape, device="cuda").to(dtype)  # integer inputs (none in a UNet) would be zeros
-        binding.bind_input(meta.name, "cuda", 0, np.dtype(str(dtype)[6:]), tuple(value.shape), value.data_ptr())
-        tensors.append(value)
-    for meta in session.get_outputs():
-        binding.bind_output(meta.name, "cuda", 0)
-    return binding, tensors
+    rng = np.random.default_rng(0)
+    feeds = {
+        meta.name: rng.random([batch if str(dim).endswith("_batch") else dims.get(dim, dim) for dim in meta.shape])
+        for meta in session.get_inputs()
+    }
+    bound = _Bound(session, feeds, unet_output_shapes(latent_channels), device_id=0)
+    bound.load(feeds)
+    return bound
 
 
-def _time(session, bound: tuple, runs: int = 10) -> float:
-    binding, _tensors = bound
+def _time(session, bound, runs: int = 10) -> float:
+    binding = bound.binding
     for _ in range(3):
         session.run_with_iobinding(binding)
     seconds = []
@@ -57,7 +54,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", required=True, type=Path)
     parser.add_argument("--onnx_dir", required=True, type=Path)
-    parser.add_argument("--graph", default="unet")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", default="free,static,free_heuristic")
@@ -74,9 +70,9 @@ def main() -> None:
     spec = ModelSpec.from_folder(args.model_dir)
     dims = free_dimension_overrides(spec, Shape(batch=1, height=args.size, width=args.size))
     share_arena(provider)
-    model = str(args.onnx_dir / args.graph / "model.onnx")
+    model = str(args.onnx_dir / "unet" / "model.onnx")
     for variant in args.variants.split(","):
-        row = {"variant": variant, "graph": args.graph}
+        row = {"variant": variant}
         for batch in (2, 1) if variant == "static" else (None,):
             pinned = {k: v for k, v in dims.items() if not k.endswith("_batch")}
             pinned.update({k: batch for k in dims if k.endswith("_batch") and batch})
@@ -88,7 +84,7 @@ def main() -> None:
             session = ort.InferenceSession(model, sess_options=options, providers=[("CUDAExecutionProvider", cuda)])
             for size in (batch,) if batch else (2, 1, 2):
                 row[f"batch{size}_ms" + ("_again" if f"batch{size}_ms" in row else "")] = _time(
-                    session, _bound(session, size, dims)
+                    session, _bound(session, size, dims, spec.latent_channels)
                 )
             if options.enable_profiling:
                 _top_ops(session.end_profiling())
