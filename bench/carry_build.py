@@ -10,7 +10,8 @@ random-weight model's speed does not depend on its values, and the values are no
 
 A build's identity must come out the same there: a built-in model's does; one made with ``--vae DIR`` names the
 folder as typed, so make it here with the path it will have there (``/tmp/sdxl/models/taesdxl-random`` for
-bench/caching.py's tiny-VAE rows under bench/gpu_run.sh).
+bench/caching.py's tiny-VAE rows under bench/gpu_run.sh): that folder travels in the pack and is put back at that
+path with its files' times (the identity's digest takes weights by size and time).
 
     python bench/carry_build.py pack MODELS_DIR BUILD_NAME DEST     # here; DEST then travels (device `carry`)
     python bench/carry_build.py unpack DEST MODELS_DIR              # on the GPU machine
@@ -21,9 +22,13 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # sd_utils, for the VAE folder's digest
 
 MANIFEST = "carry_manifest.json"
 CARRY_LIMIT = 60 * 2**20  # what one device command carries, less a margin for the working tree
@@ -77,11 +82,13 @@ def pack(models_dir: Path, name: str, dest: Path) -> None:
                     handle.seek(row["offset"])
                     row["bytes"] = base64.b64encode(handle.read(row["length"])).decode("ascii")
         manifest["data_files"][relative] = {"size": data.stat().st_size, "tensors": rows}
-    (dest / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     record = models_dir / "unoptimized" / name / "build.json"
     (dest / "unoptimized" / name).mkdir(parents=True)
     shutil.copy2(record, dest / "unoptimized" / name / "build.json")
-    _pack_builtin(models_dir, json.loads(record.read_text(encoding="utf-8"))["source"], dest)
+    recorded = json.loads(record.read_text(encoding="utf-8"))
+    _pack_builtin(models_dir, recorded["source"], dest)
+    manifest["vae"] = _pack_vae(recorded.get("vae"), dest)
+    (dest / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     size = sum(path.stat().st_size for path in dest.rglob("*") if path.is_file())
     weights = sum(entry["size"] for entry in manifest["data_files"].values())
     print(json.dumps({"packed": str(dest), "bytes": size, "weights_left_behind": weights}))
@@ -99,6 +106,31 @@ def _pack_builtin(models_dir: Path, source: dict, dest: Path) -> None:
             target = dest / "builtin" / source["source"] / path.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+
+
+def _pack_vae(identity: str | None, dest: Path) -> dict | None:
+    """The ``--vae DIR`` folder a build's identity names (``DIR:digest``), whole, with its files' modification times:
+    the digest takes weight files by size and time, and a copy's new times would make another identity there."""
+    folder = Path(identity.rsplit(":", 1)[0]) if identity else None
+    if folder is None or not folder.is_dir():
+        return None
+    shutil.copytree(folder, dest / "vae")
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    times = {path.relative_to(folder).as_posix(): path.stat().st_mtime_ns for path in files}
+    return {"path": str(folder), "digest": identity.rsplit(":", 1)[1], "mtimes_ns": times}
+
+
+def _unpack_vae(source: Path, entry: dict | None) -> None:
+    """The ``--vae DIR`` folder back at the path it had, its files' times as they were (see _pack_vae)."""
+    if entry is None:
+        return
+    from sd_utils.files import folder_digest
+
+    folder = Path(entry["path"])
+    shutil.copytree(source / "vae", folder, dirs_exist_ok=True)
+    for relative, mtime_ns in entry["mtimes_ns"].items():
+        os.utime(folder / relative, ns=(mtime_ns, mtime_ns))
+    assert folder_digest(folder) == entry["digest"], f"{folder}: not the VAE the build was made from"
 
 
 def unpack(source: Path, models_dir: Path) -> None:
@@ -124,6 +156,7 @@ def unpack(source: Path, models_dir: Path) -> None:
                 left, fill = row["length"], blocks[row["dtype"]]
                 while left:
                     left -= handle.write(fill[: min(left, len(fill))])
+    _unpack_vae(source, manifest.get("vae"))
     written = sum(entry["size"] for entry in manifest["data_files"].values())
     print(json.dumps({"unpacked": name, "bytes": written, "seconds": round(time.perf_counter() - started, 1)}))
 

@@ -75,7 +75,6 @@ case "${1:-}" in
     for folder in .carry .carry-vae; do
       [ -d "$folder" ] && python3 bench/carry_build.py unpack "$folder" "$WORK/models"
     done
-    [ -d .carry-vae/taesdxl-random ] && cp -r .carry-vae/taesdxl-random "$WORK/models/"
     df -h /tmp | tail -n 1
     ;;
   ort)
@@ -139,7 +138,7 @@ case "${1:-}" in
       echo "== $row $(date +%T)"
       case "$row" in
         tests)
-          python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py -k "deep_cache or controlnet" 2>&1 \
+          python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_graphs.py -k "deep_cache or controlnet or heuristic" 2>&1 \
             | tail -n 15 > "$WORK/controlnet_tests.log" || true
           tail -n 3 "$WORK/controlnet_tests.log"
           ;;

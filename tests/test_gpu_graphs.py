@@ -129,14 +129,14 @@ def _latents(seed: int):
     return torch.randn((2, 4, 16, 12), generator=torch.Generator().manual_seed(seed))
 
 
-def _cuda_pipeline(folder, spec, **options):
+def _cuda_pipeline(folder, spec, *, free_batch: bool = False, **options):
+    """The tiny CUDA build loaded at CUDA_SHAPE (``free_batch``: as ``--cfg_cutoff`` loads it, no CUDA graph)."""
     from sd_utils.runtime.pipeline import load_pipeline
     from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.model_spec import Shape
 
-    return load_pipeline(
-        folder, spec, provider=PROVIDERS["cuda"], shape=Shape(**CUDA_SHAPE), model_label="tiny", **options
-    )
+    shape = Shape(**CUDA_SHAPE, free_batch=free_batch)
+    return load_pipeline(folder, spec, provider=PROVIDERS["cuda"], shape=shape, model_label="tiny", **options)
 
 
 CUDA_OPTIONS = {"fuse_conv_bias": "1", "arena_extend_strategy": "kSameAsRequested"}
@@ -202,20 +202,17 @@ def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
 @GPU_ONLY
 def test_a_free_batch_unet_picks_convolutions_by_heuristic(tiny_spec, cuda_build):
     """Under ``--cfg_cutoff`` the UNet meets two batch sizes: its session asks cuDNN's heuristic for convolutions
-    (the exhaustive search, run again as the batch changed, made a full-size image 7x slower); the VAE keeps it."""
-    from sd_utils.runtime.pipeline import load_pipeline
-    from sd_utils.runtime.providers import PROVIDERS
-    from sd_utils.sources.model_spec import Shape
-
-    shape = Shape(**CUDA_SHAPE, free_batch=True)
-    loaded = load_pipeline(cuda_build, tiny_spec, provider=PROVIDERS["cuda"], shape=shape, model_label="tiny")
+    and leaves the bias unfused (both were made again at every batch change: a full-size image 7x slower); the VAE
+    keeps the exhaustive search and the fused bias."""
+    loaded = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True)
     assert loaded.unet_graph is None
 
-    def search(session):
-        return session.get_provider_options()["CUDAExecutionProvider"]["cudnn_conv_algo_search"]
+    def options(session):
+        cuda = session.get_provider_options()["CUDAExecutionProvider"]
+        return cuda["cudnn_conv_algo_search"], cuda["fuse_conv_bias"]
 
-    assert search(loaded.pipeline.unet.session) == "HEURISTIC"
-    assert search(loaded.pipeline.vae_decoder.session) == "EXHAUSTIVE"
+    assert options(loaded.pipeline.unet.session) == ("HEURISTIC", "0")
+    assert options(loaded.pipeline.vae_decoder.session) == ("EXHAUSTIVE", "1")
     for guidance in (7, 0):  # the UNet at batch 4, then 2
         call = {**CUDA_CALL, "num_inference_steps": 3, "guidance_scale": guidance}
         assert np.isfinite(loaded.pipeline(latents=_latents(0).cuda(), **call).images).all()
@@ -344,7 +341,7 @@ def test_cuda_graph_deep_cache_matches_the_plain_sessions(tiny_spec, cuda_build,
     argv = ["--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models), "--cache_dir"]
     options = parse_options([*argv, str(tiny_optimized.cache_dir), "--optimize", "--cache_interval", "3"])
     app.prepare_models(options, app.plan(options))
-    plain = _cuda_pipeline(cuda_build, tiny_spec, cuda_graph=False, deep_cache=True)
+    plain = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True, deep_cache=True)  # the batch halves below
     graphed = _cuda_pipeline(cuda_build, tiny_spec, deep_cache=True)
     assert plain.unet_graph is None and graphed.unet_graph is not None
     assert type(graphed.unet_cache.shallow).__name__ == "CudaGraphRunner"

@@ -87,10 +87,10 @@ PROVIDERS: dict[str, Provider] = {
                 # (bench/memory_fit.py, bench/NOTES.md)
                 ("arena_extend_strategy", "kSameAsRequested"),
             ),
-            # cuDNN's exhaustive search, run again as the batch changes, made a 20-step 1024² image under
-            # --cfg_cutoff 0.6 take 5.4 s instead of 0.75 s on an H100; its heuristic choice is as fast per step at
-            # both batches (bench/NOTES.md, session 20)
-            free_batch_options=(("cudnn_conv_algo_search", "HEURISTIC"),),
+            # a UNet whose batch changes within a run (--cfg_cutoff): cuDNN's fused conv+bias plans and its
+            # exhaustive search were made again at every batch change, ~2 s each for the full-size UNet on an H100
+            # (a 20-step 1024² image under --cfg_cutoff 0.6: 5.4 s with them, 0.97 s without; bench/NOTES.md)
+            free_batch_options=(("cudnn_conv_algo_search", "HEURISTIC"), ("fuse_conv_bias", "0")),
             shared_arena=True,
             needs=(
                 "onnxruntime-gpu needs an NVIDIA driver and the CUDA and cuDNN libraries of its build "
