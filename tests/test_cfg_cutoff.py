@@ -98,3 +98,23 @@ def test_cutoff_is_checked(tiny_optimized, tmp_path, capsys):
         assert main(tiny_optimized.tiny(RUN.replace("a_red_star", "x"), "--cfg_cutoff", value)) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and said in error[0], (value, error)
+
+
+def test_a_cutoff_on_cuda_says_it_gives_up_the_cuda_graph(caplog):
+    """A free batch rules out the UNet's CUDA graph on CUDA, which made the cut-off slower there than none (H100,
+    bench/NOTES.md): the user is told, and pointed to --cache_interval; without the cut-off the graph stays."""
+    import logging
+
+    from sd_utils.runtime.pipeline import _uses_cuda_graph
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.model_spec import Shape
+
+    shape = Shape(batch=1, height=64, width=64)
+    with caplog.at_level(logging.WARNING):
+        assert _uses_cuda_graph(PROVIDERS["cuda"], shape, None)
+        assert not caplog.text
+        assert not _uses_cuda_graph(PROVIDERS["cuda"], dataclasses.replace(shape, free_batch=True), None)
+        assert "--cfg_cutoff on cuda" in caplog.text and "--cache_interval" in caplog.text
+        caplog.clear()
+        assert not _uses_cuda_graph(PROVIDERS["cpu"], dataclasses.replace(shape, free_batch=True), None)
+        assert not caplog.text  # the CPU has no graph to lose: its cut-off is a speed-up

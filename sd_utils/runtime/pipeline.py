@@ -110,7 +110,7 @@ def load_pipeline(
     options = session_options(provider, overrides)
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
-    cuda_graph = (cuda_graph is not False) and provider.cuda_graph and shape is not None and not shape.free_batch
+    cuda_graph = _uses_cuda_graph(provider, shape, cuda_graph)
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
     parts.folders.update(_unet_folder(controlnets=bool(controlnets), deep_cache=deep_cache))
     parts.free_batch = shape is not None and shape.free_batch
@@ -175,6 +175,22 @@ def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, contr
     if shape.free_batch:  # --cfg_cutoff: the denoising sessions run at batch 2B, then B
         return {name: value for name, value in overrides.items() if not _denoising_batch(name)}
     return overrides
+
+
+def _uses_cuda_graph(provider: Provider, shape: Shape | None, asked: bool | None) -> bool:
+    """Whether the UNet runs as a CUDA graph: on providers that can, with static shapes, unless told not to. A batch
+    that changes within a run (--cfg_cutoff) rules it out, and each change costs the sessions a re-plan: the user is
+    told that the cut-off is then no speed-up (bench/NOTES.md, session 21)."""
+    if asked is False or not provider.cuda_graph or shape is None:
+        return False
+    if shape.free_batch:
+        logger.warning(
+            "--cfg_cutoff on %s: the UNet's batch changes within the run, so it runs without a CUDA graph and is "
+            "slower than without the cut-off; for speed use --cache_interval instead (docs/samplers.md)",
+            provider.name,
+        )
+        return False
+    return True
 
 
 def _denoising_batch(dim: str) -> bool:
