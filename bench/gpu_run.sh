@@ -21,7 +21,8 @@
 #                                  bench/caching.py speed rows (less_work.log, caching_speed.jsonl): 4 steps with
 #                                  the model's and a tiny VAE, 20 steps --cfg_cutoff 0.6 / both / off, batch 8
 #                                  throughput, 30 steps, interval 2, batch 2 and 4; among them the
-#                                  CUDA runners' gpu-marked tests (controlnet_tests.log) and the denoising loop's
+#                                  CUDA runners' gpu-marked tests (controlnet_tests.log), the UNet alone with one
+#                                  CUDA graph per batch (bench/experiments/plain_step.py) and the denoising loop's
 #                                  overhead (bench/benchmark.py --profile, loop_profile.json); all gpu-marked tests
 #                                  beside the builds unless NO_TESTS=1
 #                                  (CARRIED=1: builds carried from the CPU machine, no build here; see `carried`)
@@ -132,7 +133,7 @@ case "${1:-}" in
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
     # (sessions 20 and 21 measured every row once but the tiny VAE's, whose carried build failed: what is left first)
-    for row in "--steps_list= --tiny_vae_steps 4 --repeats 3" tests "--steps_list 20 --cases 0.6:1,0.6:3,1:1" \
+    for row in "--steps_list= --tiny_vae_steps 4 --repeats 3" tests graphs "--steps_list 20 --cases 0.6:1,0.6:3,1:1" \
       "--steps_list= --batches 8 --cases 0.6:3" profile "--steps_list 30 --cutoffs= --intervals 3" \
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
       echo "== $row $(date +%T)"
@@ -141,6 +142,13 @@ case "${1:-}" in
           python3 -m pytest -q -m gpu -p no:cacheprovider -p no:warnings --tb=short --show-capture=no \
             tests/test_gpu_graphs.py -k "deep_cache or controlnet or heuristic" 2>&1 | tail -n 40 > "$WORK/controlnet_tests.log" || true
           tail -n 3 "$WORK/controlnet_tests.log"
+          ;;
+        graphs)
+          # the UNet alone at batch 2 / 1 / 2: a free batch replayed as one CUDA graph per batch (--cfg_cutoff's way to
+          # keep its graph) against the sessions the tool makes now
+          build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")
+          python3 bench/experiments/plain_step.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
+            2>&1 | grep -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
           ;;
         profile)
           build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")

@@ -1,11 +1,17 @@
-"""The UNet step of a CUDA build without a CUDA graph: static shapes vs a free batch (``--cfg_cutoff``'s sessions).
+"""The UNet step of a CUDA build: static shapes vs a free batch (``--cfg_cutoff``'s sessions), with and without
+CUDA graphs.
 
     python bench/experiments/plain_step.py --model_dir models/builtin/random-sdxl-base \
-        --onnx_dir models/optimized/random-sdxl-base-<hash> [--size 1024] [--profile]
+        --onnx_dir models/optimized/random-sdxl-base-<hash> [--size 1024] [--profile] [--variants ...]
 
 Each variant makes its own session (the tool's CUDA provider options, IO binding to torch buffers) and prints one
-JSON line: ms per step at batch 2 and 1 (and 2 again for a free batch; median of 10 after 3 warm-ups). ``--profile``:
-ORT's profile of the free-batch variant's runs, the 15 costliest op types per run (warm-ups included).
+JSON line: ms per step at batch 2 and 1 (and 2 again for a free batch; median of 10 after 3 warm-ups), the first
+run after each change of batch apart (``..._first_ms``: a change's own cost, which the medians leave out), and the
+mean of the output's magnitude (the variants should agree). Variants: ``static`` (a session per batch), ``free``
+(the provider's options), ``free_batch_options`` (with the provider's options for a free batch, as the tool loads
+--cfg_cutoff's UNet), ``free_graphs`` (a free batch replayed as one CUDA graph per batch in the same session: ONNX
+Runtime's ``gpu_graph_id`` run option; a way to keep --cfg_cutoff's UNet a CUDA graph, not yet in the tool).
+``--profile``: ORT's profile of the free-batch variant's runs, the 15 costliest op types per run (warm-ups included).
 """
 
 from __future__ import annotations
@@ -38,16 +44,24 @@ def _bound(session, batch: int, dims: dict[str, int], latent_channels: int):
     return bound
 
 
-def _time(session, bound, runs: int = 10) -> float:
-    binding = bound.binding
-    for _ in range(3):
-        session.run_with_iobinding(binding)
+def _time(session, bound, run_options=None, runs: int = 10) -> tuple[float, float, float]:
+    """(ms of the first run, median ms of ``runs`` after 3 warm-ups, mean |output|)."""
     seconds = []
-    for _ in range(runs):
+    for _ in range(1 + 3 + runs):
         started = time.perf_counter()
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(bound.binding, run_options)  # returns once the outputs are written
         seconds.append(time.perf_counter() - started)
-    return round(statistics.median(seconds) * 1000, 2)
+    magnitude = float(bound.outputs[0].float().abs().mean())
+    return round(seconds[0] * 1000, 2), round(statistics.median(seconds[4:]) * 1000, 2), round(magnitude, 5)
+
+
+def _graph_run_options(batch: int):
+    """Run options that replay (or first capture) the CUDA graph of ``batch``: ids from 1 (0 is ORT's own)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(batch))
+    return options
 
 
 def main() -> None:
@@ -56,7 +70,7 @@ def main() -> None:
     parser.add_argument("--onnx_dir", required=True, type=Path)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--variants", default="free,static,free_heuristic")
+    parser.add_argument("--variants", default="static,free_batch_options,free_graphs")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -79,13 +93,19 @@ def main() -> None:
             options = session_options(provider, pinned)
             options.enable_profiling = args.profile and variant == "free"
             cuda = dict(provider.options) | {"device_id": "0"}
-            if variant == "free_heuristic":
-                cuda["cudnn_conv_algo_search"] = "HEURISTIC"
+            if variant == "free_batch_options":
+                cuda |= dict(provider.free_batch_options)
+            if variant == "free_graphs":
+                cuda["enable_cuda_graph"] = "1"
             session = ort.InferenceSession(model, sess_options=options, providers=[("CUDAExecutionProvider", cuda)])
+            bound = {}  # one binding per batch, as the tool's runners keep them
             for size in (batch,) if batch else (2, 1, 2):
-                row[f"batch{size}_ms" + ("_again" if f"batch{size}_ms" in row else "")] = _time(
-                    session, _bound(session, size, dims, spec.latent_channels)
-                )
+                bound[size] = bound.get(size) or _bound(session, size, dims, spec.latent_channels)
+                run_options = _graph_run_options(size) if variant == "free_graphs" else None
+                first, median, magnitude = _time(session, bound[size], run_options)
+                again = "_again" if f"batch{size}_ms" in row else ""
+                row |= {f"batch{size}_ms{again}": median, f"batch{size}_first_ms{again}": first}
+                row[f"batch{size}_output_mean_abs"] = magnitude
             if options.enable_profiling:
                 _top_ops(session.end_profiling())
             del session
