@@ -39,8 +39,11 @@ def _bound(session, batch: int, dims: dict[str, int], latent_channels: int):
         meta.name: rng.random([batch if str(dim).endswith("_batch") else dims.get(dim, dim) for dim in meta.shape])
         for meta in session.get_inputs()
     }
+    import torch
+
     bound = _Bound(session, feeds, unet_output_shapes(latent_channels), device_id=0)
     bound.load(feeds)
+    torch.cuda.synchronize()  # the copies ran on torch's stream, the session runs on one of ORT's
     return bound
 
 
