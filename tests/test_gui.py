@@ -18,6 +18,19 @@ from sd_utils.options import parse_options
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+def _screenshot(root, name: str) -> None:
+    """The window as the X server shows it, saved to test-artifacts/ (Pillow's X11 grab: no ImageMagick needed)."""
+    from PIL import ImageGrab
+
+    root.update()
+    x, y = root.winfo_rootx(), root.winfo_rooty()
+    image = ImageGrab.grab(bbox=(x, y, x + root.winfo_width(), y + root.winfo_height()), xdisplay=os.environ["DISPLAY"])
+    assert image.size == (root.winfo_width(), root.winfo_height())
+    assert len(set(image.getdata())) > 1, "the window shows nothing"
+    ARTIFACTS.mkdir(exist_ok=True)
+    image.save(ARTIFACTS / name)
+
+
 @pytest.fixture(scope="module")
 def display():
     """An X display: the one in $DISPLAY, else a private Xvfb started for these tests."""
@@ -107,11 +120,7 @@ def test_window_generates_into_the_grid(display, tiny_optimized, tmp_path):
     assert float(window.progress.cget("value")) == float(window.progress.cget("maximum")) == 2 * 3
     assert window.status.cget("text").startswith("Done: 4 image(s)")
     assert guard.foreign_calls == [], "Tk was touched from the worker thread"
-    ARTIFACTS.mkdir(exist_ok=True)
-    if shutil.which("import"):
-        root.update()
-        subprocess.run(["import", "-window", str(root.winfo_id()), str(ARTIFACTS / "gui.png")], check=True, timeout=30)
-        assert (ARTIFACTS / "gui.png").stat().st_size > 0
+    _screenshot(root, "gui.png")
     # a second run with the Generate button, the loaded sessions are reused
     window.button.invoke()
     _pump(root, lambda: not window.running and window.events.empty() and window.button.instate(["!disabled"]))
@@ -233,11 +242,7 @@ def test_window_settings_drive_the_run_and_stay_for_the_next(display, tiny_optim
     }
     assert {Image.open(png).size for png in pngs} == {(128, 64)}
     assert window.settings["seed"].get() == "random" and window.scheduler.get() == "euler_a"  # kept for the next run
-    ARTIFACTS.mkdir(exist_ok=True)
-    if shutil.which("import"):
-        subprocess.run(
-            ["import", "-window", str(root.winfo_id()), str(ARTIFACTS / "gui-settings.png")], check=True, timeout=30
-        )
+    _screenshot(root, "gui-settings.png")
     # Stop: a long run ends after the current step, the stopped call saves nothing
     _set(window.settings["num_inference_steps"], "400")
     window.button.invoke()
