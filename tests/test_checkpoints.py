@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -360,38 +357,33 @@ def hub(tiny_optimized, tmp_path_factory):
     return hub
 
 
-def _resolve_in_hub(hub: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    script = (
-        "import sys; from pathlib import Path; from sd_utils.sources.models import resolve_model; "
-        "from sd_utils.optimize.export_models import stored_dtype; "
-        "m = resolve_model(sys.argv[1], models_dir=Path(sys.argv[2]), variant=sys.argv[3] or None); "
-        "print(stored_dtype(m.path / 'unet'), stored_dtype(m.path / 'text_encoder_2'))"
-    )
-    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1]
-    )
+@pytest.fixture
+def in_hub(hub, monkeypatch):
+    """The Hugging Face cache of :func:`hub` as this process's (as ``HF_HUB_CACHE`` sets it; the hub stays offline)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    return hub
 
 
-@pytest.mark.parametrize(("variant", "dtype"), [("", "torch.float16"), ("fp32", "torch.float32")])
-def test_hub_models_use_the_fp16_variant_unless_told(hub, tmp_path, variant, dtype):
-    done = _resolve_in_hub(hub, tmp_path, "acme/tiny-xl", str(tmp_path / "models"), variant)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [dtype, dtype]
+@pytest.mark.parametrize(("variant", "dtype"), [("", torch.float16), ("fp32", torch.float32)])
+def test_hub_models_use_the_fp16_variant_unless_told(in_hub, tmp_path, variant, dtype):
+    from sd_utils.optimize.export_models import stored_dtype
+    from sd_utils.sources.models import resolve_model
+
+    model = resolve_model("acme/tiny-xl", models_dir=tmp_path / "models", variant=variant or None)
+    assert [stored_dtype(model.path / "unet"), stored_dtype(model.path / "text_encoder_2")] == [dtype, dtype]
 
 
-def test_hub_repositories_without_safetensors_or_the_variant_are_one_line(hub, tmp_path):
-    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    script = str(Path(__file__).parents[1] / "stable_diffusion_xl.py")
+def test_hub_repositories_without_safetensors_or_the_variant_are_one_line(in_hub, tmp_path, capsys):
     cases = [
         (["--model_id", "acme/pickles"], "has only pickled weights (.bin)"),
         (["--model_id", "acme/tiny-xl", "--variant", "bf16"], "--variant bf16: acme/tiny-xl has no bf16"),
     ]
     for extra, said in cases:
-        args = [sys.executable, script, *extra, "--models_dir", str(tmp_path), "--provider", "cpu", "--prompt", "x"]
-        done = subprocess.run(args, env=env, capture_output=True, text=True)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and said in lines[0], (extra, done.stderr)
+        code = main([*extra, "--models_dir", str(tmp_path), "--provider", "cpu", "--prompt", "x"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and said in lines[0], (extra, lines)
 
 
 def test_a_unet_file_replaces_the_models_unet_and_reuses_the_rest(tiny_refiner_optimized, tiny_spec, tmp_path, caplog):
