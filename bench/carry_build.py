@@ -111,13 +111,14 @@ def _pack_builtin(models_dir: Path, source: dict, dest: Path) -> None:
 def _pack_vae(identity: str | None, dest: Path) -> dict | None:
     """The ``--vae DIR`` folder a build's identity names (``DIR:digest``), whole, with its files' modification times:
     the digest takes weight files by size and time, and a copy's new times would make another identity there."""
-    folder = Path(identity.rsplit(":", 1)[0]) if identity else None
-    if folder is None or not folder.is_dir():
+    path, _, digest = identity.rpartition(":") if identity else ("", "", "")
+    folder = Path(path)
+    if not path or not folder.is_dir():
         return None
     shutil.copytree(folder, dest / "vae")
-    files = [path for path in folder.rglob("*") if path.is_file()]
-    times = {path.relative_to(folder).as_posix(): path.stat().st_mtime_ns for path in files}
-    return {"path": str(folder), "digest": identity.rsplit(":", 1)[1], "mtimes_ns": times}
+    files = [file for file in folder.rglob("*") if file.is_file()]
+    times = {file.relative_to(folder).as_posix(): file.stat().st_mtime_ns for file in files}
+    return {"path": path, "digest": digest, "mtimes_ns": times}
 
 
 def _unpack_vae(source: Path, entry: dict | None) -> None:

@@ -11,7 +11,8 @@ mean of the output's magnitude (the variants should agree). Variants: ``static``
 (the provider's options), ``free_batch_options`` (with the provider's options for a free batch, as the tool loads
 --cfg_cutoff's UNet), ``free_graphs`` (a free batch replayed as one CUDA graph per batch in the same session: ONNX
 Runtime's ``gpu_graph_id`` run option; a way to keep --cfg_cutoff's UNet a CUDA graph, not yet in the tool).
-``--profile``: ORT's profile of the free-batch variant's runs, the 15 costliest op types per run (warm-ups included).
+``--profile``: ORT's profile of the free-batch variants' runs without CUDA graphs (``free``,
+``free_batch_options``), the 15 costliest op types per run (warm-ups included).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 def _bound(session, batch: int, dims: dict[str, int], latent_channels: int):
     """The session bound as the tool binds it (``cuda_graph._Bound``), its inputs random at ``batch``."""
     import numpy as np
+    import torch
 
     from sd_utils.runtime.cuda_graph import _Bound, unet_output_shapes
 
@@ -39,8 +41,6 @@ def _bound(session, batch: int, dims: dict[str, int], latent_channels: int):
         meta.name: rng.random([batch if str(dim).endswith("_batch") else dims.get(dim, dim) for dim in meta.shape])
         for meta in session.get_inputs()
     }
-    import torch
-
     bound = _Bound(session, feeds, unet_output_shapes(latent_channels), device_id=0)
     bound.load(feeds)
     torch.cuda.synchronize()  # the copies ran on torch's stream, the session runs on one of ORT's
@@ -94,7 +94,7 @@ def main() -> None:
             pinned = {k: v for k, v in dims.items() if not k.endswith("_batch")}
             pinned.update({k: batch for k in dims if k.endswith("_batch") and batch})
             options = session_options(provider, pinned)
-            options.enable_profiling = args.profile and variant == "free"
+            options.enable_profiling = args.profile and variant in ("free", "free_batch_options")
             cuda = dict(provider.options) | {"device_id": "0"}
             if variant == "free_batch_options":
                 cuda |= dict(provider.free_batch_options)

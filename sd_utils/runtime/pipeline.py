@@ -179,8 +179,8 @@ def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, contr
 
 def _uses_cuda_graph(provider: Provider, shape: Shape | None, asked: bool | None) -> bool:
     """Whether the UNet runs as a CUDA graph: on providers that can, with static shapes, unless told not to. A batch
-    that changes within a run (--cfg_cutoff) rules it out, and each change costs the sessions a re-plan: the user is
-    told that the cut-off is then no speed-up (bench/NOTES.md, session 21)."""
+    that changes within a run (--cfg_cutoff) rules it out, and each change of batch costs the sessions time: the user
+    is told that the cut-off is then no speed-up (bench/NOTES.md, session 21)."""
     if asked is False or not provider.cuda_graph or shape is None:
         return False
     if shape.free_batch:
