@@ -13,7 +13,8 @@ A variant name may end in ``@key=value+key=value``: extra settings for the UNet 
 a dotted key (``ep.cuda.enable_gemm_auto_tune``) a session config entry, and ``env.NAME`` an environment variable of
 the variant's process (it applies to every session of the variant). Provider options and session entries need
 ``--unet_only``, which measures the UNet step alone; ``--profile`` adds the UNet step's GPU time by CUDA kernel
-(torch's profiler) to every variant without CUDA graph, and a host-side profile of one image call to every variant.
+(torch's profiler) to every variant without CUDA graph, a host-side profile of one image call to every variant, and
+the GPU's busy and idle time (``gpu_timeline``) of the UNet step alone and of the denoising loop.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def image_times(pipe, args, *, synchronize) -> dict:
     times = _medians_ms(ways, warmup=1, runs=args.image_runs, synchronize=synchronize)
     if args.profile:
         times["image_host_profile"] = host_profile(ways["image_ms"], synchronize=synchronize)
+        times["denoise_timeline"] = gpu_timeline(ways["denoise_ms"], synchronize=synchronize)
     return times
 
 
@@ -113,6 +115,52 @@ def host_profile(function, *, synchronize, top: int = 15) -> list[dict]:
         {"function": f"{Path(file).name}:{line}({name})", "calls": calls, "own_ms": round(own * 1000, 2)}
         for (file, line, name), (_, calls, own, _, _) in rows
     ]
+
+
+def gpu_timeline(function, *, synchronize, calls: int = 1, top: int = 8) -> dict:
+    """The GPU's busy and idle time over ``calls`` calls of ``function`` (torch's CUPTI profiler sees ONNX Runtime's
+    kernels, CUDA-graph replays' included): a loop whose GPU idles between steps shows it as gaps between kernels,
+    listed longest first with the kernels on either side. Per call, to compare the UNet step alone with the loop."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    function()
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            function()
+        synchronize()
+    spans = sorted(
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in prof.events()
+        if event.device_type == DeviceType.CUDA
+    )
+    if not spans:
+        return {"error": "the profiler saw no CUDA activity"}
+    busy, gaps = 0.0, []
+    start, end, name = spans[0]
+    for next_start, next_end, next_name in spans[1:]:
+        if next_start > end:
+            busy += end - start
+            gaps.append((next_start - end, name, next_name))
+            start = next_start
+        if next_end >= end:
+            end, name = next_end, next_name
+    busy += end - start
+    span = spans[-1][1] - spans[0][0]
+    long_gaps = [gap for gap in gaps if gap[0] >= 100]
+    gaps.sort(key=lambda gap: -gap[0])
+    return {
+        "activities": len(spans),
+        "span_ms_per_call": round(span / 1000 / calls, 3),
+        "busy_ms_per_call": round(busy / 1000 / calls, 3),
+        "idle_ms_per_call": round((span - busy) / 1000 / calls, 3),
+        "gaps_over_100us": len(long_gaps),
+        "gaps_over_100us_ms": round(sum(gap[0] for gap in long_gaps) / 1000, 3),
+        "longest_gaps": [
+            {"us": round(length, 1), "after": before[:80], "before": after[:80]} for length, before, after in gaps[:top]
+        ],
+    }
 
 
 def run_torch(args, *, compiled: bool = False) -> dict:
@@ -291,6 +339,8 @@ def run_ort(
     results["unet_step_ms"] = _median_ms(step, warmup=3, runs=args.unet_runs, synchronize=sync)
     if args.profile and not cuda_graph:
         results["unet_profile"] = profile_kernels(step, runs=5)
+    if args.profile:
+        results["unet_timeline"] = gpu_timeline(step, synchronize=sync, calls=5)
     del unet, step
     if args.unet_only:
         return results
