@@ -157,6 +157,7 @@ def gpu_timeline(function, *, synchronize, calls: int = 1, top: int = 8) -> dict
         "idle_ms_per_call": round((span - busy) / 1000 / calls, 3),
         "gaps_over_100us": len(long_gaps),
         "gaps_over_100us_ms": round(sum(gap[0] for gap in long_gaps) / 1000, 3),
+        "gaps_over_100us_median_us": round(statistics.median(gap[0] for gap in long_gaps), 1) if long_gaps else 0,
         "longest_gaps": [
             {"us": round(length, 1), "after": before[:80], "before": after[:80]} for length, before, after in gaps[:top]
         ],
