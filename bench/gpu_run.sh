@@ -156,6 +156,8 @@ case "${1:-}" in
           build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")
           python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
             --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 3 > "$WORK/loop_profile.json" || true
+          python3 bench/experiments/null_loop.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
+            --provider cuda --size 1024 --profile 2>&1 | grep -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
           ;;
         *)
           # shellcheck disable=SC2086 # the row's options, split
