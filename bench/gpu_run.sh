@@ -132,9 +132,9 @@ case "${1:-}" in
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
-    # (sessions 20 and 21 measured every row once but the tiny VAE's, whose carried build failed: what is left first)
-    for row in "--steps_list= --tiny_vae_steps 4 --repeats 3" graphs "--steps_list 20 --cases 0.6:1,1:1" tests \
-      profile "--steps_list 20 --cases 0.6:3" "--steps_list= --batches 8 --cases 0.6:3" \
+    # (sessions 20-22 measured every row once but the loop's GPU timeline in `profile`: what is left first)
+    for row in profile graphs "--steps_list= --tiny_vae_steps 4 --repeats 3" tests "--steps_list 20 --cases 0.6:1,1:1" \
+      "--steps_list 20 --cases 0.6:3" "--steps_list= --batches 8 --cases 0.6:3" \
       "--steps_list 30 --cutoffs= --intervals 3" \
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
       echo "== $row $(date +%T)"
