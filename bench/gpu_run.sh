@@ -130,6 +130,7 @@ case "${1:-}" in
         "^\{|rror|built|optimized" || true
     fi
     while pgrep -f "gpu_run.sh controlnet_tests" > /dev/null; do sleep 5; done  # the GPU to itself
+    build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")  # the DeepCache build
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
     # (sessions 20-22 measured every row once but the loop's GPU timeline in `profile`: what is left first)
@@ -147,13 +148,11 @@ case "${1:-}" in
         graphs)
           # the UNet alone at batch 2 / 1 / 2: a free batch replayed as one CUDA graph per batch (--cfg_cutoff's way to
           # keep its graph) against the sessions the tool makes now
-          build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")
           python3 bench/experiments/plain_step.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
             --variants static,free_graphs \
             2>&1 | grep -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
           ;;
         profile)
-          build=$(dirname "$(ls -d "$WORK"/models/optimized/"$MODEL"-*/unet_refresh | head -n 1)")
           python3 bench/benchmark.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
             --variants ort_optimized_cudagraph --profile --steps 30 --image_runs 3 > "$WORK/loop_profile.json" || true
           python3 bench/experiments/null_loop.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \

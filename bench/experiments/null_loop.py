@@ -6,15 +6,13 @@ UNet adapter.
         [--provider cpu] [--size 128] [--profile]
 
 Prints one JSON line: ms per step (the median of 5 calls of 51 steps less that of 5 calls of 1 step, over 50),
-and with ``--profile`` the 12 costliest functions of a 201-step call by own time.
+and with ``--profile`` the 12 costliest functions of a 201-step call by own time (``benchmark.host_profile``).
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
-import pstats
 import statistics
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
+sys.path.insert(0, str(PROJECT_DIR / "bench"))  # benchmark.host_profile
 
 
 def main() -> None:
@@ -50,11 +49,14 @@ def main() -> None:
     optimum_adapter.set_unet_forward(pipe, lambda feeds: ready)
     call = dict(height=args.size, width=args.size, output_type="latent", guidance_scale=5.0)
 
+    def synchronize() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     def seconds(steps: int) -> float:
         started = time.perf_counter()
         pipe("a photo", num_inference_steps=steps, **call)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - started
 
     seconds(1), seconds(51)  # warm-up
@@ -62,15 +64,10 @@ def main() -> None:
     long = statistics.median(seconds(51) for _ in range(5))
     row = {"provider": args.provider, "host_ms_per_step": round((long - short) / 50 * 1000, 3)}
     if args.profile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        pipe("a photo", num_inference_steps=201, **call)
-        profiler.disable()
-        rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: item[1][2], reverse=True)[:12]
-        row["profile_own_us_per_step"] = {
-            f"{Path(file).name}:{line}({name})": round(own / 201 * 1e6, 1)
-            for (file, line, name), (_, _, own, _, _) in rows
-        }
+        from benchmark import host_profile
+
+        rows = host_profile(lambda: pipe("a photo", num_inference_steps=201, **call), synchronize=synchronize, top=12)
+        row["profile_own_us_per_step"] = {entry["function"]: round(entry["own_ms"] / 201 * 1000, 1) for entry in rows}
     print(json.dumps(row))
 
 

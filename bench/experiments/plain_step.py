@@ -10,7 +10,7 @@ run after each change of batch apart (``..._first_ms``: a change's own cost, whi
 mean of the output's magnitude (the variants should agree). Variants: ``static`` (a session per batch), ``free``
 (the provider's options), ``free_batch_options`` (with the provider's options for a free batch, as the tool loads
 --cfg_cutoff's UNet), ``free_graphs`` (a free batch replayed as one CUDA graph per batch in the same session: ONNX
-Runtime's ``gpu_graph_id`` run option; a way to keep --cfg_cutoff's UNet a CUDA graph, not yet in the tool).
+Runtime's ``gpu_graph_id`` run option; tried in the tool for --cfg_cutoff and not kept: bench/NOTES.md, session 22).
 ``--profile``: ORT's profile of the free-batch variants' runs without CUDA graphs (``free``,
 ``free_batch_options``), the 15 costliest op types per run (warm-ups included).
 """
