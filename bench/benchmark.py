@@ -82,20 +82,34 @@ def image_times(pipe, args, *, synchronize) -> dict:
     ``generation.to_pil_images``: 8-bit rounding on the GPU), as diffusers' own ``output_type="pil"`` makes them
     (rounding in numpy on the host: ``image_ms`` of runs 1-6), and the same call stopped before the VAE
     (``"latent"``): the difference is the decode and the post-processing, the rest the prompt encoding and the
-    denoising loop."""
+    denoising loop. The same call with a third of the steps splits the latter by :func:`loop_split`."""
     from sd_utils.generation.output import to_pil_images
 
     call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0)
+    short = max(1, args.steps // 3)
     ways = {
         "image_ms": lambda: to_pil_images(pipe("a photo", output_type="pt", **call).images),
         "image_diffusers_pil_ms": functools.partial(pipe, "a photo", output_type="pil", **call),
         "denoise_ms": functools.partial(pipe, "a photo", output_type="latent", **call),
+        f"denoise_{short}_steps_ms": functools.partial(
+            pipe, "a photo", output_type="latent", **{**call, "num_inference_steps": short}
+        ),
     }
     times = _medians_ms(ways, warmup=1, runs=args.image_runs, synchronize=synchronize)
+    times.update(loop_split(times["denoise_ms"], args.steps, times[f"denoise_{short}_steps_ms"], short))
     if args.profile:
         times["image_host_profile"] = host_profile(ways["image_ms"], synchronize=synchronize)
         times["denoise_timeline"] = gpu_timeline(ways["denoise_ms"], synchronize=synchronize)
     return times
+
+
+def loop_split(long_ms: float, long_steps: int, short_ms: float, short_steps: int) -> dict:
+    """A denoising call's time split into a cost per step (the slope between two step counts) and a cost per call
+    (prompt encoding, latents, timesteps: the intercept), so that a one-off cost is not read as the loop's."""
+    if long_steps == short_steps:
+        return {}
+    step = (long_ms - short_ms) / (long_steps - short_steps)
+    return {"loop_step_ms": round(step, 3), "loop_fixed_ms": round(long_ms - long_steps * step, 2)}
 
 
 def host_profile(function, *, synchronize, top: int = 15) -> list[dict]:
