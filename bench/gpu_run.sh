@@ -146,11 +146,11 @@ case "${1:-}" in
           tail -n 3 "$WORK/controlnet_tests.log"
           ;;
         graphs)
-          # the UNet alone at batch 2 / 1 / 2: a free batch replayed as one CUDA graph per batch (--cfg_cutoff's way to
-          # keep its graph) against the sessions the tool makes now
+          # the UNet alone at batch 2 / 1 / 2 (--cfg_cutoff's batches): a session per batch, each its own CUDA graph,
+          # on one copy of the weights; one session replaying a graph per batch; the sessions the tool makes now
           # (a time limit: session 22's per-batch graphs ran a full-size image for 10 minutes without ending)
           timeout 300 python3 bench/experiments/plain_step.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
-            --variants static,free_graphs \
+            --variants static,shared_graphs,free_graphs \
             2>&1 | grep -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
           ;;
         profile)

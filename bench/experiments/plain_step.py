@@ -10,7 +10,9 @@ run after each change of batch apart (``..._first_ms``: a change's own cost, whi
 mean of the output's magnitude (the variants should agree). Variants: ``static`` (a session per batch), ``free``
 (the provider's options), ``free_batch_options`` (with the provider's options for a free batch, as the tool loads
 --cfg_cutoff's UNet), ``free_graphs`` (a free batch replayed as one CUDA graph per batch in the same session: ONNX
-Runtime's ``gpu_graph_id`` run option; tried in the tool for --cfg_cutoff and not kept: bench/NOTES.md, session 22).
+Runtime's ``gpu_graph_id`` run option; tried in the tool for --cfg_cutoff and not kept: bench/NOTES.md, session 22),
+``shared_graphs`` (a session per batch, each its own CUDA graph, on one copy of the weights: GPU memory per
+session as well).
 ``--profile``: ORT's profile of the free-batch variants' runs without CUDA graphs (``free``,
 ``free_batch_options``), the 15 costliest op types per run (warm-ups included).
 """
@@ -89,6 +91,9 @@ def main() -> None:
     share_arena(provider)
     model = str(args.onnx_dir / "unet" / "model.onnx")
     for variant in args.variants.split(","):
+        if variant == "shared_graphs":
+            print(json.dumps(_shared_graphs(model, provider, dims, spec.latent_channels)), flush=True)
+            continue
         row = {"variant": variant}
         for batch in (2, 1) if variant == "static" else (None,):
             pinned = {k: v for k, v in dims.items() if not k.endswith("_batch")}
@@ -108,11 +113,70 @@ def main() -> None:
                 first, median, magnitude = _time(session, bound[size], run_options)
                 again = "_again" if f"batch{size}_ms" in row else ""
                 row |= {f"batch{size}_ms{again}": median, f"batch{size}_first_ms{again}": first}
-                row[f"batch{size}_output_mean_abs"] = magnitude
+                row[f"batch{size}_output_mean_abs{again}"] = magnitude
             if options.enable_profiling:
                 _top_ops(session.end_profiling())
             del session
         print(json.dumps(row), flush=True)
+
+
+def _shared_weights(model: str, min_bytes: int = 1 << 16) -> tuple[list, dict]:
+    """The model's initializers of ``min_bytes`` or more as CUDA tensors, and OrtValues over them (DLPack, no copy)
+    to hand to sessions with ``add_initializer``: ONNX Runtime uses a user's initializer as it is when it is where
+    the session plans it (smaller ones, shapes among them, it reads from the file as usual)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+
+    proto = onnx.load(model, load_external_data=False)
+    tensors, values = [], {}
+    for initializer in proto.graph.initializer:
+        array = numpy_helper.to_array(initializer, base_dir=str(Path(model).parent))
+        if array.nbytes < min_bytes:
+            continue
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to("cuda:0")
+        tensors.append(tensor)
+        values[initializer.name] = ort.OrtValue.from_dlpack(tensor)
+    return tensors, values
+
+
+def _used_mb() -> float:
+    import torch
+
+    free, total = torch.cuda.mem_get_info(0)
+    return round((total - free) / 2**20)
+
+
+def _shared_graphs(model: str, provider, dims: dict, latent_channels: int) -> dict:
+    """Batch 2 and batch 1 as two sessions, each replaying its own CUDA graph, both on one copy of the weights on
+    the device (``add_initializer``): the GPU memory each session took, then the runs at batch 2, 1, 2."""
+    import onnxruntime as ort
+
+    from sd_utils.runtime.providers import session_options
+
+    row = {"variant": "shared_graphs", "used_mb_before": _used_mb()}
+    tensors, values = _shared_weights(model)
+    row |= {"shared_initializers": len(values), "used_mb_weights": _used_mb()}
+    sessions = {}
+    for batch in (2, 1):
+        options = session_options(provider, {k: batch if k.endswith("_batch") else v for k, v in dims.items()})
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        cuda = dict(provider.options) | {"device_id": "0", "enable_cuda_graph": "1"}
+        session = ort.InferenceSession(model, sess_options=options, providers=[("CUDAExecutionProvider", cuda)])
+        sessions[batch] = (session, _bound(session, batch, dims, latent_channels))
+        row[f"used_mb_session{batch}"] = _used_mb()
+    for batch in (2, 1, 2):
+        session, bound = sessions[batch]
+        first, median, magnitude = _time(session, bound)
+        again = "_again" if f"batch{batch}_ms" in row else ""
+        row |= {f"batch{batch}_ms{again}": median, f"batch{batch}_first_ms{again}": first}
+        row[f"batch{batch}_output_mean_abs{again}"] = magnitude
+    row["used_mb_after_runs"] = _used_mb()
+    del sessions, values, tensors
+    return row
 
 
 def _top_ops(profile_file: str) -> None:
