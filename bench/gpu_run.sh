@@ -25,7 +25,8 @@
 #                                  CUDA graph per batch (bench/experiments/plain_step.py) and the denoising loop's
 #                                  overhead (bench/benchmark.py --profile, loop_profile.json); all gpu-marked tests
 #                                  beside the builds unless NO_TESTS=1
-#                                  (CARRIED=1: builds carried from the CPU machine, no build here; see `carried`)
+#                                  (CARRIED=1: builds carried from the CPU machine, no build here; see `carried`;
+#                                  ROWS="profile;graphs": those rows only)
 #   bash bench/gpu_run.sh stack    the Python stack without onnxruntime-gpu (carrying .gpuwheel); `ort` adds
 #                                  onnxruntime-gpu once .gpu1 ... .gpu5 are in /tmp/parts: a build can start before it
 #   bash bench/gpu_run.sh carried  builds made here and carried as graphs (bench/carry_build.py pack -> .carry,
@@ -134,10 +135,13 @@ case "${1:-}" in
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
     # (sessions 20-22 measured every row once but the loop's GPU timeline in `profile`: what is left first)
-    for row in profile graphs "--steps_list= --tiny_vae_steps 4 --repeats 3" tests "--steps_list 20 --cases 0.6:1,1:1" \
-      "--steps_list 20 --cases 0.6:3" "--steps_list= --batches 8 --cases 0.6:3" \
-      "--steps_list 30 --cutoffs= --intervals 3" \
-      "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals="; do
+    # (ROWS="row;row": those rows only)
+    rows=(profile graphs "--steps_list= --tiny_vae_steps 4 --repeats 3" tests "--steps_list 20 --cases 0.6:1,1:1"
+      "--steps_list 20 --cases 0.6:3" "--steps_list= --batches 8 --cases 0.6:3"
+      "--steps_list 30 --cutoffs= --intervals 3"
+      "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals=")
+    [ -n "${ROWS:-}" ] && IFS=';' read -ra rows <<< "$ROWS"
+    for row in "${rows[@]}"; do
       echo "== $row $(date +%T)"
       case "$row" in
         tests)
