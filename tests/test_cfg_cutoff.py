@@ -121,14 +121,14 @@ def test_a_session_per_batch_on_shared_weights_gives_the_free_batch_sessions_out
     import onnxruntime as ort
 
     from sd_utils.runtime.cuda_graph import shared_initializers
-    from sd_utils.runtime.pipeline import PartSessions, _dimensions, _free_batch
+    from sd_utils.runtime.pipeline import PartSessions, _dimensions
     from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.embeddings import Embeddings
     from sd_utils.sources.model_spec import Shape, submodel_io
 
     folder = tiny_optimized.build().optimized
     shape = Shape(batch=1, height=64, width=64, free_batch=True)
-    dims, batch_dims = _free_batch(_dimensions(tiny_spec, shape, vae_tiling=False, controlnets=False), shape)
+    dims, batch_dims = _dimensions(tiny_spec, shape, vae_tiling=False, controlnets=False)
     assert set(batch_dims.values()) == {2} and not any(
         name.startswith("unet_") and name.endswith("_batch") for name in dims
     )

@@ -18,6 +18,7 @@ replays a graph per batch (ORT's ``gpu_graph_id``) gave wrong images (bench/NOTE
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,17 +156,25 @@ def shared_initializers(model_file: Path, device: str, min_bytes: int = 1 << 16)
     import onnx
     import onnxruntime as ort
     import torch
-    from onnx import numpy_helper
 
+    from sd_utils.optimize.external_data import ExternalTensors, tensor_array
+
+    # the tool's own reader: onnx's refuses data files with several hard links, which run-time LoRAs' model files are
     model = onnx.load(str(model_file), load_external_data=False)
+    external = ExternalTensors(model_file.parent)
     tensors, values = [], {}
-    for initializer in model.graph.initializer:
-        array = numpy_helper.to_array(initializer, base_dir=str(model_file.parent))
-        if array.nbytes < min_bytes:
-            continue
-        tensor = torch.from_numpy(np.require(array, requirements=("C", "W"))).to(device)  # torch wants it writable
-        tensors.append(tensor)
-        values[initializer.name] = ort.OrtValue.from_dlpack(tensor)
+    try:
+        for initializer in model.graph.initializer:
+            array = tensor_array(initializer, external)
+            if array.nbytes < min_bytes:
+                continue
+            with warnings.catch_warnings():  # read-only file bytes: torch copies them to a GPU, and nothing writes them
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.from_numpy(array).to(device)
+            tensors.append(tensor)
+            values[initializer.name] = ort.OrtValue.from_dlpack(tensor)
+    finally:
+        external.close()
     return tensors, values
 
 

@@ -113,8 +113,7 @@ def load_pipeline(
     the parts whose weights stay the same are taken over, the others made again (switching LoRAs)."""
     task = task or ("img2img" if spec.is_refiner else "text2img")
     providers, provider_options = session_providers(provider, device_id)
-    dims = _dimensions(spec, shape, vae_tiling=vae_tiling, controlnets=bool(controlnets))
-    overrides, batch_dims = _free_batch(dims, shape)
+    overrides, batch_dims = _dimensions(spec, shape, vae_tiling=vae_tiling, controlnets=bool(controlnets))
     options = session_options(provider, overrides)
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
@@ -171,25 +170,21 @@ def _check_providers(pipeline, provider: Provider) -> None:
         check_session_provider(part.session, provider, str(part.path.parent))
 
 
-def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, controlnets: bool) -> dict | None:
-    """The value of every symbolic dim the sessions meet at ``shape`` (None: dims left free)."""
+def _dimensions(
+    spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, controlnets: bool
+) -> tuple[dict | None, dict[str, int]]:
+    """(the value of every symbolic dim the sessions meet at ``shape``, None: dims left free; the denoising
+    sessions' batch dims, with their values at the run's start, when the batch is free). Under --cfg_cutoff the
+    denoising sessions run at batch 2B, then B, so their batch dims are not among the first: a session pins them per
+    batch, or leaves them free."""
     if shape is None:
-        return None
+        return None, {}
     overrides = free_dimension_overrides(spec, shape)
     if vae_tiling:
         overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
     for name in ("unet_controlnet", "controlnet") if controlnets else ():
         overrides.update(submodel_io(spec, name).dim_values(shape))
-    return overrides
-
-
-def _free_batch(overrides: dict | None, shape: Shape | None) -> tuple[dict | None, dict[str, int]]:
-    """(``overrides`` less the denoising sessions' batch dims, those dims with their values at the run's start)
-    when the batch is free (--cfg_cutoff: the denoising sessions run at batch 2B, then B; a session pins them per
-    batch, or leaves them free); else (``overrides``, {})."""
-    if overrides is None or not shape.free_batch:
-        return overrides, {}
-    batch = {name: value for name, value in overrides.items() if _denoising_batch(name)}
+    batch = {name: value for name, value in overrides.items() if shape.free_batch and _denoising_batch(name)}
     return {name: value for name, value in overrides.items() if name not in batch}, batch
 
 
