@@ -115,12 +115,14 @@ def test_a_cutoff_on_cuda_keeps_the_cuda_graph():
 
 
 def test_a_session_per_batch_on_shared_weights_gives_the_free_batch_sessions_outputs(tiny_optimized, tiny_spec):
-    """What --cfg_cutoff's CUDA graphs stand on, checked on the CPU: the UNet pinned to each batch by
-    ``batch_options``, its weights handed over as tensors (``shared_initializers``: no copy of its own), gives the
-    outputs of the session whose batch is free."""
+    """What --cfg_cutoff's CUDA graphs stand on, checked on the CPU with plain sessions in the graphs' place: the
+    UNet pinned to each batch by ``batch_options``, its weights handed over as tensors (``shared_initializers``: no
+    copy of its own), a session made per batch as the batch comes (``BatchGraphs``), gives the outputs of the
+    session whose batch is free."""
     import onnxruntime as ort
 
-    from sd_utils.runtime.cuda_graph import shared_initializers
+    from sd_utils.runtime.controlnet import SessionRunner
+    from sd_utils.runtime.cuda_graph import BatchGraphs, shared_initializers
     from sd_utils.runtime.pipeline import PartSessions, _dimensions
     from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.embeddings import Embeddings
@@ -138,14 +140,19 @@ def test_a_session_per_batch_on_shared_weights_gives_the_free_batch_sessions_out
     assert weights and all(
         value.data_ptr() == tensor.data_ptr() for value, tensor in zip(weights.values(), tensors, strict=True)
     )
+
+    def pinned(batch: int) -> SessionRunner:
+        options = parts.batch_options(batch, weights)
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape[0] == batch  # the batch pinned, the rest as the other sessions
+        return SessionRunner(session)
+
+    per_batch = BatchGraphs(pinned, max(batch_dims.values()), (tensors, weights))
     free = parts.session("unet")
     contract = submodel_io(tiny_spec, "unet")
     for guidance in (True, False):
         inputs = contract.dummy_inputs(Shape(batch=1, height=64, width=64, classifier_free_guidance=guidance))
-        feeds = {name: tensor.numpy() for name, tensor in zip(contract.input_names, inputs, strict=True)}
-        batch = len(feeds["sample"])
-        pinned = ort.InferenceSession(
-            str(model), parts.batch_options(batch, weights), providers=["CPUExecutionProvider"]
-        )
-        assert pinned.get_inputs()[0].shape[0] == batch  # the batch pinned, the rest as the other sessions
-        np.testing.assert_allclose(pinned.run(None, feeds)[0], free.run(None, feeds)[0], rtol=1e-5, atol=1e-5)
+        feeds = dict(zip(contract.input_names, inputs, strict=True))
+        expected = free.run(None, {name: tensor.numpy() for name, tensor in feeds.items()})[0]
+        np.testing.assert_allclose(per_batch(feeds)[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert sorted(per_batch._runners) == [1, 2]
