@@ -413,7 +413,7 @@ def _cuda_graph_runner(
     """``model_file``'s session (of the build's ``part``, or a ControlNet's) replayed as a CUDA graph, or None (with
     a warning) when ORT cannot capture it. With a free batch (--cfg_cutoff), a session per batch on one copy of the
     weights."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
     def runner(options) -> CudaGraphRunner:
         extra = dict(parts.provider.options)  # a static batch per session: the provider's own options
@@ -429,8 +429,14 @@ def _cuda_graph_runner(
         weights = shared_initializers(model_file, f"cuda:{parts.device_id}")
         first = max(parts.batch_dims.values())  # with guidance, where the run starts
         return BatchGraphs(lambda batch: runner(parts.batch_options(batch, weights[1])), first, weights)
-    except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
+    # ORT refuses graph capture when some node would run outside the CUDA EP (Fail), or weights it cannot take
+    except (Fail, InvalidArgument) as error:
         if out_of_memory(error):
             raise
         logger.warning("%s runs without a CUDA graph: %s", label, str(error).strip().splitlines()[0])
-        return None
+    if parts.free_batch:  # torch's copy of the weights, if read, back to the device for the plain session's own
+        import torch
+
+        weights = None
+        torch.cuda.empty_cache()
+    return None
