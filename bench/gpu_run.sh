@@ -151,10 +151,10 @@ case "${1:-}" in
           ;;
         graphs)
           # the UNet alone at batch 2 / 1 / 2 (--cfg_cutoff's batches): a session per batch, each its own CUDA graph,
-          # on one copy of the weights; one session replaying a graph per batch; the sessions the tool makes now
-          # (a time limit: session 22's per-batch graphs ran a full-size image for 10 minutes without ending)
+          # on one copy of the weights, against a static session per batch (GRAPH_VARIANTS=...,free_graphs adds one
+          # session replaying a graph per batch, which in session 22 ran a full-size image 10 minutes without ending)
           timeout 300 python3 bench/experiments/plain_step.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
-            --variants static,shared_graphs,free_graphs \
+            --variants "${GRAPH_VARIANTS:-static,shared_graphs}" \
             2>&1 | grep -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
           ;;
         profile)
