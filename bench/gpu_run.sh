@@ -146,7 +146,7 @@ case "${1:-}" in
       case "$row" in
         tests)
           python3 -m pytest -q -m gpu -p no:cacheprovider -p no:warnings --tb=short --show-capture=no \
-            tests/test_gpu_graphs.py -k "deep_cache or controlnet or heuristic or cutoff" 2>&1 | tail -n 40 > "$WORK/controlnet_tests.log" || true
+            tests/test_gpu_graphs.py -k "${TESTS_K:-deep_cache or controlnet or heuristic or cutoff}" 2>&1 | tail -n 40 > "$WORK/controlnet_tests.log" || true
           tail -n 3 "$WORK/controlnet_tests.log"
           ;;
         graphs)
