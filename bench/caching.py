@@ -10,7 +10,7 @@ The cases: off, each cut-off, each interval, and both (the lowest cut-off with t
 ``quality``: the demo model's 96 captions (``sd_utils.demo_model``: its judge reads colour, shape and position back
 from each image), drawn by the optimized ONNX pipeline in each case from the same latents; per case the judge's score
 and the PSNR / SSIM of its images to those of the first case (off).
-``speed``: seconds per image through the tool's own run (``app.Generator``) per case, after a 2-step warm-up image; one
+``speed``: seconds per image through the tool's own run (``app.Generator``) per case, after a warm-up image; one
 JSON line per case (``--parallel_builds``: the builds first, see bench/parallel_builds.py); with ``--tiny_vae_steps``,
 also few-step images at guidance 0 with the model's VAE and with an ``AutoencoderTiny`` of TAESD-XL's architecture
 (random weights, written first); with ``--batches``, throughput at ``--batch_steps`` and ``--batch_guidance``
@@ -169,8 +169,9 @@ def _speed_case(
         options = parse_options(argv)
         job = app.plan(options)
         generator = app.Generator(options, job, app.prepare_models(options, job))
-        warm_up = dataclasses.replace(job.request, num_inference_steps=2)  # sessions made (and graphs captured)
-        generator.generate(warm_up, saver=_kept)
+        # the same image first: every session made and its CUDA graph captured (ONNX Runtime captures on a session's
+        # second run: a 2-step warm-up ran --cfg_cutoff's second batch, or DeepCache's graphs at it, only once)
+        generator.generate(job.request, saver=_kept)
         seconds = []
         for _ in range(args.repeats):
             started = time.perf_counter()
