@@ -1,0 +1,79 @@
+"""Which part of the per-batch graphs gives NaN: the UNet of a build pinned to one batch, with its own weights, with
+shared weights (shared_initializers), each with and without a CUDA graph; prints the mean |output| and NaN count."""
+
+import json
+import sys
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PROJECT_DIR))
+
+
+def main() -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    ort.preload_dlls()
+    from sd_utils.runtime.cuda_graph import _Bound, shared_initializers, unet_output_shapes
+    from sd_utils.runtime.providers import PROVIDERS, session_options, share_arena
+
+    folder = Path(sys.argv[1])
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    provider = PROVIDERS["cuda"]
+    share_arena(provider)
+    model = folder / "unet" / "model.onnx"
+    tensors, values = shared_initializers(model, "cuda:0")
+    probe = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    dims = {}
+    feeds = {}
+    for meta in probe.get_inputs():
+        shape = [batch if not isinstance(d, int) and str(d).endswith("_batch") else d for d in meta.shape]
+        shape = [d if isinstance(d, int) else 16 for d in shape]
+        for d, v in zip(meta.shape, shape):
+            if not isinstance(d, int):
+                dims[d] = v
+        feeds[meta.name] = rng.random(shape)
+    for shared in (False, True):
+        for graph in (False, True):
+            options = session_options(provider, dims)
+            for name, value in values.items() if shared else ():
+                options.add_initializer(name, value)
+            cuda = dict(provider.options) | {"device_id": "0"} | ({"enable_cuda_graph": "1"} if graph else {})
+            session = ort.InferenceSession(str(model), options, providers=[("CUDAExecutionProvider", cuda)])
+            bound = _Bound(session, feeds, unet_output_shapes(4), 0)
+            bound.load(feeds)
+            torch.cuda.synchronize()
+            out = []
+            for _ in range(3):
+                session.run_with_iobinding(bound.binding)
+                o = bound.outputs[0].float()
+                out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
+            print(json.dumps({"shared": shared, "graph": graph, "runs": out, "n_shared": len(values)}), flush=True)
+            del session, bound
+    from sd_utils.runtime.cuda_graph import CudaGraphRunner, cuda_graph_session
+
+    for shared in (False, True):  # the tool's runner: its own CUDA stream, torch tensors in and out
+        options = session_options(provider, dims)
+        for name, value in values.items() if shared else ():
+            options.add_initializer(name, value)
+        session, stream = cuda_graph_session(
+            model, device_id=0, sess_options=options, extra_options=dict(provider.options)
+        )
+        runner = CudaGraphRunner(session, stream, output_shapes=unet_output_shapes(4))
+        torch_feeds = {
+            k: torch.as_tensor(v, dtype=torch.float32 if v.dtype != np.int64 else torch.int64).cuda()
+            for k, v in feeds.items()
+        }
+        out = []
+        for _ in range(3):
+            o = runner(torch_feeds)[0].float()
+            torch.cuda.synchronize()
+            out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
+        print(json.dumps({"runner": True, "shared": shared, "runs": out}), flush=True)
+        del runner, session
+
+
+if __name__ == "__main__":
+    main()
