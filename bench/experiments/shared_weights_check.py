@@ -23,7 +23,7 @@ def main() -> None:
     provider = PROVIDERS["cuda"]
     share_arena(provider)
     model = folder / "unet" / "model.onnx"
-    tensors, values = shared_initializers(model, "cuda:0")
+    _tensors, values = shared_initializers(model, "cuda:0")  # the tensors live as long as the sessions
     probe = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     dims = {}
@@ -31,7 +31,7 @@ def main() -> None:
     for meta in probe.get_inputs():
         shape = [batch if not isinstance(d, int) and str(d).endswith("_batch") else d for d in meta.shape]
         shape = [d if isinstance(d, int) else 16 for d in shape]
-        for d, v in zip(meta.shape, shape):
+        for d, v in zip(meta.shape, shape, strict=True):
             if not isinstance(d, int):
                 dims[d] = v
         feeds[meta.name] = rng.random(shape)
