@@ -1,5 +1,10 @@
-"""Which part of the per-batch graphs gives NaN: the UNet of a build pinned to one batch, with its own weights, with
-shared weights (shared_initializers), each with and without a CUDA graph; prints the mean |output| and NaN count."""
+"""Which part of --cfg_cutoff's per-batch CUDA graphs gave NaN images (session 23): the UNet of a CUDA build pinned
+to one batch, with its own and with shared weights (``shared_initializers``), with and without a CUDA graph, through
+the tool's runner, and in BatchGraphs' order (a batch's session made after the other's graph was captured). Prints
+the mean |output| and the NaN count of three runs per case.
+
+    python bench/experiments/shared_weights_check.py models/optimized/tiny-<hash> [batch]
+"""
 
 import json
 import sys
@@ -24,7 +29,7 @@ def main() -> None:
     share_arena(provider)
     model = folder / "unet" / "model.onnx"
     _tensors, values = shared_initializers(model, "cuda:0")  # the tensors live as long as the sessions
-    probe = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    probe = ort.InferenceSession(str(model), providers=["CUDAExecutionProvider"])  # fused CUDA ops
     rng = np.random.default_rng(0)
     dims = {}
     feeds = {}
@@ -73,27 +78,31 @@ def main() -> None:
             out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
         print(json.dumps({"runner": True, "shared": shared, "runs": out}), flush=True)
         del runner, session
-    # BatchGraphs' order: batch A made and run (graph captured), then batch B made and run, then A and B again
-    runners, half = {}, {k: v[: batch // 2] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
-    for size, these in ((batch, feeds), (batch // 2, half), (batch, feeds), (batch // 2, half)):
-        if size not in runners:
-            options = session_options(provider, {k: size if k.endswith("_batch") else v for k, v in dims.items()})
-            for name, value in values.items():
-                options.add_initializer(name, value)
-            session, stream = cuda_graph_session(
-                model, device_id=0, sess_options=options, extra_options=dict(provider.options)
-            )
-            runners[size] = CudaGraphRunner(session, stream, output_shapes=unet_output_shapes(4))
-        tf = {
-            k: torch.as_tensor(v, dtype=torch.int64 if v.dtype == np.int64 else torch.float32).cuda()
-            for k, v in these.items()
-        }
-        out = []
-        for _ in range(3):
-            o = runners[size](tf)[0].float()
-            torch.cuda.synchronize()
-            out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
-        print(json.dumps({"lazy_pair": size, "runs": out}), flush=True)
+    # BatchGraphs' order: batch A made and run (graph captured), then batch B made and run, then A and B again; B's
+    # own weights in the shared arena (ORT's default) or outside it (use_device_allocator_for_initializers, the tool's)
+    half = {k: v[: batch // 2] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
+    for outside in ("0", "1"):
+        runners = {}
+        for size, these in ((batch, feeds), (batch // 2, half), (batch, feeds), (batch // 2, half)):
+            if size not in runners:
+                options = session_options(provider, {k: size if k.endswith("_batch") else v for k, v in dims.items()})
+                options.add_session_config_entry("session.use_device_allocator_for_initializers", outside)
+                for name, value in values.items():
+                    options.add_initializer(name, value)
+                session, stream = cuda_graph_session(
+                    model, device_id=0, sess_options=options, extra_options=dict(provider.options)
+                )
+                runners[size] = CudaGraphRunner(session, stream, output_shapes=unet_output_shapes(4))
+            tf = {
+                k: torch.as_tensor(v, dtype=torch.int64 if v.dtype == np.int64 else torch.float32).cuda()
+                for k, v in these.items()
+            }
+            out = []
+            for _ in range(3):
+                o = runners[size](tf)[0].float()
+                torch.cuda.synchronize()
+                out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
+            print(json.dumps({"lazy_pair": size, "initializers_outside_arena": outside, "runs": out}), flush=True)
 
 
 if __name__ == "__main__":
