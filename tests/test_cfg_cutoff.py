@@ -100,21 +100,59 @@ def test_cutoff_is_checked(tiny_optimized, tmp_path, capsys):
         assert len(error) == 1 and said in error[0], (value, error)
 
 
-def test_a_cutoff_on_cuda_says_it_gives_up_the_cuda_graph(caplog):
-    """A free batch rules out the UNet's CUDA graph on CUDA, which made the cut-off slower there than none (H100,
-    bench/NOTES.md): the user is told, and pointed to --cache_interval; without the cut-off the graph stays."""
-    import logging
-
+def test_a_cutoff_on_cuda_keeps_the_cuda_graph():
+    """A free batch keeps the UNet's CUDA graph on CUDA, a graph per batch (without one the cut-off was slower than
+    none on an H100, bench/NOTES.md); the CPU has none."""
     from sd_utils.runtime.pipeline import _uses_cuda_graph
     from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.model_spec import Shape
 
     shape = Shape(batch=1, height=64, width=64)
-    with caplog.at_level(logging.WARNING):
-        assert _uses_cuda_graph(PROVIDERS["cuda"], shape, None)
-        assert not caplog.text
-        assert not _uses_cuda_graph(PROVIDERS["cuda"], dataclasses.replace(shape, free_batch=True), None)
-        assert "--cfg_cutoff on cuda" in caplog.text and "--cache_interval" in caplog.text
-        caplog.clear()
-        assert not _uses_cuda_graph(PROVIDERS["cpu"], dataclasses.replace(shape, free_batch=True), None)
-        assert not caplog.text  # the CPU has no graph to lose: its cut-off is a speed-up
+    for free_batch in (False, True):
+        assert _uses_cuda_graph(PROVIDERS["cuda"], dataclasses.replace(shape, free_batch=free_batch), None)
+        assert not _uses_cuda_graph(PROVIDERS["cpu"], dataclasses.replace(shape, free_batch=free_batch), None)
+    assert not _uses_cuda_graph(PROVIDERS["cuda"], shape, False)
+
+
+def test_a_session_per_batch_on_shared_weights_gives_the_free_batch_sessions_outputs(tiny_optimized, tiny_spec):
+    """What --cfg_cutoff's CUDA graphs stand on, checked on the CPU with plain sessions in the graphs' place: the
+    UNet pinned to each batch by ``batch_options``, its weights handed over as tensors (``shared_initializers``: no
+    copy of its own), a session made per batch as the batch comes (``BatchGraphs``), gives the outputs of the
+    session whose batch is free."""
+    import onnxruntime as ort
+
+    from sd_utils.runtime.controlnet import SessionRunner
+    from sd_utils.runtime.cuda_graph import BatchGraphs, shared_initializers
+    from sd_utils.runtime.pipeline import PartSessions, _dimensions
+    from sd_utils.runtime.providers import PROVIDERS
+    from sd_utils.sources.embeddings import Embeddings
+    from sd_utils.sources.model_spec import Shape, submodel_io
+
+    folder = tiny_optimized.build().optimized
+    shape = Shape(batch=1, height=64, width=64, free_batch=True)
+    dims, batch_dims = _dimensions(tiny_spec, shape, vae_tiling=False, controlnets=False)
+    assert set(batch_dims.values()) == {2} and not any(
+        name.startswith("unet_") and name.endswith("_batch") for name in dims
+    )
+    parts = PartSessions(folder, PROVIDERS["cpu"], 0, dims, Embeddings(), (), tiny_spec.root, batch_dims=batch_dims)
+    model = folder / "unet" / "model.onnx"
+    tensors, weights = shared_initializers(model, "cpu")
+    assert weights and all(
+        value.data_ptr() == tensor.data_ptr() for value, tensor in zip(weights.values(), tensors, strict=True)
+    )
+
+    def pinned(batch: int) -> SessionRunner:
+        options = parts.batch_options(batch, weights)
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape[0] == batch  # the batch pinned, the rest as the other sessions
+        return SessionRunner(session)
+
+    per_batch = BatchGraphs(pinned, max(batch_dims.values()), (tensors, weights))
+    free = parts.session("unet")
+    contract = submodel_io(tiny_spec, "unet")
+    for guidance in (True, False):
+        inputs = contract.dummy_inputs(Shape(batch=1, height=64, width=64, classifier_free_guidance=guidance))
+        feeds = dict(zip(contract.input_names, inputs, strict=True))
+        expected = free.run(None, {name: tensor.numpy() for name, tensor in feeds.items()})[0]
+        np.testing.assert_allclose(per_batch(feeds)[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert sorted(per_batch._runners) == [1, 2]

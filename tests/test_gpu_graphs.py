@@ -4,6 +4,7 @@ CUDA build is run on a GPU when one is present (marker ``gpu``)."""
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 
@@ -130,7 +131,7 @@ def _latents(seed: int):
 
 
 def _cuda_pipeline(folder, spec, *, free_batch: bool = False, **options):
-    """The tiny CUDA build loaded at CUDA_SHAPE (``free_batch``: as ``--cfg_cutoff`` loads it, no CUDA graph)."""
+    """The tiny CUDA build loaded at CUDA_SHAPE (``free_batch``: as ``--cfg_cutoff`` loads it)."""
     from sd_utils.runtime.pipeline import load_pipeline
     from sd_utils.runtime.providers import PROVIDERS
     from sd_utils.sources.model_spec import Shape
@@ -201,10 +202,10 @@ def test_cuda_graph_unet_matches_the_plain_session(tiny_spec, cuda_build):
 @pytest.mark.gpu
 @GPU_ONLY
 def test_a_free_batch_unet_picks_convolutions_by_heuristic(tiny_spec, cuda_build):
-    """Under ``--cfg_cutoff`` the UNet meets two batch sizes: its session asks cuDNN's heuristic for convolutions
-    and leaves the bias unfused (both were made again at every batch change: a full-size image 7x slower); the VAE
-    keeps the exhaustive search and the fused bias."""
-    loaded = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True)
+    """Under ``--cfg_cutoff`` without a CUDA graph (a UNet ORT cannot capture) the UNet meets two batch sizes: its
+    session asks cuDNN's heuristic for convolutions and leaves the bias unfused (both were made again at every batch
+    change: a full-size image 7x slower); the VAE keeps the exhaustive search and the fused bias."""
+    loaded = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True, cuda_graph=False)
     assert loaded.unet_graph is None
 
     def options(session):
@@ -331,6 +332,35 @@ def test_cuda_graph_controlnet_matches_the_plain_sessions(tiny_spec, cuda_build,
 
 @pytest.mark.gpu
 @GPU_ONLY
+def test_cuda_graph_cutoff_replays_a_graph_per_batch(tiny_spec, cuda_build):
+    """``--cfg_cutoff`` on CUDA: the UNet's batch halves within the run and each batch replays a CUDA graph of its
+    own (a session per batch on one copy of the weights), giving the plain free-batch sessions' images (the fp16
+    bar), seed after seed."""
+    from sd_utils.generation.cfg_cutoff import drop_guidance
+
+    def call(pipe):
+        cut = functools.partial(drop_guidance, cutoff=0.6)
+        return {
+            **CUDA_CALL,
+            "callback_on_step_end": lambda pipe, step, _, tensors: cut(pipe, step, callback_kwargs=tensors),
+            "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs),
+        }
+
+    plain = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True, cuda_graph=False)
+    graphed = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True)
+    assert plain.unet_graph is None and graphed.unet_graph is not None
+    images = []
+    for seed in (0, 1):
+        expected = plain.pipeline(latents=_latents(seed).cuda(), **call(plain.pipeline)).images
+        images.append(graphed.pipeline(latents=_latents(seed).cuda(), **call(graphed.pipeline)).images)
+        assert np.isfinite(images[-1]).all()
+        assert psnr(expected, images[-1]) >= 35, f"seed {seed}"
+    assert sorted(graphed.unet_graph._runners) == [2, 4]  # two images with guidance, then without
+    assert psnr(images[0], images[1]) < 30, "the second run replayed the first run's inputs"
+
+
+@pytest.mark.gpu
+@GPU_ONLY
 def test_cuda_graph_deep_cache_matches_the_plain_sessions(tiny_spec, cuda_build, tiny_optimized):
     """``--cache_interval 3`` on CUDA replays the refresh and shallow graphs as CUDA graphs and gives the plain CUDA
     sessions' images under the same cache (the fp16 bar), seed after seed; the cache changes the image."""
@@ -341,7 +371,7 @@ def test_cuda_graph_deep_cache_matches_the_plain_sessions(tiny_spec, cuda_build,
     argv = ["--model_id", "tiny", "--provider", "cuda", "--models_dir", str(models), "--cache_dir"]
     options = parse_options([*argv, str(tiny_optimized.cache_dir), "--optimize", "--cache_interval", "3"])
     app.prepare_models(options, app.plan(options))
-    plain = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True, deep_cache=True)  # the batch halves below
+    plain = _cuda_pipeline(cuda_build, tiny_spec, free_batch=True, cuda_graph=False, deep_cache=True)  # halved below
     graphed = _cuda_pipeline(cuda_build, tiny_spec, deep_cache=True)
     assert plain.unet_graph is None and graphed.unet_graph is not None
     assert type(graphed.unet_cache.shallow).__name__ == "CudaGraphRunner"

@@ -120,28 +120,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
 
-def _shared_weights(model: str, min_bytes: int = 1 << 16) -> tuple[list, dict]:
-    """The model's initializers of ``min_bytes`` or more as CUDA tensors, and OrtValues over them (DLPack, no copy)
-    to hand to sessions with ``add_initializer``: ONNX Runtime uses a user's initializer as it is when it is where
-    the session plans it (smaller ones, shapes among them, it reads from the file as usual)."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    import torch
-    from onnx import numpy_helper
-
-    proto = onnx.load(model, load_external_data=False)
-    tensors, values = [], {}
-    for initializer in proto.graph.initializer:
-        array = numpy_helper.to_array(initializer, base_dir=str(Path(model).parent))
-        if array.nbytes < min_bytes:
-            continue
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to("cuda:0")
-        tensors.append(tensor)
-        values[initializer.name] = ort.OrtValue.from_dlpack(tensor)
-    return tensors, values
-
-
 def _used_mb() -> float:
     import torch
 
@@ -154,10 +132,11 @@ def _shared_graphs(model: str, provider, dims: dict, latent_channels: int) -> di
     the device (``add_initializer``): the GPU memory each session took, then the runs at batch 2, 1, 2."""
     import onnxruntime as ort
 
+    from sd_utils.runtime.cuda_graph import shared_initializers
     from sd_utils.runtime.providers import session_options
 
     row = {"variant": "shared_graphs", "used_mb_before": _used_mb()}
-    tensors, values = _shared_weights(model)
+    tensors, values = shared_initializers(Path(model), "cuda:0")
     row |= {"shared_initializers": len(values), "used_mb_weights": _used_mb()}
     sessions = {}
     for batch in (2, 1):

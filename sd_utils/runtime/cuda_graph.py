@@ -10,10 +10,15 @@ The session runs on a CUDA stream of our own (``user_compute_stream``), ordered 
 waits, so the pipeline's tensors never need a device-wide synchronization. The host still waits for every step:
 ONNX Runtime's CUDA EP synchronizes its stream after each graph launch (``CUDAGraphManager::Replay``; no option
 turns that off in ORT 1.31; bench/NOTES.md, run 7).
+
+A batch that changes within a run (``--cfg_cutoff``: 2B images' worth with guidance, then B) gets a session per batch,
+each replaying its own graph, all on one copy of the weights on the device (:class:`BatchGraphs`). One session that
+replays a graph per batch (ORT's ``gpu_graph_id``) gave wrong images (bench/NOTES.md, session 22).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,6 +125,57 @@ class CudaGraphRunner:
         written.record(self.stream)
         caller.wait_event(written)  # whatever the caller queues next sees the outputs
         return self._bound.outputs
+
+
+class BatchGraphs:
+    """A denoising model whose batch changes within a run as a :class:`CudaGraphRunner` per batch, made by
+    ``make(batch)`` when that batch first comes; called like one runner. ``session`` is the first batch's, for what
+    reads the model's inputs and outputs. ``weights`` (see :func:`shared_initializers`) live as long as it does."""
+
+    def __init__(self, make: Callable[[int], CudaGraphRunner], first_batch: int, weights: Any = None):
+        self._make = make
+        self._runners: dict[int, CudaGraphRunner] = {}
+        self.weights = weights
+        self.session = self.runner(first_batch).session
+        self._batch_of = self.session.get_inputs()[0].name  # every input of a denoising model has the same batch
+
+    def runner(self, batch: int) -> CudaGraphRunner:
+        if batch not in self._runners:
+            self._runners[batch] = self._make(batch)
+        return self._runners[batch]
+
+    def __call__(self, feeds: dict[str, Any]) -> list:
+        return self.runner(int(np.shape(feeds[self._batch_of])[0]))(feeds)
+
+
+def shared_initializers(model_file: Path, device: str, min_bytes: int = 1 << 16) -> tuple[list, dict[str, Any]]:
+    """The initializers of ``model_file`` of ``min_bytes`` or more as torch tensors on ``device``, and OrtValues
+    over them (DLPack: no copy) for ``SessionOptions.add_initializer``: sessions given them use these buffers instead
+    of loading weights of their own, when ORT places the initializer on the same device (smaller ones, shapes among
+    them, each session reads from the file as usual). Keep the tensors while a session lives."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from sd_utils.optimize.external_data import ExternalTensors, tensor_array
+
+    # the tool's own reader: onnx's refuses data files with several hard links, which run-time LoRAs' model files are
+    model = onnx.load(str(model_file), load_external_data=False)
+    external = ExternalTensors(model_file.parent)
+    tensors, values = [], {}
+    try:
+        for initializer in model.graph.initializer:
+            array = tensor_array(initializer, external)
+            if array.nbytes < min_bytes:
+                continue
+            with warnings.catch_warnings():  # read-only file bytes: torch copies them to a GPU, and nothing writes them
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.from_numpy(array).to(device)
+            tensors.append(tensor)
+            values[initializer.name] = ort.OrtValue.from_dlpack(tensor)
+    finally:
+        external.close()
+    return tensors, values
 
 
 class DeviceRunner:

@@ -16,7 +16,14 @@ import numpy as np
 from sd_utils.optimize.recipe import read_record
 from sd_utils.runtime import optimum_adapter, token_table
 from sd_utils.runtime.controlnet import OrtControlNet, SessionRunner, residual_feeds
-from sd_utils.runtime.cuda_graph import CudaGraphRunner, DeviceRunner, cuda_graph_session, unet_output_shapes
+from sd_utils.runtime.cuda_graph import (
+    BatchGraphs,
+    CudaGraphRunner,
+    DeviceRunner,
+    cuda_graph_session,
+    shared_initializers,
+    unet_output_shapes,
+)
 from sd_utils.runtime.deep_cache import REFRESH, SHALLOW, CachedUNet, refresh_output_shapes
 from sd_utils.runtime.lora_weights import lora_initializers, touches
 from sd_utils.runtime.providers import (
@@ -46,7 +53,7 @@ class LoadedPipeline:
     provider: Provider
     shape: Shape | None  # the static shape the sessions are pinned to; None with --dynamic_dims
     model_label: str
-    unet_graph: CudaGraphRunner | None = None  # the UNet replayed as a CUDA graph, when it is
+    unet_graph: CudaGraphRunner | BatchGraphs | None = None  # the UNet replayed as a CUDA graph (per batch), when it is
     vae_tiling: bool = False  # the VAE decoder decodes tile by tile (sd_utils/vae_tiling.py)
     low_vram: bool = False  # the text encoders exist only while they encode a prompt (see encode_prompt)
     # gives the pipeline a new text encoder part of ``folder``, its session made as load_pipeline made the others
@@ -106,14 +113,14 @@ def load_pipeline(
     the parts whose weights stay the same are taken over, the others made again (switching LoRAs)."""
     task = task or ("img2img" if spec.is_refiner else "text2img")
     providers, provider_options = session_providers(provider, device_id)
-    overrides = _dimensions(spec, shape, vae_tiling=vae_tiling, controlnets=bool(controlnets))
+    overrides, batch_dims = _dimensions(spec, shape, vae_tiling=vae_tiling, controlnets=bool(controlnets))
     options = session_options(provider, overrides)
     io_binding = provider.io_binding if use_io_binding is None else use_io_binding
     static = f" (static shapes: batch {shape.batch}, {shape.width}x{shape.height})" if shape else ""
     cuda_graph = _uses_cuda_graph(provider, shape, cuda_graph)
     parts = PartSessions(folder, provider, device_id, overrides, embeddings or Embeddings(), loras, spec.root)
     parts.folders.update(_unet_folder(controlnets=bool(controlnets), deep_cache=deep_cache))
-    parts.free_batch = shape is not None and shape.free_batch
+    parts.batch_dims = batch_dims
     with memory_errors(provider, f"loading {folder}", "" if provider.name == "cpu" else "use --provider cpu"):
         share_arena(provider, device_id)
         sessions, runner = _sessions_to_make(parts, spec, reuse, cuda_graph=cuda_graph)
@@ -163,34 +170,28 @@ def _check_providers(pipeline, provider: Provider) -> None:
         check_session_provider(part.session, provider, str(part.path.parent))
 
 
-def _dimensions(spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, controlnets: bool) -> dict | None:
-    """The value of every symbolic dim the sessions meet at ``shape`` (None: dims left free)."""
+def _dimensions(
+    spec: ModelSpec, shape: Shape | None, *, vae_tiling: bool, controlnets: bool
+) -> tuple[dict | None, dict[str, int]]:
+    """(the value of every symbolic dim the sessions meet at ``shape``, None: dims left free; the denoising
+    sessions' batch dims, with their values at the run's start, when the batch is free). Under --cfg_cutoff the
+    denoising sessions run at batch 2B, then B, so their batch dims are not among the first: a session pins them per
+    batch, or leaves them free."""
     if shape is None:
-        return None
+        return None, {}
     overrides = free_dimension_overrides(spec, shape)
     if vae_tiling:
         overrides.update(submodel_io(spec, "vae_decoder").dim_values(tiled_shape(spec, shape)))
     for name in ("unet_controlnet", "controlnet") if controlnets else ():
         overrides.update(submodel_io(spec, name).dim_values(shape))
-    if shape.free_batch:  # --cfg_cutoff: the denoising sessions run at batch 2B, then B
-        return {name: value for name, value in overrides.items() if not _denoising_batch(name)}
-    return overrides
+    batch = {name: value for name, value in overrides.items() if shape.free_batch and _denoising_batch(name)}
+    return {name: value for name, value in overrides.items() if name not in batch}, batch
 
 
 def _uses_cuda_graph(provider: Provider, shape: Shape | None, asked: bool | None) -> bool:
     """Whether the UNet runs as a CUDA graph: on providers that can, with static shapes, unless told not to. A batch
-    that changes within a run (--cfg_cutoff) rules it out, and each change of batch costs the sessions time: the user
-    is told that the cut-off is then no speed-up (bench/NOTES.md, session 21)."""
-    if asked is False or not provider.cuda_graph or shape is None:
-        return False
-    if shape.free_batch:
-        logger.warning(
-            "--cfg_cutoff on %s: the UNet's batch changes within the run, so it runs without a CUDA graph and is "
-            "slower than without the cut-off; for speed use --cache_interval instead (docs/samplers.md)",
-            provider.name,
-        )
-        return False
-    return True
+    that changes within a run (--cfg_cutoff) gets a graph per batch (``cuda_graph.BatchGraphs``)."""
+    return asked is not False and provider.cuda_graph and shape is not None
 
 
 def _denoising_batch(dim: str) -> bool:
@@ -288,7 +289,8 @@ class PartSessions:
     loras: tuple[LoraFile, ...]
     config_root: Path  # the model folder: its configs place the LoRAs' layers, as the run's checks did
     folders: dict = dataclasses.field(default_factory=dict)  # part -> its graph's folder, where not its own name
-    free_batch: bool = False  # the denoising sessions meet two batch sizes (--cfg_cutoff)
+    # the denoising sessions' batch dims and their values at the run's start, when they meet two batches (--cfg_cutoff)
+    batch_dims: dict = dataclasses.field(default_factory=dict)
     _models: dict = dataclasses.field(default_factory=dict)  # part -> its model file
     # part -> what keeps its changed model file's folder (its sessions hold it too, see session())
     _holders: dict = dataclasses.field(default_factory=dict)
@@ -328,6 +330,21 @@ class PartSessions:
 
     def options(self):
         return session_options(self.provider, self.dims)
+
+    @property
+    def free_batch(self) -> bool:
+        return bool(self.batch_dims)
+
+    def batch_options(self, batch: int, weights: dict[str, Any]):
+        """Session options of a denoising session pinned to ``batch`` that takes ``weights`` (initializers by name,
+        ``cuda_graph.shared_initializers``) instead of loading its own."""
+        options = session_options(self.provider, {**self.dims, **dict.fromkeys(self.batch_dims, batch)})
+        # its own weights outside the shared arena: a session made after another's CUDA graph was captured got arena
+        # memory that graph still writes at each replay (NaN images; bench/NOTES.md, session 23)
+        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        for name, value in weights.items():
+            options.add_initializer(name, value)
+        return options
 
     @property
     def denoising_options(self) -> dict[str, str]:
@@ -383,29 +400,46 @@ def _sessions_to_make(
 def _release(replaced: LoadedPipeline, part: str) -> None:
     """Drop ``part``'s session (and the CUDA graph over it) from a pipeline that is being replaced."""
     optimum_adapter.drop_parts(replaced.pipeline, [part])
+    shared_weights = isinstance(replaced.unet_graph, BatchGraphs)
     if part == "unet" and replaced.unet_graph is not None:
         object.__setattr__(replaced, "unet_graph", None)  # frozen: this pipeline is on its way out
     gc.collect()  # optimum's parts and pipelines refer to each other: free the session now, not at some later pass
+    if part == "unet" and shared_weights:
+        import torch
+
+        torch.cuda.empty_cache()  # the weights were torch's: give their memory back for the new sessions
 
 
 def _cuda_graph_runner(
     parts: PartSessions, model_file: Path, output_shapes, *, label: str, part: str | None = None
-) -> CudaGraphRunner | None:
+) -> CudaGraphRunner | BatchGraphs | None:
     """``model_file``'s session (of the build's ``part``, or a ControlNet's) replayed as a CUDA graph, or None (with
-    a warning) when ORT cannot capture it."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+    a warning) when ORT cannot capture it. With a free batch (--cfg_cutoff), a session per batch on one copy of the
+    weights."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+
+    def runner(options) -> CudaGraphRunner:
+        extra = dict(parts.provider.options)  # a static batch per session: the provider's own options
+        session, stream = cuda_graph_session(
+            model_file, device_id=parts.device_id, sess_options=options, extra_options=extra
+        )
+        session.weight_files = parts._holders.get(part)
+        return CudaGraphRunner(session, stream, output_shapes=output_shapes, device_id=parts.device_id)
 
     try:
-        session, stream = cuda_graph_session(
-            model_file,
-            device_id=parts.device_id,
-            sess_options=parts.options(),
-            extra_options=dict(parts.provider.options),
-        )
-    except Fail as error:  # ORT refuses graph capture when some node would run outside the CUDA EP
+        if not parts.free_batch:
+            return runner(parts.options())
+        weights = shared_initializers(model_file, f"cuda:{parts.device_id}")
+        first = max(parts.batch_dims.values())  # with guidance, where the run starts
+        return BatchGraphs(lambda batch: runner(parts.batch_options(batch, weights[1])), first, weights)
+    # ORT refuses graph capture when some node would run outside the CUDA EP (Fail), or weights it cannot take
+    except (Fail, InvalidArgument) as error:
         if out_of_memory(error):
             raise
         logger.warning("%s runs without a CUDA graph: %s", label, str(error).strip().splitlines()[0])
-        return None
-    session.weight_files = parts._holders.get(part)
-    return CudaGraphRunner(session, stream, output_shapes=output_shapes, device_id=parts.device_id)
+    if parts.free_batch:  # torch's copy of the weights, if read, back to the device for the plain session's own
+        import torch
+
+        weights = None
+        torch.cuda.empty_cache()
+    return None

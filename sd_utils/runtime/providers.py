@@ -308,8 +308,9 @@ def share_arena(provider: Provider, device_id: int = 0) -> None:
     needed: the UNet's activations would stay reserved while the VAE decoder, last to run, reserves its own. In one
     arena (ONNX Runtime's env allocator, see :func:`session_options`) each stage reuses what the one before freed.
     Stages never overlap and no output ONNX Runtime allocates outlives its run (optimum binds torch buffers), so
-    sharing is safe, the CUDA-graph UNet included. What it saves is in bench/NOTES.md (runs 11-12).
-    """
+    sharing is safe, the CUDA-graph UNet included. What it saves is in bench/NOTES.md (runs 11-12). A CUDA graph
+    still writes the arena memory it was captured with, though: a session made after a capture must keep its
+    weights out of the arena (``PartSessions.batch_options``; bench/NOTES.md, session 23)."""
     if not provider.shared_arena or device_id in _SHARED_ARENAS:
         return
     import onnxruntime as ort
