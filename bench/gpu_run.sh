@@ -135,7 +135,6 @@ case "${1:-}" in
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
     # (sessions 20-22 measured every row once but the loop's GPU timeline in `profile`: what is left first)
-    # (ROWS="row;row": those rows only)
     rows=(profile graphs "--steps_list= --tiny_vae_steps 4 --repeats 3" tests "--steps_list 20 --cases 0.6:1,1:1"
       "--steps_list 20 --cases 0.6:3" "--steps_list= --batches 8 --cases 0.6:3"
       "--steps_list 30 --cutoffs= --intervals 3"

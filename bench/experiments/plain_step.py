@@ -132,7 +132,7 @@ def _shared_graphs(model: str, provider, dims: dict, latent_channels: int) -> di
     the device (``add_initializer``): the GPU memory each session took, then the runs at batch 2, 1, 2."""
     import onnxruntime as ort
 
-    from sd_utils.runtime.cuda_graph import shared_initializers
+    from sd_utils.runtime.cuda_graph import shared_initializers, take_shared_weights
     from sd_utils.runtime.providers import session_options
 
     row = {"variant": "shared_graphs", "used_mb_before": _used_mb()}
@@ -141,8 +141,7 @@ def _shared_graphs(model: str, provider, dims: dict, latent_channels: int) -> di
     sessions = {}
     for batch in (2, 1):
         options = session_options(provider, {k: batch if k.endswith("_batch") else v for k, v in dims.items()})
-        for name, value in values.items():
-            options.add_initializer(name, value)
+        take_shared_weights(options, values)  # as the tool's per-batch sessions take them
         cuda = dict(provider.options) | {"device_id": "0", "enable_cuda_graph": "1"}
         session = ort.InferenceSession(model, sess_options=options, providers=[("CUDAExecutionProvider", cuda)])
         sessions[batch] = (session, _bound(session, batch, dims, latent_channels))

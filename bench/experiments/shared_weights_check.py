@@ -14,13 +14,31 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
 
 
+def _runs(run) -> list[tuple[float, int]]:
+    """Mean |output| and NaN count of three calls of ``run`` (it returns the output tensor)."""
+    import torch
+
+    out = []
+    for _ in range(3):
+        output = run().float()
+        torch.cuda.synchronize()
+        out.append((round(float(output.abs().mean()), 5), int(torch.isnan(output).sum())))
+    return out
+
+
 def main() -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
 
     ort.preload_dlls()
-    from sd_utils.runtime.cuda_graph import _Bound, shared_initializers, unet_output_shapes
+    from sd_utils.runtime.cuda_graph import (
+        CudaGraphRunner,
+        _Bound,
+        cuda_graph_session,
+        shared_initializers,
+        unet_output_shapes,
+    )
     from sd_utils.runtime.providers import PROVIDERS, session_options, share_arena
 
     folder = Path(sys.argv[1])
@@ -40,6 +58,21 @@ def main() -> None:
             if not isinstance(d, int):
                 dims[d] = v
         feeds[meta.name] = rng.random(shape)
+    half = {k: v[: batch // 2] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
+    on_gpu = [
+        {
+            k: torch.as_tensor(v, dtype=torch.int64 if v.dtype == np.int64 else torch.float32).cuda()
+            for k, v in f.items()
+        }
+        for f in (feeds, half)
+    ]
+
+    def graph_runner(options) -> CudaGraphRunner:
+        session, stream = cuda_graph_session(
+            model, device_id=0, sess_options=options, extra_options=dict(provider.options)
+        )
+        return CudaGraphRunner(session, stream, output_shapes=unet_output_shapes(4))
+
     for shared in (False, True):
         for graph in (False, True):
             options = session_options(provider, dims)
@@ -50,59 +83,33 @@ def main() -> None:
             bound = _Bound(session, feeds, unet_output_shapes(4), 0)
             bound.load(feeds)
             torch.cuda.synchronize()
-            out = []
-            for _ in range(3):
-                session.run_with_iobinding(bound.binding)
-                o = bound.outputs[0].float()
-                out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
-            print(json.dumps({"shared": shared, "graph": graph, "runs": out, "n_shared": len(values)}), flush=True)
-            del session, bound
-    from sd_utils.runtime.cuda_graph import CudaGraphRunner, cuda_graph_session
 
+            def run(session=session, bound=bound):
+                session.run_with_iobinding(bound.binding)
+                return bound.outputs[0]
+
+            print(json.dumps({"shared": shared, "graph": graph, "runs": _runs(run), "n_shared": len(values)}))
+            del session, bound, run
     for shared in (False, True):  # the tool's runner: its own CUDA stream, torch tensors in and out
         options = session_options(provider, dims)
         for name, value in values.items() if shared else ():
             options.add_initializer(name, value)
-        session, stream = cuda_graph_session(
-            model, device_id=0, sess_options=options, extra_options=dict(provider.options)
-        )
-        runner = CudaGraphRunner(session, stream, output_shapes=unet_output_shapes(4))
-        torch_feeds = {
-            k: torch.as_tensor(v, dtype=torch.float32 if v.dtype != np.int64 else torch.int64).cuda()
-            for k, v in feeds.items()
-        }
-        out = []
-        for _ in range(3):
-            o = runner(torch_feeds)[0].float()
-            torch.cuda.synchronize()
-            out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
-        print(json.dumps({"runner": True, "shared": shared, "runs": out}), flush=True)
-        del runner, session
+        runner = graph_runner(options)
+        print(json.dumps({"runner": True, "shared": shared, "runs": _runs(lambda r=runner: r(on_gpu[0])[0])}))
+        del runner
     # BatchGraphs' order: batch A made and run (graph captured), then batch B made and run, then A and B again; B's
     # own weights in the shared arena (ORT's default) or outside it (use_device_allocator_for_initializers, the tool's)
-    half = {k: v[: batch // 2] if np.ndim(v) and len(v) == batch else v for k, v in feeds.items()}
     for outside in ("0", "1"):
         runners = {}
-        for size, these in ((batch, feeds), (batch // 2, half), (batch, feeds), (batch // 2, half)):
+        for size, these in ((batch, on_gpu[0]), (batch // 2, on_gpu[1]), (batch, on_gpu[0]), (batch // 2, on_gpu[1])):
             if size not in runners:
                 options = session_options(provider, {k: size if k.endswith("_batch") else v for k, v in dims.items()})
                 options.add_session_config_entry("session.use_device_allocator_for_initializers", outside)
                 for name, value in values.items():
                     options.add_initializer(name, value)
-                session, stream = cuda_graph_session(
-                    model, device_id=0, sess_options=options, extra_options=dict(provider.options)
-                )
-                runners[size] = CudaGraphRunner(session, stream, output_shapes=unet_output_shapes(4))
-            tf = {
-                k: torch.as_tensor(v, dtype=torch.int64 if v.dtype == np.int64 else torch.float32).cuda()
-                for k, v in these.items()
-            }
-            out = []
-            for _ in range(3):
-                o = runners[size](tf)[0].float()
-                torch.cuda.synchronize()
-                out.append((round(float(o.abs().mean()), 5), int(torch.isnan(o).sum())))
-            print(json.dumps({"lazy_pair": size, "initializers_outside_arena": outside, "runs": out}), flush=True)
+                runners[size] = graph_runner(options)
+            runs = _runs(lambda r=runners[size], these=these: r(these)[0])
+            print(json.dumps({"lazy_pair": size, "initializers_outside_arena": outside, "runs": runs}))
 
 
 if __name__ == "__main__":

@@ -178,6 +178,16 @@ def shared_initializers(model_file: Path, device: str, min_bytes: int = 1 << 16)
     return tensors, values
 
 
+def take_shared_weights(options, weights: dict[str, Any]) -> None:
+    """Make the session of ``options`` (ORT ``SessionOptions``) use ``weights`` (initializers by name, from
+    :func:`shared_initializers`) instead of loading its own, and keep the weights it still loads itself out of the
+    arena the sessions share: a session made after another's CUDA graph was captured got arena memory that graph
+    still writes at each replay (NaN images; bench/NOTES.md, session 23)."""
+    options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    for name, value in weights.items():
+        options.add_initializer(name, value)
+
+
 class DeviceRunner:
     """Runs a plain CUDA session (no CUDA graph: shapes that change within a run, e.g. the batch under
     ``--cfg_cutoff``) on CUDA buffers bound once per set of input shapes, so a step's tensors (DeepCache's feature

@@ -22,6 +22,7 @@ from sd_utils.runtime.cuda_graph import (
     DeviceRunner,
     cuda_graph_session,
     shared_initializers,
+    take_shared_weights,
     unet_output_shapes,
 )
 from sd_utils.runtime.deep_cache import REFRESH, SHALLOW, CachedUNet, refresh_output_shapes
@@ -339,11 +340,7 @@ class PartSessions:
         """Session options of a denoising session pinned to ``batch`` that takes ``weights`` (initializers by name,
         ``cuda_graph.shared_initializers``) instead of loading its own."""
         options = session_options(self.provider, {**self.dims, **dict.fromkeys(self.batch_dims, batch)})
-        # its own weights outside the shared arena: a session made after another's CUDA graph was captured got arena
-        # memory that graph still writes at each replay (NaN images; bench/NOTES.md, session 23)
-        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
-        for name, value in weights.items():
-            options.add_initializer(name, value)
+        take_shared_weights(options, weights)
         return options
 
     @property
