@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,9 @@ def optimize(tiny_spec, tmp_path_factory):
             if stock:
                 for options in config["passes"].values():
                     options["type"] = STOCK_TYPES[options["type"]]
+            before = tempfile.tempdir
             done[key] = run_submodel(config, submodel=submodel, tempdir=root / "tmp")
+            assert tempfile.tempdir == before  # a later build of the process must not use this run's folder
         return done[key][0 if converted else 1]
 
     return run

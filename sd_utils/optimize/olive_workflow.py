@@ -201,6 +201,7 @@ def run_submodel(
     filters = (_WithoutRunHistory(), disk := _DiskFullAside())
     for handler, item in ((handler, item) for handler in handlers for item in filters):
         handler.addFilter(item)
+    process_tempdir = tempfile.tempdir  # Olive sets it to ``tempdir`` for the whole process and leaves it there
     try:
         with warnings.catch_warnings():
             # the TorchScript exporter's notes on SDXL's (sound) shape checks and index ops, repeated per module
@@ -208,6 +209,7 @@ def run_submodel(
             warnings.filterwarnings("ignore", message=r"Converting a tensor to a Python boolean")
             olive_run(config, tempdir=str(tempdir) if tempdir else None, package_config=package_config())
     finally:
+        tempfile.tempdir = process_tempdir
         for handler, item in ((handler, item) for handler in handlers for item in filters):
             handler.removeFilter(item)
     if disk.error is not None:
