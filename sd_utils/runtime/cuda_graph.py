@@ -7,9 +7,10 @@ the free-dimension overrides of ``load_pipeline`` guarantee, and every node must
 refuses to create the session otherwise).
 
 The session runs on a CUDA stream of our own (``user_compute_stream``), ordered against torch's stream with stream
-waits, so the pipeline's tensors never need a device-wide synchronization. The host still waits for every step:
-ONNX Runtime's CUDA EP synchronizes its stream after each graph launch (``CUDAGraphManager::Replay``; no option
-turns that off in ORT 1.31; bench/NOTES.md, run 7).
+waits, so the pipeline's tensors never need a device-wide synchronization. The host does not wait for the replay
+either: the run option ``disable_synchronize_execution_providers`` leaves out the stream synchronization that ONNX
+Runtime's CUDA EP does after each graph launch, so the scheduler's next step is queued while the UNet still runs and
+the GPU goes from one step to the next without waiting for the host (bench/NOTES.md, session 24).
 
 A batch that changes within a run (``--cfg_cutoff``: 2B images' worth with guidance, then B) gets a session per batch,
 each replaying its own graph, all on one copy of the weights on the device (:class:`BatchGraphs`). One session that
@@ -96,18 +97,24 @@ class CudaGraphRunner:
     """Runs a session made by :func:`cuda_graph_session` on fixed, once-bound CUDA buffers.
 
     ``output_shapes(feeds)`` gives the shape of each of the session's outputs, in order (static shapes: the first
-    call's feeds fix them). ``__call__`` returns the output buffers themselves, ready for any later work queued on
-    the caller's torch stream; they are overwritten by the next call, which is what a denoising loop needs (the
-    scheduler, or the UNet that takes a ControlNet's residuals, reads them before the next step).
+    call's feeds fix them). ``__call__`` queues the replay and returns the output buffers themselves at once, ready for
+    any later work queued on the caller's torch stream (the host reads them only through that stream); they are
+    overwritten by the next call, which is what a denoising loop needs (the scheduler, or the UNet that takes a
+    ControlNet's residuals, reads them before the next step).
     """
 
     def __init__(self, session, stream, *, output_shapes: Callable[[dict[str, Any]], list[tuple]], device_id: int = 0):
+        import onnxruntime as ort
+
         self.session = session
         self.stream = stream
         self.device_id = device_id
         self.output_shapes = output_shapes
         self._bound: _Bound | None = None
         self._events: tuple | None = None  # (inputs copied, outputs written): made once, recorded on every call
+        # the replay is only queued: ``written`` orders what comes after it, so the host need not wait for it
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def __call__(self, feeds: dict[str, Any]) -> list:
         import torch
@@ -121,7 +128,7 @@ class CudaGraphRunner:
         self._bound.load(feeds)
         copied.record(caller)
         self.stream.wait_event(copied)  # the replay starts after the copies
-        self.session.run_with_iobinding(self._bound.binding)  # on self.stream
+        self.session.run_with_iobinding(self._bound.binding, self._run_options)  # queued on self.stream
         written.record(self.stream)
         caller.wait_event(written)  # whatever the caller queues next sees the outputs
         return self._bound.outputs
