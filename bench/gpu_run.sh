@@ -26,7 +26,8 @@
 #                                  overhead (bench/benchmark.py --profile, loop_profile.json); all gpu-marked tests
 #                                  beside the builds unless NO_TESTS=1
 #                                  (CARRIED=1: builds carried from the CPU machine, no build here; see `carried`;
-#                                  ROWS="profile;graphs": those rows only)
+#                                  ROWS="profile;graphs": those rows only; `overhead`: the loop's time per step
+#                                  beside the replay, bench/experiments/loop_overhead.py)
 #   bash bench/gpu_run.sh stack    the Python stack without onnxruntime-gpu (carrying .gpuwheel); `ort` adds
 #                                  onnxruntime-gpu once .gpu1 ... .gpu5 are in /tmp/parts: a build can start before it
 #   bash bench/gpu_run.sh carried  builds made here and carried as graphs (bench/carry_build.py pack -> .carry,
@@ -135,7 +136,7 @@ case "${1:-}" in
     # the rows by what they are worth, should the lent time end first (caching_speed.jsonl gets each as it comes); the
     # gpu-marked tests of the CUDA runners and the loop's profile among them
     # (sessions 20-22 measured every row once but the loop's GPU timeline in `profile`: what is left first)
-    rows=(profile graphs "--steps_list= --tiny_vae_steps 4 --repeats 3" tests "--steps_list 20 --cases 0.6:1,1:1"
+    rows=(overhead profile graphs "--steps_list= --tiny_vae_steps 4 --repeats 3" tests "--steps_list 20 --cases 0.6:1,1:1"
       "--steps_list 20 --cases 0.6:3" "--steps_list= --batches 8 --cases 0.6:3"
       "--steps_list 30 --cutoffs= --intervals 3"
       "--steps_list 20 --cutoffs= --intervals 2 --no_baseline" "--steps_list= --batches 2,4 --cutoffs= --intervals=")
@@ -154,6 +155,11 @@ case "${1:-}" in
           # session replaying a graph per batch, which in session 22 ran a full-size image 10 minutes without ending)
           timeout 300 python3 bench/experiments/plain_step.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
             --variants "${GRAPH_VARIANTS:-static,shared_graphs}" \
+            2>&1 | grep -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
+          ;;
+        overhead)
+          # where the loop's time per step goes beside the replay (bench/experiments/loop_overhead.py)
+          timeout 300 python3 bench/experiments/loop_overhead.py --model_dir "$WORK/models/builtin/$MODEL" --onnx_dir "$build" \
             2>&1 | grep -E "^\{|rror" | tee -a "$WORK/caching_speed.jsonl" || true
           ;;
         profile)
