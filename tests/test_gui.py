@@ -217,15 +217,20 @@ def _set(entry, text: str) -> None:
 
 
 def test_window_settings_drive_the_run_and_stay_for_the_next(display, tiny_optimized, tmp_path):
-    """Negative prompt, steps, guidance, a random seed, width x height, scheduler and number of images, set in the
-    window's own controls, are what the run uses (PNG metadata); they stay set for the next run; Stop ends a run
-    after the current step; a screenshot of the window with its settings is kept."""
+    """Negative prompt, steps, guidance, its cut-off, a random seed, width x height, scheduler and number of images,
+    set in the window's own controls, are what the run uses (PNG metadata); they stay set for the next run; Stop ends a
+    run after the current step; a screenshot of the window with its settings is kept."""
     from PIL import Image
 
     root, window, guard = _window(tiny_optimized, tmp_path)
     _set(window.prompt, "a blue square")
     _set(window.negative_prompt, "blurry")
-    for option, text in (("num_inference_steps", "2"), ("guidance_scale", "3.5"), ("seed", "random")):
+    for option, text in (
+        ("num_inference_steps", "2"),
+        ("guidance_scale", "3.5"),
+        ("seed", "random"),
+        ("cfg_cutoff", "0.5"),
+    ):
         _set(window.settings[option], text)
     for option, text in (("width", "128"), ("height", "64"), ("num_images", "2")):
         _set(window.settings[option], text)
@@ -237,9 +242,9 @@ def test_window_settings_drive_the_run_and_stay_for_the_next(display, tiny_optim
     assert len(pngs) == 2
     texts = [Image.open(png).text for png in pngs]
     assert {text["negative_prompt"] for text in texts} == {"blurry"}
-    assert {(text["num_inference_steps"], text["guidance_scale"], text["scheduler"]) for text in texts} == {
-        ("2", "3.5", "euler_a")
-    }
+    assert {
+        (text["num_inference_steps"], text["guidance_scale"], text["scheduler"], text["cfg_cutoff"]) for text in texts
+    } == {("2", "3.5", "euler_a", "0.5")}
     assert {Image.open(png).size for png in pngs} == {(128, 64)}
     assert window.settings["seed"].get() == "random" and window.scheduler.get() == "euler_a"  # kept for the next run
     _screenshot(root, "gui-settings.png")
