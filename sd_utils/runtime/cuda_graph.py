@@ -10,7 +10,8 @@ The session runs on a CUDA stream of our own (``user_compute_stream``), ordered 
 waits, so the pipeline's tensors never need a device-wide synchronization. The host does not wait for the replay
 either: the run option ``disable_synchronize_execution_providers`` leaves out the stream synchronization that ONNX
 Runtime's CUDA EP does after each graph launch, so the scheduler's next step is queued while the UNet still runs and
-the GPU goes from one step to the next without waiting for the host (bench/NOTES.md, session 24).
+the GPU goes from one step to the next without waiting for the host (bench/NOTES.md, session 24). The host then waits
+for the previous replay only, so it is never more than one step ahead (progress and stop requests stay in step).
 
 A batch that changes within a run (``--cfg_cutoff``: 2B images' worth with guidance, then B) gets a session per batch,
 each replaying its own graph, all on one copy of the weights on the device (:class:`BatchGraphs`). One session that
@@ -111,7 +112,9 @@ class CudaGraphRunner:
         self.device_id = device_id
         self.output_shapes = output_shapes
         self._bound: _Bound | None = None
-        self._events: tuple | None = None  # (inputs copied, outputs written): made once, recorded on every call
+        # (inputs copied, outputs written by this call's replay, by the previous call's): made once, recorded on
+        # every call, the last two swapping places
+        self._events: list | None = None
         # the replay is only queued: ``written`` orders what comes after it, so the host need not wait for it
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -121,8 +124,8 @@ class CudaGraphRunner:
 
         if self._bound is None:
             self._bound = _Bound(self.session, feeds, self.output_shapes, self.device_id)
-            self._events = (torch.cuda.Event(), torch.cuda.Event())
-        copied, written = self._events
+            self._events = [torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event()]
+        copied, written, previous = self._events
         caller = torch.cuda.current_stream(self.device_id)
         # the caller's stream waited for the previous replay (below), so these copies cannot overtake it
         self._bound.load(feeds)
@@ -131,6 +134,10 @@ class CudaGraphRunner:
         self.session.run_with_iobinding(self._bound.binding, self._run_options)  # queued on self.stream
         written.record(self.stream)
         caller.wait_event(written)  # whatever the caller queues next sees the outputs
+        # the host stays one replay ahead of the GPU, no more: this one is queued behind the previous, whose end it
+        # waits for, so a step's progress and a stop request are never more than a step away from the GPU's work
+        previous.synchronize()
+        self._events[1:] = previous, written
         return self._bound.outputs
 
 
