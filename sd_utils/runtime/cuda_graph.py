@@ -194,10 +194,8 @@ def shared_initializers(model_file: Path, device: str, min_bytes: int = 1 << 16)
 
 def take_shared_weights(options, weights: dict[str, Any]) -> None:
     """Make the session of ``options`` (ORT ``SessionOptions``) use ``weights`` (initializers by name, from
-    :func:`shared_initializers`) instead of loading its own, and keep the weights it still loads itself out of the
-    arena the sessions share: a session made after another's CUDA graph was captured got arena memory that graph
-    still writes at each replay (NaN images; bench/NOTES.md, session 23)."""
-    options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    :func:`shared_initializers`) instead of loading its own. The weights it still loads itself stay out of the arena
+    the sessions share (``providers.session_options``)."""
     for name, value in weights.items():
         options.add_initializer(name, value)
 

@@ -309,8 +309,9 @@ def share_arena(provider: Provider, device_id: int = 0) -> None:
     arena (ONNX Runtime's env allocator, see :func:`session_options`) each stage reuses what the one before freed.
     Stages never overlap and no output ONNX Runtime allocates outlives its run (optimum binds torch buffers), so
     sharing is safe, the CUDA-graph UNet included. What it saves is in bench/NOTES.md (runs 11-12). A CUDA graph
-    still writes the arena memory it was captured with, though: a session made after a capture must keep its
-    weights out of the arena (``PartSessions.batch_options``; bench/NOTES.md, session 23)."""
+    still writes the arena memory it was captured with, though, so a session made after a capture (a batch's UNet
+    under --cfg_cutoff, a UNet with other LoRAs beside a ControlNet's graph) must keep its weights out of the arena:
+    :func:`session_options` does so for every session (bench/NOTES.md, session 23)."""
     if not provider.shared_arena or device_id in _SHARED_ARENAS:
         return
     import onnxruntime as ort
@@ -339,6 +340,8 @@ def session_options(provider: Provider, free_dimensions: dict[str, int] | None =
     options.log_severity_level = 3
     if provider.shared_arena:  # the arena of share_arena, once registered; until then each session's own
         options.add_session_config_entry("session.use_env_allocators", "1")
+        # weights outside it: a CUDA graph captured earlier still writes the arena memory it was captured with
+        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     if provider.disable_mem_pattern:
         options.enable_mem_pattern = False
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
