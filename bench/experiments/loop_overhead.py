@@ -23,21 +23,7 @@ from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))
-
-
-def _median_ms(function, runs: int = 20) -> float:
-    import torch
-
-    for _ in range(3):
-        function()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        function()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1000, 3)
+sys.path.insert(0, str(PROJECT_DIR / "bench"))  # benchmark's timing helpers
 
 
 def main() -> None:
@@ -49,6 +35,7 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
+    from benchmark import _median_ms, _medians_ms, loop_split
 
     from sd_utils.runtime import optimum_adapter
     from sd_utils.runtime.pipeline import load_pipeline
@@ -61,6 +48,7 @@ def main() -> None:
     loaded = load_pipeline(args.onnx_dir, spec, provider=PROVIDERS["cuda"], shape=shape, model_label="loop")
     pipe, runner = loaded.pipeline, loaded.unet_graph
     pipe.set_progress_bar_config(disable=True)
+    sync = torch.cuda.synchronize
     inside: list[float] = []
     last: dict = {}
 
@@ -74,27 +62,22 @@ def main() -> None:
     optimum_adapter.set_unet_forward(pipe, timed)
     call = dict(height=args.size, width=args.size, output_type="latent", guidance_scale=7.0)
 
-    def denoise(steps: int) -> float:
+    def denoise(steps: int) -> None:
         inside.clear()
-        torch.cuda.synchronize()
-        started = time.perf_counter()
         pipe("a photo", num_inference_steps=steps, **call)
-        torch.cuda.synchronize()
-        return time.perf_counter() - started
 
-    denoise(30), denoise(10)
-    short = statistics.median(denoise(10) for _ in range(3))
-    long = statistics.median(denoise(30) for _ in range(3))
-    row = {"loop_step_ms": round((long - short) / 20 * 1000, 3)}
+    calls = _medians_ms({30: lambda: denoise(30), 10: lambda: denoise(10)}, warmup=1, runs=3, synchronize=sync)
+    row = {"loop_step_ms": loop_split(calls[30], 30, calls[10], 10)["loop_step_ms"]}
     denoise(30)
+    sync()
     in_unet = statistics.median(inside) * 1000
     row["in_unet_ms"] = round(in_unet, 3)
-    row["outside_unet_ms"] = round(long * 1000 / 30 - in_unet, 3)
+    row["outside_unet_ms"] = round(calls[30] / 30 - in_unet, 3)
 
     feeds = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in last.items()}
-    row["runner_ms"] = _median_ms(lambda: runner(feeds))
+    row["runner_ms"] = _median_ms(lambda: runner(feeds), warmup=3, runs=20, synchronize=sync)
     binding = runner._bound.binding
-    row["run_ms"] = _median_ms(lambda: runner.session.run_with_iobinding(binding))
+    row["run_ms"] = _median_ms(lambda: runner.session.run_with_iobinding(binding), warmup=3, runs=20, synchronize=sync)
     options = ort.RunOptions()
     options.add_run_config_entry("disable_synchronize_execution_providers", "1")
     host: list[float] = []
@@ -104,7 +87,7 @@ def main() -> None:
         runner.session.run_with_iobinding(binding, options)
         host.append(time.perf_counter() - started)
 
-    row["run_nosync_ms"] = _median_ms(nosync)
+    row["run_nosync_ms"] = _median_ms(nosync, warmup=3, runs=20, synchronize=sync)
     row["run_nosync_host_ms"] = round(statistics.median(host) * 1000, 3)
     print(json.dumps(row))
 
