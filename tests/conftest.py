@@ -15,10 +15,11 @@ os.environ.setdefault("OTEL_SDK_DISABLED", "true")  # see stable_diffusion_xl.py
 # no test may reach a model hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    # each pytest-xdist worker's torch (and its subprocesses') gets its share of the cores: torch threads of several
-    # workers on the same cores spin against each other
+    # each pytest-xdist worker's torch and ONNX Runtime (and its subprocesses') get their share of the cores: threads
+    # of several workers on the same cores spin against each other
     _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("SDXL_OLIVE_THREADS", str(_share))  # sd_utils.runtime.providers.THREADS_VARIABLE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,6 +90,18 @@ def check_ray_installed(address: str, *, serve: bool = False) -> None:
         )
 
 
+def actor_resources(provider, workers: int) -> dict[str, Any]:
+    """Ray resources of one actor or replica: a GPU each for GPU providers; on the CPU provider one core, and a thread
+    share in each ONNX Runtime session (``workers`` processes each running ORT's one thread per core would
+    oversubscribe the machine several times over)."""
+    from sd_utils.runtime.providers import THREADS_VARIABLE
+
+    if provider.olive_device == "gpu":
+        return {"num_gpus": 1, "num_cpus": 1}
+    threads = os.environ.get(THREADS_VARIABLE) or str(max(1, (os.cpu_count() or 1) // workers))
+    return {"num_gpus": 0, "num_cpus": 1, "runtime_env": {"env_vars": {THREADS_VARIABLE: threads}}}
+
+
 def default_workers(provider) -> int:
     """One actor per GPU of the cluster for GPU providers, one for the CPU provider."""
     import ray
@@ -171,15 +183,13 @@ def _run_dataset(ray, options, job, ready, works, folder, *, items: list[dict], 
 
     workers = options.workers or default_workers(job.provider)
     logger.info("running %d image(s) on Ray with %d actor(s)", len(items), workers)
-    gpus = 1 if job.provider.olive_device == "gpu" else 0
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // max(1, options.batch_size)))
     results = dataset.map_batches(
         ImageActor,
         fn_constructor_kwargs={"options": options, "job": job, "ready": ready, "works": works},
         batch_size=options.batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=gpus,
-        num_cpus=1,
+        **actor_resources(job.provider, workers),
     )
     made = 0
     with tqdm(total=len(items), unit="image", desc="images", disable=None) as progress:

@@ -10,12 +10,10 @@ replica that dies; a request it was running is answered with an error by Serve's
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from sd_utils.errors import SetupError
 from sd_utils.options import parse_credentials
-from sd_utils.runtime.providers import THREADS_VARIABLE
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +34,11 @@ def deployment(options, job, ready, *, workers: int):
     """The Serve application: the API app as the ingress of ``workers`` replicas of the loaded model."""
     from ray import serve
 
+    from sd_utils.jobs.ray_job import actor_resources
     from sd_utils.serve.server import create_app
 
     api = create_app(replica_service, credentials=parse_credentials(options.api_auth))
-    gpus = 1 if job.provider.olive_device == "gpu" else 0
-    actor = {"num_gpus": gpus, "num_cpus": 1}
-    if not gpus:  # CPU replicas share the machine's cores instead of each taking all of them
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        actor["runtime_env"] = {"env_vars": {THREADS_VARIABLE: os.environ.get(THREADS_VARIABLE, str(threads))}}
+    actor = actor_resources(job.provider, workers)
 
     @serve.deployment(
         name="sdxl-olive",
