@@ -61,13 +61,36 @@ def built_once(shared_dir: Path, name: str, make: Callable[[Workspace], None]) -
     (read-only: tests copy it, see :func:`copy_workspace`)."""
     from sd_utils.files import exclusive
 
+    with exclusive(shared_dir / f"{name}.lock", waiting_for=f"building the test models {name!r}"):
+        return _made(shared_dir, name, make)
+
+
+def _made(shared_dir: Path, name: str, make: Callable[[Workspace], None]) -> Workspace:
+    """The workspace ``name`` of this run, made by ``make`` unless it is done (call holding its lock)."""
     seed = Workspace(models_dir=shared_dir / name / "models", cache_dir=shared_dir / name / "cache")
     done = shared_dir / name / "done"
-    with exclusive(shared_dir / f"{name}.lock", waiting_for=f"building the test models {name!r}"):
-        if not done.exists():
-            make(seed)
-            done.touch()
+    if not done.exists():
+        make(seed)
+        done.touch()
     return seed
+
+
+def built_side_by_side(shared_dir: Path, makes: dict[str, Callable[[Workspace], None]]) -> list[Workspace]:
+    """The workspaces of :func:`built_once` for each of ``makes`` (by name); a worker that finds one being made by
+    another worker makes the next one meanwhile, instead of waiting for each in turn."""
+    from filelock import FileLock, Timeout
+
+    for name, make in makes.items():
+        lock = FileLock(shared_dir / f"{name}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # another worker is making it
+        try:
+            _made(shared_dir, name, make)
+        finally:
+            lock.release()
+    return [built_once(shared_dir, name, make) for name, make in makes.items()]
 
 
 def copy_workspace(source: Workspace, destination: Workspace) -> Workspace:
@@ -77,10 +100,15 @@ def copy_workspace(source: Workspace, destination: Workspace) -> Workspace:
     return destination
 
 
-def _optimize_tiny_models(work: Workspace) -> None:
+def _optimize_tiny(work: Workspace) -> None:
     from stable_diffusion_xl import main
 
     assert main(work.tiny("--optimize")) == 0
+
+
+def _optimize_tiny_refiner(work: Workspace) -> None:
+    from stable_diffusion_xl import main
+
     assert main(work.args("--optimize", "--model_id", "tiny-refiner", "--provider", "cpu")) == 0
 
 
@@ -93,9 +121,13 @@ def workspace(tmp_path_factory) -> Workspace:
 
 @pytest.fixture(scope="session")
 def tiny_optimized(workspace, shared_dir):
-    """The tiny base and refiner optimized for CPU through the real CLI and Olive, once per test run (whichever
-    worker comes first builds them), copied into this worker's workspace; returns the workspace."""
-    return copy_workspace(built_once(shared_dir, "tiny-cpu", _optimize_tiny_models), workspace)
+    """The tiny base and refiner optimized for CPU through the real CLI and Olive, once per test run (the first
+    worker builds the base, the second the refiner meanwhile), both copied into this worker's workspace (its Olive
+    cache holds both builds' runs); returns the workspace."""
+    makes = {"tiny-cpu": _optimize_tiny, "tiny-refiner-cpu": _optimize_tiny_refiner}
+    for built in built_side_by_side(shared_dir, makes):
+        copy_workspace(built, workspace)
+    return workspace
 
 
 @pytest.fixture(scope="session")
