@@ -184,6 +184,23 @@ def test_a_ray_job_with_a_killed_actor_makes_the_local_runs_images(tiny_optimize
     assert not [note for note in notes if note in err.decode()]
 
 
+def test_cpu_actors_share_the_cores_and_gpu_actors_take_a_gpu(monkeypatch):
+    """Each of N CPU actors (or Serve replicas) runs cores / N ONNX Runtime threads unless SDXL_OLIVE_THREADS says."""
+    import os
+
+    from sd_utils.jobs.ray_job import actor_resources
+    from sd_utils.runtime.providers import PROVIDERS, THREADS_VARIABLE
+
+    monkeypatch.delenv(THREADS_VARIABLE, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cpu = actor_resources(PROVIDERS["cpu"], 2)
+    assert cpu == {"num_gpus": 0, "num_cpus": 1, "runtime_env": {"env_vars": {THREADS_VARIABLE: "4"}}}
+    assert actor_resources(PROVIDERS["cpu"], 16)["runtime_env"]["env_vars"][THREADS_VARIABLE] == "1"
+    monkeypatch.setenv(THREADS_VARIABLE, "3")
+    assert actor_resources(PROVIDERS["cpu"], 2)["runtime_env"]["env_vars"][THREADS_VARIABLE] == "3"
+    assert actor_resources(PROVIDERS["cuda"], 2) == {"num_gpus": 1, "num_cpus": 1}
+
+
 def test_ray_without_an_address_that_answers_is_one_line(tiny_optimized, local_job, tmp_path, capsys):
     import socket
 
