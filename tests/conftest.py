@@ -61,8 +61,13 @@ def built_once(shared_dir: Path, name: str, make: Callable[[Workspace], None]) -
     (read-only: tests copy it, see :func:`copy_workspace`)."""
     from sd_utils.files import exclusive
 
-    with exclusive(shared_dir / f"{name}.lock", waiting_for=f"building the test models {name!r}"):
+    with exclusive(_lock_file(shared_dir, name), waiting_for=f"building the test models {name!r}"):
         return _made(shared_dir, name, make)
+
+
+def _lock_file(shared_dir: Path, name: str) -> Path:
+    """The lock a worker holds while it makes the workspace ``name`` (``built_once``, ``built_side_by_side``)."""
+    return shared_dir / f"{name}.lock"
 
 
 def _made(shared_dir: Path, name: str, make: Callable[[Workspace], None]) -> Workspace:
@@ -81,7 +86,7 @@ def built_side_by_side(shared_dir: Path, makes: dict[str, Callable[[Workspace], 
     from filelock import FileLock, Timeout
 
     for name, make in makes.items():
-        lock = FileLock(shared_dir / f"{name}.lock")
+        lock = FileLock(_lock_file(shared_dir, name))
         try:
             lock.acquire(timeout=0)
         except Timeout:

@@ -125,13 +125,19 @@ def test_a_changed_single_file_is_converted_again_and_gets_its_own_build(tiny_op
     assert BuildRecipe.of(second, provider="cpu").digest != BuildRecipe.of(first, provider="cpu").digest
 
 
-def _build_with(work, loras: list[tuple[Path, float]], caplog) -> tuple[Path, list[str]]:
-    """Build tiny with ``loras`` through the app; the optimized folder and the submodels whose workflow ran."""
-    from sd_utils import app
+def _fused_options(work, loras: list[tuple[Path, float]]):
+    """The options of a tiny run in ``work`` with ``loras`` fused into its build (``--fuse_loras``)."""
     from sd_utils.options import parse_options
 
     lora_args = [arg for path, scale in loras for arg in ("--lora", f"{path}:{scale}")]
-    options = parse_options(work.tiny("--prompt x --fuse_loras", *lora_args))
+    return parse_options(work.tiny("--prompt x --fuse_loras", *lora_args))
+
+
+def _build_with(work, loras: list[tuple[Path, float]], caplog) -> tuple[Path, list[str]]:
+    """Build tiny with ``loras`` through the app; the optimized folder and the submodels whose workflow ran."""
+    from sd_utils import app
+
+    options = _fused_options(work, loras)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sd_utils.optimize.olive_workflow"):
         ready = app.prepare_models(options, app.plan(options))
@@ -209,10 +215,8 @@ def _workflows_to_run(work, loras: list[tuple[Path, float]]) -> list[str]:
     ``work`` holds as it would make them."""
     from sd_utils import app
     from sd_utils.optimize.olive_workflow import reusable_submodels
-    from sd_utils.options import parse_options
 
-    lora_args = [arg for path, scale in loras for arg in ("--lora", f"{path}:{scale}")]
-    options = parse_options(work.tiny("--prompt x --fuse_loras", *lora_args))
+    options = _fused_options(work, loras)
     job = app.plan(options)
     recipe, _ = app.build_recipe(options, job.model, job.provider)
     assert not recipe.paths(work.models_dir).optimized.exists()  # a build of its own

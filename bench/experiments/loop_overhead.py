@@ -78,8 +78,7 @@ def main() -> None:
     row["runner_ms"] = _median_ms(lambda: runner(feeds), warmup=3, runs=20, synchronize=sync)
     binding = runner._bound.binding
     row["run_ms"] = _median_ms(lambda: runner.session.run_with_iobinding(binding), warmup=3, runs=20, synchronize=sync)
-    options = ort.RunOptions()
-    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    options = runner._run_options  # the runner's own: disable_synchronize_execution_providers=1
     host: list[float] = []
 
     def nosync():

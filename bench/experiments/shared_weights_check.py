@@ -37,6 +37,7 @@ def main() -> None:
         _Bound,
         cuda_graph_session,
         shared_initializers,
+        take_shared_weights,
         unet_output_shapes,
     )
     from sd_utils.runtime.providers import PROVIDERS, session_options, share_arena
@@ -76,8 +77,7 @@ def main() -> None:
     for shared in (False, True):
         for graph in (False, True):
             options = session_options(provider, dims)
-            for name, value in values.items() if shared else ():
-                options.add_initializer(name, value)
+            take_shared_weights(options, values if shared else {})
             cuda = dict(provider.options) | {"device_id": "0"} | ({"enable_cuda_graph": "1"} if graph else {})
             session = ort.InferenceSession(str(model), options, providers=[("CUDAExecutionProvider", cuda)])
             bound = _Bound(session, feeds, unet_output_shapes(4), 0)
@@ -92,8 +92,7 @@ def main() -> None:
             del session, bound, run
     for shared in (False, True):  # the tool's runner: its own CUDA stream, torch tensors in and out
         options = session_options(provider, dims)
-        for name, value in values.items() if shared else ():
-            options.add_initializer(name, value)
+        take_shared_weights(options, values if shared else {})
         runner = graph_runner(options)
         print(json.dumps({"runner": True, "shared": shared, "runs": _runs(lambda r=runner: r(on_gpu[0])[0])}))
         del runner
@@ -105,8 +104,7 @@ def main() -> None:
             if size not in runners:
                 options = session_options(provider, {k: size if k.endswith("_batch") else v for k, v in dims.items()})
                 options.add_session_config_entry("session.use_device_allocator_for_initializers", outside)
-                for name, value in values.items():
-                    options.add_initializer(name, value)
+                take_shared_weights(options, values)
                 runners[size] = graph_runner(options)
             runs = _runs(lambda r=runners[size], these=these: r(these)[0])
             print(json.dumps({"lazy_pair": size, "initializers_outside_arena": outside, "runs": runs}))
